@@ -1,0 +1,87 @@
+"""The adapter's one settings class: every knob comes from ``FHIR_NER_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+Environment = Literal["development", "test", "production"]
+
+
+class Settings(BaseSettings):
+    """Configuration for the API, the workers and the CLI.
+
+    Secrets (subscription tokens, EHR credentials) have no defaults: in production they must be set.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FHIR_NER_", env_file=None, extra="ignore")
+
+    environment: Environment = "development"
+
+    # Queue and state
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field(default="fhir-ner", description="Prefix of every Redis key the adapter writes.")
+    task_always_eager: bool = Field(
+        default=False, description="Run tasks in-process instead of through the broker (demo and tests)."
+    )
+
+    # EHR (FHIR server) the adapter reads notes from and writes results to
+    ehr_base_url: str = "http://127.0.0.1:8080/fhir"
+    ehr_bearer_token: SecretStr | None = None
+    ehr_timeout_seconds: float = 30.0
+    writeback_dir: Path | None = Field(
+        default=None, description="Write transaction Bundles into this folder instead of the EHR (demo)."
+    )
+
+    # Who may notify us
+    subscription_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted bearer tokens for POST /fhir/notify, comma-separated (several for rotation).",
+    )
+    allow_unauthenticated: bool = Field(
+        default=False, description="Accept notifications without a token (development only)."
+    )
+
+    # NLP
+    model_path: str | None = Field(default=None, description="Tagger checkpoint directory.")
+    cache_dir: Path | None = Field(default=None, description="Where converted encoders are cached.")
+    torch_threads: int | None = None
+    inference_batch_size: int = 8
+
+    # Mapping
+    mapping_profile: Path | None = Field(default=None, description="Mapping profile YAML; default built in.")
+    identifier_namespace: str = "urn:fhir-ner-adapter:derived"
+
+    # Limits
+    max_body_bytes: int = 5_000_000
+    max_note_chars: int = 2_000_000
+
+    @field_validator("subscription_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [token.strip() for token in value.split(",") if token.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _no_open_door_in_production(self) -> Settings:
+        if self.environment == "production":
+            if self.allow_unauthenticated:
+                raise ValueError("FHIR_NER_ALLOW_UNAUTHENTICATED must not be set in production")
+            if not self.subscription_tokens:
+                raise ValueError("FHIR_NER_SUBSCRIPTION_TOKENS must be set in production")
+        return self
+
+    def accepted_tokens(self) -> list[str]:
+        return [token.get_secret_value() for token in self.subscription_tokens]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings are read once per process; tests call ``get_settings.cache_clear()`` after changing env."""
+    return Settings()

@@ -1,0 +1,38 @@
+"""What the tagger hands to the mappings: a mention with exact character offsets into the note."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Assertion = Literal["present", "negated", "possible", "hypothetical", "historical", "family"]
+ASSERTIONS: tuple[str, ...] = ("present", "negated", "possible", "hypothetical", "historical", "family")
+
+
+@dataclass(frozen=True)
+class CandidateCode:
+    """A code the terminology layer proposes for a mention."""
+
+    system: str
+    code: str
+    display: str | None = None
+    score: float = 1.0
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One entity mention; ``start``/``end`` are character offsets (end exclusive) into the attachment text."""
+
+    label: str
+    start: int
+    end: int
+    text: str
+    confidence: float = 1.0
+    assertion: str = "present"
+    codes: tuple[CandidateCode, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.end <= self.start:
+            raise ValueError(f"invalid mention offsets [{self.start}, {self.end})")
+        if self.assertion not in ASSERTIONS:
+            raise ValueError(f"unknown assertion {self.assertion!r}; expected one of {', '.join(ASSERTIONS)}")

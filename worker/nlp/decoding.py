@@ -1,0 +1,160 @@
+"""Pure NumPy pieces of tagging: windows over long notes, BIO → character spans, spans → BIO targets.
+
+Offsets always come from the tokenizer's offset mapping into the original text; nothing is rebuilt
+from decoded tokens.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+TAG_O, TAG_B, TAG_I = 0, 1, 2
+# Characters trimmed from the edges of a span: they are never part of a clinical mention's surface.
+EDGE_PUNCTUATION = set(".,;:!?¿¡\"'`«»“”‘’·•*_/\\|-–—")
+
+
+@dataclass(frozen=True)
+class TaggedSpan:
+    label: str
+    start: int
+    end: int
+    score: float
+
+
+def plan_windows(n_tokens: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """Token ranges covering ``n_tokens``: one window when it fits, else overlapping windows."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    if n_tokens <= window:
+        return [(0, n_tokens)]
+    overlap = max(0, min(overlap, window - 1))
+    step = window - overlap
+    windows: list[tuple[int, int]] = []
+    start = 0
+    while True:
+        end = min(start + window, n_tokens)
+        windows.append((max(0, end - window), end))
+        if end >= n_tokens:
+            break
+        start += step
+    return windows
+
+
+def merge_windows(
+    n_tokens: int, windows: Sequence[tuple[int, int]], window_probs: Sequence[np.ndarray]
+) -> np.ndarray:
+    """Take each token's prediction from the window where it sits most centrally."""
+    if not windows:
+        raise ValueError("no windows")
+    shape = window_probs[0].shape[1:]
+    merged = np.zeros((n_tokens, *shape), dtype=np.float32)
+    best = np.full(n_tokens, -1, dtype=np.int64)
+    for (start, end), probs in zip(windows, window_probs, strict=True):
+        positions = np.arange(start, end)
+        centrality = np.minimum(positions - start, end - 1 - positions)
+        better = centrality > best[start:end]
+        merged[start:end][better] = probs[: end - start][better]
+        best[start:end] = np.where(better, centrality, best[start:end])
+    return merged
+
+
+def _is_word_char(char: str) -> bool:
+    return char.isalnum() or unicodedata.category(char).startswith("M")
+
+
+def refine_span(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """Snap a span to whole words, then trim whitespace and edge punctuation; None if nothing is left."""
+    start = max(0, min(start, len(text)))
+    end = max(start, min(end, len(text)))
+    while start > 0 and start < len(text) and _is_word_char(text[start]) and _is_word_char(text[start - 1]):
+        start -= 1
+    while 0 < end < len(text) and _is_word_char(text[end - 1]) and _is_word_char(text[end]):
+        end += 1
+    changed = True
+    while changed and start < end:
+        changed = False
+        while start < end and (text[start].isspace() or text[start] in EDGE_PUNCTUATION):
+            start += 1
+            changed = True
+        while end > start and (text[end - 1].isspace() or text[end - 1] in EDGE_PUNCTUATION):
+            end -= 1
+            changed = True
+        segment = text[start:end]
+        for opening, closing in (("(", ")"), ("[", "]")):
+            if segment.startswith(opening) and segment.count(opening) > segment.count(closing):
+                start += 1
+                changed = True
+                break
+            if segment.endswith(closing) and segment.count(closing) > segment.count(opening):
+                end -= 1
+                changed = True
+                break
+    if start >= end:
+        return None
+    return start, end
+
+
+def decode_spans(
+    text: str, offsets: np.ndarray, probs: np.ndarray, labels: Sequence[str]
+) -> list[TaggedSpan]:
+    """BIO (one O/B/I sequence per label) to character spans. An I without a B opens a span.
+
+    ``offsets`` is [n_tokens, 2] character offsets; ``probs`` is [n_tokens, n_labels, 3].
+    """
+    spans: list[TaggedSpan] = []
+    tags = probs.argmax(axis=-1)
+    inside = 1.0 - probs[..., TAG_O]
+    for label_index, label in enumerate(labels):
+        current: list[int] = []
+
+        def close(tokens: list[int], label: str = label, label_index: int = label_index) -> None:
+            real = [t for t in tokens if offsets[t, 1] > offsets[t, 0]]
+            if not real:
+                return
+            refined = refine_span(text, int(offsets[real[0], 0]), int(offsets[real[-1], 1]))
+            if refined is None:
+                return
+            score = float(inside[real, label_index].mean())
+            spans.append(TaggedSpan(label, refined[0], refined[1], round(score, 4)))
+
+        for token, tag in enumerate(tags[:, label_index]):
+            if tag == TAG_B:
+                if current:
+                    close(current)
+                current = [token]
+            elif tag == TAG_I:
+                current.append(token)
+            elif current:
+                close(current)
+                current = []
+        if current:
+            close(current)
+    unique = {(s.label, s.start, s.end): s for s in spans}
+    return sorted(unique.values(), key=lambda s: (s.start, s.end, s.label))
+
+
+def spans_to_tags(
+    offsets: np.ndarray, spans: Sequence[tuple[str, int, int]], labels: Sequence[str]
+) -> np.ndarray:
+    """Training targets: [n_tokens, n_labels] with O/B/I per label, from character spans."""
+    label_index = {label: i for i, label in enumerate(labels)}
+    tags = np.zeros((len(offsets), len(labels)), dtype=np.int64)
+    starts = offsets[:, 0]
+    ends = offsets[:, 1]
+    real = ends > starts
+    for label, start, end in sorted(spans, key=lambda s: (s[1], -s[2])):
+        column = label_index.get(label)
+        if column is None:
+            continue
+        covered = np.nonzero(real & (starts < end) & (ends > start))[0]
+        if covered.size == 0:
+            continue
+        if tags[covered, column].any():
+            continue  # a nested span of the same label: the outer one wins
+        tags[covered[0], column] = TAG_B
+        tags[covered[1:], column] = TAG_I
+    return tags
