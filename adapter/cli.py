@@ -57,7 +57,7 @@ def worker(concurrency: int, pool: str, loglevel: str) -> None:
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="Tagger checkpoint.")
 def demo(output: Path, model_path: Path | None) -> None:
     """Run the main job on embedded defaults: sample notes → API → worker → Bundles in a folder."""
-    from adapter.demo import DemoError, run_demo
+    from worker.demo import DemoError, run_demo
 
     try:
         run_demo(output, model_path)

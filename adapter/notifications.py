@@ -63,8 +63,7 @@ def _validate(resource: dict[str, Any], fhir_version: Literal["R4B", "R5"]) -> N
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise NotificationError(
-            f"invalid {resource_type} ({error.error_count()} problem(s)); first at {where or '<root>'}: "
-            f"{first['msg']}"
+            f"invalid {resource_type} ({error.error_count()} problem(s)); first at {where or '<root>'}: {first['msg']}"
         ) from None
 
 
@@ -106,9 +105,7 @@ def _subscription_status(status: dict[str, Any], notification: Notification) -> 
     notification.topic = status.get("topic")
     notification.status = status.get("status")
     notification.notification_type = status.get("type") or ""
-    notification.events_since_start = _int(
-        status.get("eventsSinceSubscriptionStart"), "eventsSinceSubscriptionStart"
-    )
+    notification.events_since_start = _int(status.get("eventsSinceSubscriptionStart"), "eventsSinceSubscriptionStart")
     for event in status.get("notificationEvent") or []:
         focus = event.get("focus") or {}
         notification.events.append(

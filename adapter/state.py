@@ -42,9 +42,7 @@ class NoteState:
 
     def get_status(self, document_id: str) -> dict[str, dict[str, Any]]:
         raw = self.client.hgetall(self._key("status", document_id))
-        return {
-            (k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()
-        }
+        return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
 
     def record_notification(self, subscription: str | None, notification_type: str) -> None:
         key = self._key("subscription", subscription or "unknown")

@@ -59,8 +59,7 @@ def _code_concept(mention: Mention, text_only: bool) -> dict[str, Any]:
     concept: dict[str, Any] = {"text": mention.text}
     if mention.codes and not text_only:
         concept["coding"] = [
-            {"system": c.system, "code": c.code, **({"display": c.display} if c.display else {})}
-            for c in mention.codes
+            {"system": c.system, "code": c.code, **({"display": c.display} if c.display else {})} for c in mention.codes
         ]
     return concept
 

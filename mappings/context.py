@@ -69,9 +69,7 @@ def context_from_document_reference(document: dict[str, Any], attachment_index: 
     context = document.get("context") or {}
     encounters = context.get("encounter") or []
     encounter = _relative(encounters[0].get("reference")) if encounters else None
-    authors = tuple(
-        ref for ref in (_relative(a.get("reference")) for a in document.get("author") or []) if ref
-    )
+    authors = tuple(ref for ref in (_relative(a.get("reference")) for a in document.get("author") or []) if ref)
     contents = document.get("content") or []
     language = None
     if 0 <= attachment_index < len(contents):

@@ -57,9 +57,7 @@ def map_condition(
     resource: dict[str, Any] = {
         "resourceType": "Condition",
         "clinicalStatus": _concept(CONDITION_CLINICAL, clinical.get(mention.assertion, "active")),
-        "verificationStatus": _concept(
-            CONDITION_VERIFICATION, verification.get(mention.assertion, "unconfirmed")
-        ),
+        "verificationStatus": _concept(CONDITION_VERIFICATION, verification.get(mention.assertion, "unconfirmed")),
         "category": [_concept(CONDITION_CATEGORY, params.get("category", "encounter-diagnosis"))],
         "code": code,
     }

