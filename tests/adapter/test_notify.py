@@ -22,9 +22,7 @@ def document(doc_id: str = "note-1", version: str = "1", **changes: Any) -> dict
         "status": "current",
         "docStatus": "final",
         "subject": {"reference": "Patient/p1"},
-        "content": [
-            {"attachment": {"contentType": "text/plain", "data": base64.b64encode(NOTE.encode()).decode()}}
-        ],
+        "content": [{"attachment": {"contentType": "text/plain", "data": base64.b64encode(NOTE.encode()).decode()}}],
     }
     resource.update(changes)
     return resource

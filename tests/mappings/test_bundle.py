@@ -34,9 +34,7 @@ def mention(label: str, surface: str, assertion: str = "present", confidence: fl
 
 def transaction(mentions: list[Mention], profile: Any = None) -> dict[str, Any]:
     context = context_from_document_reference(DOCUMENT)
-    return build_transaction(
-        context, mentions, profile or load_profile(), MODEL, NAMESPACE, "2026-11-20T10:00:00Z"
-    )
+    return build_transaction(context, mentions, profile or load_profile(), MODEL, NAMESPACE, "2026-11-20T10:00:00Z")
 
 
 def resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:

@@ -64,6 +64,15 @@ def _is_word_char(char: str) -> bool:
     return char.isalnum() or unicodedata.category(char).startswith("M")
 
 
+def _balanced(segment: str, opening: str, closing: str) -> bool:
+    depth = 0
+    for char in segment:
+        depth += (char == opening) - (char == closing)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def refine_span(text: str, start: int, end: int) -> tuple[int, int] | None:
     """Snap a span to whole words, then trim whitespace and edge punctuation; None if nothing is left."""
     start = max(0, min(start, len(text)))
@@ -83,6 +92,10 @@ def refine_span(text: str, start: int, end: int) -> tuple[int, int] | None:
             changed = True
         segment = text[start:end]
         for opening, closing in (("(", ")"), ("[", "]")):
+            if segment.startswith(opening) and segment.endswith(closing) and _balanced(segment[1:-1], opening, closing):
+                start, end = start + 1, end - 1
+                changed = True
+                break
             if segment.startswith(opening) and segment.count(opening) > segment.count(closing):
                 start += 1
                 changed = True

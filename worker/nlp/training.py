@@ -73,15 +73,15 @@ class TrainConfig:
     encoder: str = DEFAULT_ENCODER
     labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))
     val_fraction: float = 0.1
-    epochs: int = 6
+    epochs: int = 3
     patience: int = 2
     seed: int = 0
     frozen_layers: int | None = None  # None: 10 on CPU (cached recipe), 0 on CUDA (full fine-tuning)
-    encoder_lr: float = 1e-4
-    head_lr: float = 1e-3
+    encoder_lr: float = 3e-4
+    head_lr: float = 3e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
-    batch_tokens: int = 4096  # padded tokens per optimiser step
+    batch_tokens: int = 2048  # padded tokens per optimiser step
     train_window: int | None = None  # body tokens per training window; None = the encoder's limit
     train_overlap: int = 32
     train_fraction: float = 1.0  # share of the training notes used (the data-efficiency curve)
@@ -610,7 +610,7 @@ def train(
     output: Path,
     encoder: str = DEFAULT_ENCODER,
     val_fraction: float = 0.1,
-    epochs: int = 6,
+    epochs: int = 3,
     seed: int = 0,
     curve: bool = False,
     progress: bool = True,

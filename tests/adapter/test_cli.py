@@ -1,0 +1,102 @@
+"""The ``fhir-ner`` command line: verbs listed, predict → TSV, evaluate → scores, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import SHARED_DIR
+from tiny_models import SAMPLE_NOTES, char_spans
+
+from adapter.cli import main
+
+SPACCC = SHARED_DIR / "data/es/spaccc-train"
+
+
+def test_help_lists_every_verb() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for verb in ("serve", "worker", "demo", "predict", "evaluate"):
+        assert verb in result.output
+
+
+def write_brat(folder: Path) -> None:
+    folder.mkdir()
+    for index, text in enumerate(SAMPLE_NOTES):
+        (folder / f"note{index}.txt").write_text(text, encoding="utf-8")
+        lines = [f"T{n}\t{label} {s} {e}\t{text[s:e]}" for n, (label, s, e) in enumerate(char_spans(index), 1)]
+        (folder / f"note{index}.ann").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_predict_then_evaluate_on_a_brat_folder(tiny_tagger_path: Path, tmp_path: Path) -> None:
+    gold = tmp_path / "gold"
+    write_brat(gold)
+    notes = tmp_path / "notes"
+    shutil.copytree(gold, notes)
+    (notes / "unreadable.txt").write_bytes(b"\xff\xfe\x00bad")
+    pred = tmp_path / "out" / "pred.tsv"
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["predict", "--input", str(notes), "--output", str(pred), "--model", str(tiny_tagger_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "unreadable.txt" in result.output  # reported by name, the others still processed
+    with pred.open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert list(rows[0]) == ["filename", "label", "start_span", "end_span", "text", "score", "assertion", "code"]
+    assert {row["filename"] for row in rows} == {f"note{i}" for i in range(len(SAMPLE_NOTES))}
+    for row in rows:
+        text = (gold / f"{row['filename']}.txt").read_text(encoding="utf-8")
+        assert text[int(row["start_span"]) : int(row["end_span"])] == row["text"]
+        assert row["assertion"] == "present" and 0 < float(row["score"]) <= 1
+    meta = json.loads(Path(f"{pred}.meta.json").read_text())
+    assert meta["encoder"] and meta["encoder_revision"] and meta["model_revision"] == "tiny-test"
+
+    result = runner.invoke(main, ["evaluate", "--gold", str(gold), "--pred", str(pred), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["overall"]["strict_f1"] == pytest.approx(1.0)
+    table = runner.invoke(main, ["evaluate", "--gold", str(gold), "--pred", str(pred)]).output
+    assert "DISEASE" in table and "ALL" in table
+
+
+def test_predict_and_evaluate_on_the_shared_spanish_corpus(tiny_tagger_path: Path, tmp_path: Path) -> None:
+    if not SPACCC.is_dir():
+        pytest.skip(f"shared corpus not found at {SPACCC}")
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for txt in sorted(SPACCC.glob("*.txt"))[:5]:
+        shutil.copy(txt, subset / txt.name)
+        shutil.copy(txt.with_suffix(".ann"), subset / txt.with_suffix(".ann").name)
+    pred = tmp_path / "pred.tsv"
+    runner = CliRunner()
+    assert (
+        runner.invoke(
+            main, ["predict", "--input", str(subset), "--output", str(pred), "--model", str(tiny_tagger_path)]
+        ).exit_code
+        == 0
+    )
+    result = runner.invoke(main, ["evaluate", "--gold", str(subset), "--pred", str(pred), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["overall"]["n_gold"] > 50
+    assert set(report["per_label"]) >= {"DISEASE", "SYMPTOM", "PROCEDURE"}
+
+
+def test_bad_arguments_give_one_line_errors(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing_model = runner.invoke(
+        main,
+        ["predict", "--input", str(tmp_path), "--output", str(tmp_path / "p.tsv"), "--model", str(tmp_path / "nope")],
+    )
+    assert missing_model.exit_code == 1
+    assert "Error: no tagger checkpoint at" in missing_model.output
+    assert "Traceback" not in missing_model.output
+    bad_tsv = tmp_path / "bad.tsv"
+    bad_tsv.write_text("nothing useful\n")
+    result = runner.invoke(main, ["evaluate", "--gold", str(bad_tsv), "--pred", str(bad_tsv)])
+    assert result.exit_code == 1 and result.output.startswith("Error:")
