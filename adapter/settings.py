@@ -20,19 +20,20 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FHIR_NER_", env_file=None, extra="ignore")
 
-    environment: Environment = "development"
-
-    # Queue and state
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = Field(default="fhir-ner", description="Prefix of every Redis key the adapter writes.")
-    task_always_eager: bool = Field(
-        default=False, description="Run tasks in-process instead of through the broker (demo and tests)."
+    environment: Environment = Field(
+        default="development", description="production refuses to start without subscription tokens."
     )
 
+    # Queue and state
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Celery broker, results and note state.")
+    key_prefix: str = Field(default="fhir-ner", description="Prefix of every Redis key the adapter writes.")
+
     # EHR (FHIR server) the adapter reads notes from and writes results to
-    ehr_base_url: str = "http://127.0.0.1:8080/fhir"
-    ehr_bearer_token: SecretStr | None = None
-    ehr_timeout_seconds: float = 30.0
+    ehr_base_url: str = Field(
+        default="http://127.0.0.1:8080/fhir", description="FHIR base URL of the EHR; the only host we fetch from."
+    )
+    ehr_bearer_token: SecretStr | None = Field(default=None, description="Static bearer token for the EHR.")
+    ehr_timeout_seconds: float = Field(default=30.0, description="Timeout of each EHR request.")
     writeback_dir: Path | None = Field(
         default=None, description="Write transaction Bundles into this folder instead of the EHR (demo)."
     )
@@ -47,18 +48,24 @@ class Settings(BaseSettings):
     )
 
     # NLP
-    model_path: str | None = Field(default=None, description="Tagger checkpoint directory.")
-    cache_dir: Path | None = Field(default=None, description="Where converted encoders are cached.")
-    torch_threads: int | None = None
-    inference_batch_size: int = 8
+    model_path: str | None = Field(
+        default=None, description="Tagger checkpoint directory; the shipped default model when unset."
+    )
+    cache_dir: Path | None = Field(
+        default=None, description="Where converted encoders are cached (default ~/.cache/fhir-ner/encoders)."
+    )
+    torch_threads: int | None = Field(default=None, description="CPU threads for PyTorch (default: all cores).")
+    inference_batch_size: int = Field(default=8, description="Windows per forward pass.")
 
     # Mapping
     mapping_profile: Path | None = Field(default=None, description="Mapping profile YAML; default built in.")
-    identifier_namespace: str = "urn:fhir-ner-adapter:derived"
+    identifier_namespace: str = Field(
+        default="urn:fhir-ner-adapter:derived", description="System of the identifiers on every resource written."
+    )
 
     # Limits
-    max_body_bytes: int = 5_000_000
-    max_note_chars: int = 2_000_000
+    max_body_bytes: int = Field(default=5_000_000, description="Larger notification bodies get 413.")
+    max_note_chars: int = Field(default=2_000_000, description="Longer notes are skipped with a reason, not cut.")
 
     @field_validator("subscription_tokens", mode="before")
     @classmethod

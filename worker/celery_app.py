@@ -26,8 +26,6 @@ def get_celery_app() -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=queue_name("notes"),
-        task_always_eager=settings.task_always_eager,
-        task_eager_propagates=False,
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 2 * 3600},

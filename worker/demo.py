@@ -18,16 +18,13 @@ from typing import Any
 
 import click
 
+from worker.runtime import default_model_path
+
 DEMO_TOKEN_ENV = "FHIR_NER_SUBSCRIPTION_TOKENS"
 
 
 class DemoError(RuntimeError):
     """The demo could not run; the message says why in one line."""
-
-
-def default_model_path() -> Path | None:
-    folder = Path(str(resources.files("worker").joinpath("models/default")))
-    return folder if (folder / "tagger_config.json").is_file() else None
 
 
 def sample_notes() -> list[tuple[str, str, str]]:

@@ -90,7 +90,7 @@ def predict_folder(
 
 
 def load_pipeline(model: Path | None, batch_size: int, threads: int | None = None) -> TaggerPipeline:
-    from worker.demo import default_model_path
+    from worker.runtime import default_model_path
 
     checkpoint = model or default_model_path()
     if checkpoint is None:

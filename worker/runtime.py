@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 from functools import lru_cache
+from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapter.settings import get_settings
@@ -22,6 +24,12 @@ class ModelNotConfiguredError(RuntimeError):
     """No tagger checkpoint is configured or shipped yet."""
 
 
+def default_model_path() -> Path | None:
+    """The tagger shipped inside the package (trained on the Spanish corpora, see its MODEL_CARD.md)."""
+    folder = Path(str(resources.files("worker").joinpath("models/default")))
+    return folder if (folder / "tagger_config.json").is_file() else None
+
+
 def get_pipeline() -> TaggerPipeline:
     """Load the tagger on first use in this process (never at import), then reuse it."""
     global _pipeline
@@ -31,11 +39,12 @@ def get_pipeline() -> TaggerPipeline:
                 from worker.nlp.tagger import ClinicalTagger, TaggerPipeline
 
                 settings = get_settings()
-                if not settings.model_path:
+                checkpoint = settings.model_path or default_model_path()
+                if checkpoint is None:
                     raise ModelNotConfiguredError(
-                        "no tagger checkpoint configured: set FHIR_NER_MODEL_PATH to a checkpoint folder"
+                        "no tagger checkpoint: set FHIR_NER_MODEL_PATH (the default model is not installed)"
                     )
-                tagger = ClinicalTagger.from_pretrained(settings.model_path, cache_dir=settings.cache_dir)
+                tagger = ClinicalTagger.from_pretrained(checkpoint, cache_dir=settings.cache_dir)
                 _pipeline = TaggerPipeline(
                     tagger, batch_size=settings.inference_batch_size, threads=settings.torch_threads
                 )

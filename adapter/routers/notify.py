@@ -81,9 +81,11 @@ async def notify(
             attachment = find_text_attachment(document)
             if attachment is not None and attachment.data is not None:
                 try:
-                    decode_attachment_data(attachment)
+                    text = decode_attachment_data(attachment)
                 except AttachmentError as error:
                     return outcome_response(400, "invalid", f"DocumentReference/{document_id}: {error}")
+                if len(text) > settings.max_note_chars:
+                    reason = f"note has {len(text)} characters, over the limit of {settings.max_note_chars}"
         if reason is not None:
             state.set_status(document_id, version_id, "skipped", reason=reason)
             skipped.append({"document": document_id, "version": version_id, "reason": reason})

@@ -181,3 +181,16 @@ def test_health_and_readiness(client: tuple[TestClient, list[Any]]) -> None:
     assert api.get("/readyz").json()["redis"] == "ok"
     assert api.get("/documents/unknown", headers=AUTH).status_code == 404
     assert api.get("/documents/unknown").status_code == 401
+
+
+def test_a_note_over_the_length_limit_is_skipped_not_cut(
+    client: tuple[TestClient, list[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api, sent = client
+    from adapter.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "max_note_chars", 10)
+    assert post(api, backport(document("long"))).status_code == 200
+    assert sent == []
+    record = api.get("/documents/long", headers=AUTH).json()["versions"]["1"]
+    assert record["status"] == "skipped" and "over the limit of 10" in record["reason"]
