@@ -105,11 +105,7 @@ def _redis_answers(url: str) -> bool:
 
 
 def run_demo(output: Path, model_path: Path | None = None) -> list[dict[str, Any]]:
-    from fastapi.testclient import TestClient
-
-    from adapter.app import create_app
-    from adapter.deps import get_note_state, reset_dependencies, use_redis_client
-    from adapter.settings import get_settings
+    from adapter.deps import reset_dependencies
     from worker.celery_app import get_celery_app
     from worker.runtime import reset_pipeline
 
@@ -121,14 +117,38 @@ def run_demo(output: Path, model_path: Path | None = None) -> list[dict[str, Any
     output = output.resolve()
     output.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
-    os.environ.update(
-        {
-            DEMO_TOKEN_ENV: token,
-            "FHIR_NER_MODEL_PATH": str(model),
-            "FHIR_NER_WRITEBACK_DIR": str(output),
-            "FHIR_NER_KEY_PREFIX": f"fhir-ner-demo-{token[:8]}",
-        }
-    )
+    demo_env = {
+        DEMO_TOKEN_ENV: token,
+        "FHIR_NER_MODEL_PATH": str(model),
+        "FHIR_NER_WRITEBACK_DIR": str(output),
+        "FHIR_NER_KEY_PREFIX": f"fhir-ner-demo-{token[:8]}",
+    }
+    saved = {key: os.environ.get(key) for key in demo_env}
+    os.environ.update(demo_env)
+    try:
+        return _run(output, Path(model), token)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_dependencies()
+        reset_pipeline()
+        get_celery_app.cache_clear()
+
+
+def _run(output: Path, model: Path, token: str) -> list[dict[str, Any]]:
+    from celery.contrib.testing.worker import start_worker
+    from fastapi.testclient import TestClient
+
+    import worker.tasks  # noqa: F401  (registers the task on the app)
+    from adapter.app import create_app
+    from adapter.deps import get_note_state, reset_dependencies, use_redis_client
+    from adapter.settings import get_settings
+    from worker.celery_app import get_celery_app
+    from worker.runtime import reset_pipeline
+
     reset_dependencies()
     reset_pipeline()
     get_celery_app.cache_clear()
@@ -144,10 +164,6 @@ def run_demo(output: Path, model_path: Path | None = None) -> list[dict[str, Any
         app.conf.result_backend = "cache+memory://"
         transport = "in-process Celery transport (no Redis answered)"
     click.echo(f"fhir-ner demo: {transport}; model {model}; Bundles → {output}", err=True)
-
-    from celery.contrib.testing.worker import start_worker
-
-    import worker.tasks  # noqa: F401  (registers the task on the app)
 
     notes = sample_notes()
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}

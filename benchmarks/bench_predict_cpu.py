@@ -1,0 +1,133 @@
+"""CPU throughput: our TaggerPipeline against transformers' TokenClassificationPipeline.
+
+Same encoder (the built-in multilingual-e5-small unless --encoder), same notes, same thread count.
+Each method runs in its own subprocess so peak memory (max RSS) is measured cleanly.
+
+    .venv/bin/python benchmarks/bench_predict_cpu.py --notes 60 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "es"
+
+
+def load_notes(count: int) -> list[str]:
+    """Short (SpaCCC, ~2,400 chars) and long (CardioCCC, ~7,000 chars) notes in a fixed 3:1 mix."""
+    short = sorted((DATA / "spaccc-train").glob("*.txt"))
+    long = sorted((DATA / "cardioccc-train").glob("*.txt"))
+    if not short or not long:
+        sys.exit(f"corpora not found under {DATA}")
+    n_long = count // 4
+    files = short[: count - n_long] + long[:n_long]
+    return [f.read_text(encoding="utf-8") for f in files]
+
+
+def run_ours(encoder: str, notes: list[str], batch_size: int) -> dict[str, float]:
+    from worker.nlp.tagger import ClinicalTagger, TaggerPipeline
+
+    tagger = ClinicalTagger.from_encoder(encoder)
+    pipeline = TaggerPipeline(tagger, batch_size=batch_size)
+    pipeline.predict(notes[:2])  # warm-up
+    pipeline.stats = {"tokens": 0, "windows": 0, "seconds": 0.0}
+    started = time.perf_counter()
+    results = pipeline.predict(notes)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "tokens": pipeline.stats["tokens"], "spans": sum(len(r) for r in results)}
+
+
+def run_hf(encoder: str, notes: list[str], batch_size: int) -> dict[str, float]:
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
+
+    from worker.nlp.encoders import resolve_encoder
+
+    resolved = resolve_encoder(encoder)
+    labels = ["O"] + [f"{p}-{t}" for t in ("DISEASE", "SYMPTOM", "PROCEDURE") for p in ("B", "I")]
+    model = AutoModelForTokenClassification.from_pretrained(
+        resolved.path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={v: k for k, v in enumerate(labels)},
+    )
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    tagger = pipeline(
+        "token-classification",
+        model=model,
+        tokenizer=tokenizer,
+        aggregation_strategy="simple",
+        stride=128,
+        device="cpu",
+    )
+    tagger(notes[:2], batch_size=batch_size)  # warm-up
+    tokens = sum(len(tokenizer(n, add_special_tokens=False)["input_ids"]) for n in notes)
+    started = time.perf_counter()
+    results = tagger(notes, batch_size=batch_size)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "tokens": tokens, "spans": sum(len(r) for r in results)}
+
+
+def child(method: str, encoder: str, count: int, batch_size: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    notes = load_notes(count)
+    result = (run_ours if method == "ours" else run_hf)(encoder, notes, batch_size)
+    result["notes"] = len(notes)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", default="multilingual-e5-small")
+    parser.add_argument("--notes", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", choices=["ours", "hf"])
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.encoder, args.notes, args.batch_size, args.threads)
+        return
+    rows = {}
+    for method in ("ours", "hf"):
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                method,
+                "--encoder",
+                args.encoder,
+                "--notes",
+                str(args.notes),
+                "--batch-size",
+                str(args.batch_size),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
+        rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"encoder {args.encoder}, {args.notes} notes, batch {args.batch_size}, {args.threads} threads")
+    print(f"{'method':<28}{'tokens/s':>10}{'notes/s':>10}{'peak MB':>10}")
+    for method, name in (("ours", "fhir-ner TaggerPipeline"), ("hf", "HF pipeline (simple, stride)")):
+        r = rows[method]
+        print(
+            f"{name:<28}{r['tokens'] / r['seconds']:>10.0f}{r['notes'] / r['seconds']:>10.2f}{r['peak_rss_mb']:>10.0f}"
+        )
+    print(f"throughput ratio (ours / HF): {rows['hf']['seconds'] / rows['ours']['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
