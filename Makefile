@@ -48,7 +48,7 @@ unit: install node redis
 test: lint typecheck dockerlint unit
 
 train-default: install
-	$(BIN)/python benchmarks/train_default.py
+	$(BIN)/python benchmarks/train_default.py --threads 2
 
 clean:
 	rm -rf $(VENV) tests/ehr/node_modules demo-output .redis-test

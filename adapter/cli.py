@@ -109,5 +109,181 @@ def evaluate(gold: Path, pred: Path, as_json: bool) -> None:
     click.echo(json.dumps(report_to_json(report), indent=2) if as_json else format_report(report))
 
 
+@main.command()
+@click.option("--ehr", "ehr_url", required=True, help="FHIR base URL of the EHR.")
+@click.option("--endpoint", required=True, help="Where the EHR sends notifications: this API's /fhir/notify URL.")
+@click.option("--token", required=True, help="Bearer token the EHR will send; one of FHIR_NER_SUBSCRIPTION_TOKENS.")
+@click.option("--fhir-version", default="r4", show_default=True, type=click.Choice(["r4", "r4b", "r5"]))
+@click.option(
+    "--payload", default="id-only", show_default=True, type=click.Choice(["full-resource", "id-only", "empty"])
+)
+@click.option("--heartbeat", default=300, show_default=True, type=click.IntRange(0), help="Heartbeat period (s).")
+@click.option("--topic", default=None, help="SubscriptionTopic canonical (default: IHE DSUBm DocumentReference).")
+@click.option("--filter", "filter_criteria", default=None, help="e.g. 'DocumentReference?category=...'.")
+@click.option("--wait", default=15.0, show_default=True, type=float, help="Seconds to wait for the handshake.")
+def subscribe(
+    ehr_url: str,
+    endpoint: str,
+    token: str,
+    fhir_version: str,
+    payload: str,
+    heartbeat: int,
+    topic: str | None,
+    filter_criteria: str | None,
+    wait: float,
+) -> None:
+    """Create the Subscription on the EHR that notifies this adapter about notes, and follow its handshake."""
+    from adapter.subscribe import SubscribeError, run_subscribe
+
+    try:
+        message = run_subscribe(
+            ehr_url,
+            endpoint,
+            token,
+            fhir_version,
+            payload,
+            heartbeat,
+            topic,
+            filter_criteria,
+            wait,
+            warn=lambda text: click.echo(text, err=True),
+        )
+    except SubscribeError as error:
+        raise CliError(str(error)) from None
+    click.echo(message)
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--lang", default=None, help="Language of the note (BCP 47, e.g. es).")
+@click.option("--profile", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Mapping profile YAML.")
+@click.option("--subject", default="Patient/example", show_default=True, help="The patient the note is about.")
+@click.option("--document-id", default=None, help="DocumentReference id (default: from the file name).")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Tagger checkpoint (default: shipped).")
+def extract(
+    file: Path, lang: str | None, profile: Path | None, subject: str, document_id: str | None, model: Path | None
+) -> None:
+    """Print the transaction Bundle that the note in FILE would produce, without an EHR."""
+    import json
+    import re
+    from datetime import UTC, datetime
+
+    from adapter.settings import get_settings
+    from mappings.bundle import MappingValidationError, build_transaction
+    from mappings.context import DocumentContext
+    from mappings.profile import ProfileError, load_profile
+    from mappings.terminology import TerminologyError
+
+    if not re.fullmatch(r"Patient/[A-Za-z0-9\-.]{1,64}", subject):
+        raise CliError(f"--subject {subject!r}: expected Patient/ID")
+    note_id = document_id or re.sub(r"[^A-Za-z0-9\-.]+", "-", file.stem).strip("-.")[:64] or "note"
+    if not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", note_id):
+        raise CliError(f"--document-id {note_id!r}: not a FHIR id")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CliError(f"{file}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{file}: not valid UTF-8") from None
+    settings = get_settings()
+    try:
+        mapping_profile = load_profile(profile or settings.mapping_profile)
+        from worker.terminology import terminology_for
+
+        terminology = terminology_for(
+            mapping_profile,
+            settings.terminology,
+            settings.terminology_cache_dir,
+            settings.terminology_encoder,
+            settings.cache_dir,
+        )
+    except (ProfileError, TerminologyError) as error:
+        raise CliError(str(error)) from None
+    from worker.nlp.encoders import EncoderNotFoundError
+    from worker.nlp.tagger import CheckpointError
+    from worker.predict import load_pipeline
+    from worker.tasks import tag_note
+
+    checkpoint = model or (Path(settings.model_path) if settings.model_path else None)
+    try:
+        pipeline = load_pipeline(checkpoint, settings.inference_batch_size, settings.torch_threads)
+    except (FileNotFoundError, CheckpointError, EncoderNotFoundError) as error:
+        raise CliError(str(error)) from None
+    mentions, model_info = tag_note(text, pipeline)
+    context = DocumentContext(document_id=note_id, version_id="1", subject=subject, language=lang)
+    recorded = datetime.now(UTC).isoformat(timespec="seconds")
+    try:
+        bundle = build_transaction(
+            context,
+            mentions,
+            mapping_profile,
+            model_info,
+            settings.identifier_namespace,
+            recorded,
+            terminology=terminology,
+        )
+    except MappingValidationError as error:
+        raise CliError(str(error)) from None
+    click.echo(json.dumps(bundle, indent=2, ensure_ascii=False))
+
+
+@main.command()
+@click.option(
+    "--data",
+    "data_dirs",
+    required=True,
+    multiple=True,
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="BRAT or MultiClinNER TSV+text folder; repeat to mix corpora and languages.",
+)
+@click.option("--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Checkpoint folder.")
+@click.option("--encoder", default="multilingual-e5-small", show_default=True, help="Hugging Face id or local path.")
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.0, 0.9))
+@click.option("--epochs", default=3, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--frozen-layers",
+    default=None,
+    type=click.IntRange(0, 100),
+    help="Encoder layers kept frozen and cached (default: 10 on CPU, 0 on GPU).",
+)
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="CPU threads for PyTorch.")
+@click.option("--curve", is_flag=True, help="Also the data-efficiency curve (10/25/50/100% of notes): CSV + PNG.")
+def train(
+    data_dirs: tuple[Path, ...],
+    output: Path,
+    encoder: str,
+    val_fraction: float,
+    epochs: int,
+    seed: int,
+    frozen_layers: int | None,
+    threads: int | None,
+    curve: bool,
+) -> None:
+    """Fine-tune the tagger; keeps the best epoch, stops early, resumes when rerun."""
+    from worker.nlp.encoders import EncoderNotFoundError
+    from worker.nlp.training import train as run_training
+
+    try:
+        result = run_training(
+            list(data_dirs),
+            output,
+            encoder=encoder,
+            val_fraction=val_fraction,
+            epochs=epochs,
+            seed=seed,
+            curve=curve,
+            frozen_layers=frozen_layers,
+            threads=threads,
+        )
+    except (EncoderNotFoundError, ValueError, OSError) as error:
+        raise CliError(str(error)) from None
+    click.echo(
+        f"best epoch {result.best_epoch}: overlap F1 {result.overlap_f1:.3f}, strict F1 {result.strict_f1:.3f} "
+        f"on {result.n_val_docs} validation notes → {output}",
+        err=True,
+    )
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -100,3 +100,26 @@ def test_bad_arguments_give_one_line_errors(tmp_path: Path) -> None:
     bad_tsv.write_text("nothing useful\n")
     result = runner.invoke(main, ["evaluate", "--gold", str(bad_tsv), "--pred", str(bad_tsv)])
     assert result.exit_code == 1 and result.output.startswith("Error:")
+
+
+def test_train_writes_a_checkpoint_that_predict_can_use(tiny_encoder: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_brat(data)
+    for copy in range(3):  # a few more notes so that both splits are non-empty
+        for index in range(len(SAMPLE_NOTES)):
+            shutil.copy(data / f"note{index}.txt", data / f"extra{copy}-{index}.txt")
+            shutil.copy(data / f"note{index}.ann", data / f"extra{copy}-{index}.ann")
+    checkpoint = tmp_path / "ckpt"
+    runner = CliRunner()
+    args = ["train", "--data", str(data), "--output", str(checkpoint), "--encoder", str(tiny_encoder)]
+    result = runner.invoke(main, [*args, "--epochs", "1", "--frozen-layers", "1", "--val-fraction", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "best epoch 1" in result.output
+    assert (checkpoint / "tagger_config.json").is_file()
+    pred = tmp_path / "pred.tsv"
+    predicted = runner.invoke(
+        main, ["predict", "--input", str(data), "--output", str(pred), "--model", str(checkpoint)]
+    )
+    assert predicted.exit_code == 0, predicted.output
+    missing = runner.invoke(main, ["train", "--data", str(tmp_path / "nowhere"), "--output", str(checkpoint)])
+    assert missing.exit_code == 2 and "does not exist" in missing.output

@@ -134,6 +134,10 @@ class ClinicalTagger(nn.Module):
         missing_head = [k for k in missing if k.startswith("head.")]
         if config.encoder_weights == "all":
             missing_head += [k for k in missing if k.startswith("encoder.")]
+        elif isinstance(config.encoder_weights, list):
+            # The trained layers must really be in the file, or the model would silently run on base weights.
+            prefixes = tuple(f"encoder.encoder.layer.{i}." for i in config.encoder_weights)
+            missing_head += [k for k in missing if k.startswith(prefixes)]
         if missing_head or unexpected:
             raise CheckpointError(
                 f"checkpoint {folder} does not fit: missing {missing_head[:3]}, unexpected {unexpected[:3]}"

@@ -376,7 +376,8 @@ def export_checkpoint(src: Path, dst: Path) -> Path:
     """Copy only what a checkpoint needs (config + weights, and ``encoder/`` when self-contained)."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        shutil.copy2(src / name, dst / name)
+        shutil.copyfile(src / name, dst / name)
+        (dst / name).chmod(0o644)  # safetensors writes 0600; a shipped model must be readable by all
     if (src / "encoder").is_dir():
         shutil.copytree(src / "encoder", dst / "encoder", dirs_exist_ok=True)
     return dst

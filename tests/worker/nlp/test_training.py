@@ -16,7 +16,13 @@ if str(TESTS_DIR) not in sys.path:  # conftest normally does this
 from tiny_models import SAMPLE_NOTES, build_tiny_encoder, char_spans  # noqa: E402
 
 from worker.nlp.tagger import ClinicalTagger, TaggerPipeline  # noqa: E402
-from worker.nlp.training import EncoderSplit, TrainConfig, load_corpora, train  # noqa: E402
+from worker.nlp.training import (  # noqa: E402
+    EncoderSplit,
+    TrainConfig,
+    data_efficiency_curve,
+    load_corpora,
+    train,
+)
 
 REPO_ROOT = TESTS_DIR.parent
 DEFAULT_MODEL = REPO_ROOT / "worker" / "models" / "default"
@@ -111,6 +117,19 @@ def test_resume_continues_after_the_last_epoch(tiny_encoder: Path, tmp_path: Pat
     resumed = train([data], output, config=_config(tiny_encoder, 3, 1), progress=False)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == first.history
+
+
+def test_data_efficiency_curve_writes_csv_and_png(tiny_encoder: Path, tmp_path: Path) -> None:
+    data = _write_brat(tmp_path / "notes", copies=4)
+    config = _config(tiny_encoder, 1, 1)
+    config.val_fraction = 0.25
+    points = data_efficiency_curve([data], tmp_path / "curve", fractions=(0.5, 1.0), config=config, progress=False)
+    assert [p.fraction for p in points] == [0.5, 1.0]
+    assert points[0].n_train_docs < points[1].n_train_docs
+    lines = (tmp_path / "curve" / "curve.csv").read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("fraction,n_train_docs,overlap_f1,strict_f1") and len(lines) == 3
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "curve" / "curve.png").stat().st_size > 0
 
 
 def test_shipped_default_model_predicts() -> None:
