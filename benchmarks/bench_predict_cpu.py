@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "es"
@@ -31,20 +32,33 @@ def load_notes(count: int) -> list[str]:
     return [f.read_text(encoding="utf-8") for f in files]
 
 
-def run_ours(encoder: str, notes: list[str], batch_size: int) -> dict[str, float]:
+def run_ours(encoder: str, notes: list[str], batch_size: int, precision: str = "auto") -> dict[str, Any]:
+    """The shipped default tagger (its encoder is the built-in e5-small) unless --encoder names another."""
     from worker.nlp.tagger import ClinicalTagger, TaggerPipeline
+    from worker.runtime import default_model_path
 
-    tagger = ClinicalTagger.from_encoder(encoder)
-    pipeline = TaggerPipeline(tagger, batch_size=batch_size)
+    checkpoint = default_model_path()
+    if encoder == "multilingual-e5-small" and checkpoint is not None:
+        tagger = ClinicalTagger.from_pretrained(checkpoint)
+    else:
+        tagger = ClinicalTagger.from_encoder(encoder)
+    pipeline = TaggerPipeline(tagger, batch_size=batch_size, precision=precision)
     pipeline.predict(notes[:2])  # warm-up
     pipeline.stats = {"tokens": 0, "windows": 0, "seconds": 0.0}
     started = time.perf_counter()
     results = pipeline.predict(notes)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "tokens": pipeline.stats["tokens"], "spans": sum(len(r) for r in results)}
+    spans = [[s.label, i, s.start, s.end] for i, doc in enumerate(results) for s in doc]
+    return {
+        "seconds": seconds,
+        "tokens": pipeline.stats["tokens"],
+        "spans": len(spans),
+        "span_list": spans,
+        "precision": pipeline.precision,
+    }
 
 
-def run_hf(encoder: str, notes: list[str], batch_size: int) -> dict[str, float]:
+def run_hf(encoder: str, notes: list[str], batch_size: int) -> dict[str, Any]:
     from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
     from worker.nlp.encoders import resolve_encoder
@@ -79,7 +93,10 @@ def child(method: str, encoder: str, count: int, batch_size: int, threads: int) 
 
     torch.set_num_threads(threads)
     notes = load_notes(count)
-    result = (run_ours if method == "ours" else run_hf)(encoder, notes, batch_size)
+    if method == "hf":
+        result = run_hf(encoder, notes, batch_size)
+    else:
+        result = run_ours(encoder, notes, batch_size, "fp32" if method == "ours-fp32" else "auto")
     result["notes"] = len(notes)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -91,13 +108,14 @@ def main() -> None:
     parser.add_argument("--notes", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child", choices=["ours", "hf"])
+    parser.add_argument("--child", choices=["ours", "ours-fp32", "hf"])
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the methods this many times; best kept")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.encoder, args.notes, args.batch_size, args.threads)
         return
-    rows = {}
-    for method in ("ours", "hf"):
+    rows: dict[str, dict[str, Any]] = {}
+    for method in ("ours", "ours-fp32", "hf") * args.rounds:
         out = subprocess.run(
             [
                 sys.executable,
@@ -118,7 +136,9 @@ def main() -> None:
             check=True,
             cwd=REPO,
         )
-        rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if method not in rows or result["seconds"] < rows[method]["seconds"]:
+            rows[method] = result
     print(f"encoder {args.encoder}, {args.notes} notes, batch {args.batch_size}, {args.threads} threads")
     print(f"{'method':<28}{'tokens/s':>10}{'notes/s':>10}{'peak MB':>10}")
     for method, name in (("ours", "fhir-ner TaggerPipeline"), ("hf", "HF pipeline (simple, stride)")):

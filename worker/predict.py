@@ -46,6 +46,9 @@ def predict_folder(
 ) -> PredictionRun:
     from tqdm import tqdm
 
+    from worker.nlp.assertion import default_detector
+
+    detector = default_detector()
     notes, failed = read_notes(input_dir, report)
     # Length-sorted chunks keep padding low; results are written in file-name order.
     order = sorted(range(len(notes)), key=lambda i: len(notes[i][1]))
@@ -56,6 +59,8 @@ def predict_folder(
         results = pipeline.predict([notes[i][1] for i in chunk])
         for index, spans in zip(chunk, results, strict=True):
             stem, text = notes[index]
+            # The language is detected from each note's text: a folder of .txt files carries no metadata.
+            assertions = detector.detect(text, [(s.start, s.end) for s in spans])
             found[index] = [
                 Span(
                     stem,
@@ -64,10 +69,10 @@ def predict_folder(
                     s.end,
                     text[s.start : s.end],
                     s.score,
-                    "present",
+                    assertion,
                     (code_for(s.label, text[s.start : s.end]) if code_for else None),
                 )
-                for s in spans
+                for s, assertion in zip(spans, assertions, strict=True)
             ]
             bar.update(len(text))
     bar.close()

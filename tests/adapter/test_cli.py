@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import SHARED_DIR
+from ehr.harness import FhirTestServer
 from tiny_models import SAMPLE_NOTES, char_spans
 
 from adapter.cli import main
@@ -52,7 +53,13 @@ def test_predict_then_evaluate_on_a_brat_folder(tiny_tagger_path: Path, tmp_path
     for row in rows:
         text = (gold / f"{row['filename']}.txt").read_text(encoding="utf-8")
         assert text[int(row["start_span"]) : int(row["end_span"])] == row["text"]
-        assert row["assertion"] == "present" and 0 < float(row["score"]) <= 1
+        assert 0 < float(row["score"]) <= 1
+    assertions = {row["text"]: row["assertion"] for row in rows}
+    # "No presenta disnea", "Niega dolor torácico", "Antecedentes de diabetes mellitus"
+    assert assertions["disnea"] == "negated"
+    assert assertions["dolor torácico"] == "negated"
+    assert assertions["diabetes mellitus"] == "historical"
+    assert assertions["fiebre"] == assertions["neumonía"] == "present"
     meta = json.loads(Path(f"{pred}.meta.json").read_text())
     assert meta["encoder"] and meta["encoder_revision"] and meta["model_revision"] == "tiny-test"
 
@@ -123,3 +130,38 @@ def test_train_writes_a_checkpoint_that_predict_can_use(tiny_encoder: Path, tmp_
     assert predicted.exit_code == 0, predicted.output
     missing = runner.invoke(main, ["train", "--data", str(tmp_path / "nowhere"), "--output", str(checkpoint)])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_subscribe_is_listed_and_reports_errors_on_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    assert "subscribe" in runner.invoke(main, ["--help"]).output
+    help_text = runner.invoke(main, ["subscribe", "--help"]).output
+    for option in ("--ehr", "--endpoint", "--token", "--fhir-version", "--payload", "--heartbeat"):
+        assert option in help_text
+    bad = runner.invoke(main, ["subscribe", "--ehr", "http://127.0.0.1:9/fhir", "--endpoint", "x", "--token", "t"])
+    assert bad.exit_code == 1 and bad.output.startswith("Error:") and "absolute http(s) URL" in bad.output
+    unreachable = runner.invoke(
+        main,
+        ["subscribe", "--ehr", "http://127.0.0.1:9/fhir", "--endpoint", "http://127.0.0.1:9/n", "--token", "t"],
+    )
+    assert unreachable.exit_code == 1 and "could not reach the EHR" in unreachable.output
+    assert "Traceback" not in unreachable.output
+
+
+def test_subscribe_reports_what_the_ehr_refused(ehr: FhirTestServer) -> None:
+    # The test server is R4: an R5 Subscription is refused, and the EHR's reason is shown.
+    result = CliRunner().invoke(
+        main,
+        [
+            "subscribe",
+            "--ehr",
+            ehr.base_url,
+            "--endpoint",
+            "http://127.0.0.1:9/fhir/notify",
+            "--token",
+            "t",
+            "--fhir-version",
+            "r5",
+        ],
+    )
+    assert result.exit_code == 1 and "the EHR refused the Subscription: HTTP 400" in result.output
