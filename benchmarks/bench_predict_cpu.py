@@ -115,7 +115,7 @@ def main() -> None:
         child(args.child, args.encoder, args.notes, args.batch_size, args.threads)
         return
     rows: dict[str, dict[str, Any]] = {}
-    for method in ("ours", "ours-fp32", "hf") * args.rounds:
+    for method in ("ours", "hf") * args.rounds:
         out = subprocess.run(
             [
                 sys.executable,
@@ -141,7 +141,11 @@ def main() -> None:
             rows[method] = result
     print(f"encoder {args.encoder}, {args.notes} notes, batch {args.batch_size}, {args.threads} threads")
     print(f"{'method':<28}{'tokens/s':>10}{'notes/s':>10}{'peak MB':>10}")
-    for method, name in (("ours", "fhir-ner TaggerPipeline"), ("hf", "HF pipeline (simple, stride)")):
+    names = {
+        "ours": f"fhir-ner ({rows['ours']['precision']})",
+        "hf": "HF pipeline (simple, stride)",
+    }
+    for method, name in names.items():
         r = rows[method]
         print(
             f"{name:<28}{r['tokens'] / r['seconds']:>10.0f}{r['notes'] / r['seconds']:>10.2f}{r['peak_rss_mb']:>10.0f}"
