@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from adapter.outcomes import outcome_response
 from adapter.routers import health, notify
+from adapter.watch import watch_forever
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Gaps and silences are looked for in the background, never while answering a request.
+    watcher = asyncio.create_task(watch_forever())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
 
 
 def create_app() -> FastAPI:
@@ -15,6 +32,7 @@ def create_app() -> FastAPI:
         title="FHIR clinical NER adapter",
         version="0.1.0",
         description="Receives FHIR Subscription notifications about clinical notes and queues them for NER.",
+        lifespan=_lifespan,
     )
     app.include_router(health.router)
     app.include_router(notify.router)

@@ -62,16 +62,60 @@ class Settings(BaseSettings):
     identifier_namespace: str = Field(
         default="urn:fhir-ner-adapter:derived", description="System of the identifiers on every resource written."
     )
+    terminology: Literal["auto", "embedding", "lexical", "off"] = Field(
+        default="auto",
+        description="How mentions are coded: auto (nearest neighbour where embeddings are cached, text match "
+        "elsewhere), embedding (embed what is missing on first use), lexical (text match only), off.",
+    )
+    terminology_encoder: str = Field(
+        default="multilingual-e5-small", description="Encoder (name or folder) for nearest-neighbour coding."
+    )
+    terminology_cache_dir: Path | None = Field(
+        default=None, description="Where code-system embeddings are cached (default ~/.cache/fhir-ner/terminology)."
+    )
 
     # Limits
     max_body_bytes: int = Field(default=5_000_000, description="Larger notification bodies get 413.")
     max_note_chars: int = Field(default=2_000_000, description="Longer notes are skipped with a reason, not cut.")
+
+    # Subscription receiver (issue 5)
+    signature_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Shared secrets for the X-Signature header (hex HMAC-SHA256 of the raw body, Medplum), "
+        "comma-separated for rotation; a notification with a valid signature needs no bearer token.",
+    )
+    accept_preliminary: bool = Field(default=False, description="Also process notes with docStatus preliminary.")
+    gap_grace_seconds: float = Field(
+        default=10.0, description="How long a missing event number may stay missing (out-of-order delivery) "
+        "before it counts as a gap and is recovered from the EHR."
+    )
+    heartbeat_seconds: int = Field(
+        default=0,
+        description="Heartbeat period assumed for subscriptions the adapter did not create itself "
+        "(0: watch only those whose period is known, e.g. from `fhir-ner subscribe`).",
+    )
+    recovery_check_seconds: float = Field(
+        default=5.0, description="How often the API looks for gaps and silent subscriptions (0: never)."
+    )
+    recovery_retry_seconds: float = Field(
+        default=300.0, description="A recovery that has not finished after this long is started again."
+    )
+    recovery_overlap_seconds: float = Field(
+        default=300.0, description="The _lastUpdated fallback searches from this long before the last event seen."
+    )
 
     @field_validator("subscription_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
             return [token.strip() for token in value.split(",") if token.strip()]
+        return value
+
+    @field_validator("signature_secrets", mode="before")
+    @classmethod
+    def _split_secrets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [secret.strip() for secret in value.split(",") if secret.strip()]
         return value
 
     @model_validator(mode="after")
@@ -85,6 +129,9 @@ class Settings(BaseSettings):
 
     def accepted_tokens(self) -> list[str]:
         return [token.get_secret_value() for token in self.subscription_tokens]
+
+    def accepted_signature_secrets(self) -> list[bytes]:
+        return [secret.get_secret_value().encode() for secret in self.signature_secrets]
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,28 @@ from typing import Any
 
 import redis
 
+from adapter.jobs import Envelope
+
 NOTE_TTL_SECONDS = 14 * 24 * 3600
+HINT_TTL_SECONDS = 3600
+
+# Claim (document, version), keep the note, mark it queued and push its task message, all in one step: a
+# redelivery can never reset the status of a version already queued, processing or done, and a claimed
+# version always has its message. Returns the other versions already known (false: claimed before).
+_CLAIM_AND_QUEUE = """
+local ok = redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1])
+if not ok then return false end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[1]) end
+local others = {}
+for _, version in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if version ~= ARGV[2] then others[#others + 1] = version end
+end
+local record = cjson.decode(ARGV[3])
+if #others > 0 then record['previous_versions'] = others end
+redis.call('HSET', KEYS[2], ARGV[2], cjson.encode(record))
+if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[5]) end
+return others
+"""
 
 
 class NoteState:
@@ -17,6 +38,7 @@ class NoteState:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
+        self._claim_and_queue = client.register_script(_CLAIM_AND_QUEUE)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -30,15 +52,70 @@ class NoteState:
 
     def claim(self, document_id: str, version_id: str) -> bool:
         """True the first time a note version is seen; redeliveries get False and create no job."""
-        return bool(self.client.set(self._key("seen", document_id, version_id), "1", nx=True))
+        return bool(self.client.set(self._key("seen", document_id, version_id), "1", nx=True, ex=NOTE_TTL_SECONDS))
+
+    def queue_claim(
+        self,
+        pipe: Any,
+        document_id: str,
+        version_id: str,
+        document: dict[str, Any] | None = None,
+        envelope: Envelope | None = None,
+        **details: Any,
+    ) -> None:
+        """Add to ``pipe``: claim the version, keep the note (if given), mark it queued, push ``envelope``.
+
+        Read the outcome with :meth:`claim_result` on this call's result.
+        """
+        record = json.dumps({"status": "queued", "updated": time.time(), **details})
+        self._claim_and_queue(
+            keys=[
+                self._key("seen", document_id, version_id),
+                self._key("status", document_id),
+                self._key("note", document_id, version_id),
+                envelope.key if envelope else self._key("no-queue"),
+            ],
+            args=[
+                NOTE_TTL_SECONDS,
+                version_id,
+                record,
+                json.dumps(document) if document is not None else "",
+                envelope.payload if envelope else "",
+            ],
+            client=pipe,
+        )
+
+    @staticmethod
+    def claim_result(result: Any) -> list[str] | None:
+        """None when the version was claimed before (a redelivery), else the other known versions."""
+        if result is None or result is False:
+            return None
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in result]
+
+    def claim_and_queue(
+        self,
+        document_id: str,
+        version_id: str,
+        document: dict[str, Any] | None = None,
+        envelope: Envelope | None = None,
+        **details: Any,
+    ) -> list[str] | None:
+        """:meth:`queue_claim` in a round trip of its own."""
+        pipe = self.client.pipeline(transaction=False)
+        self.queue_claim(pipe, document_id, version_id, document, envelope, **details)
+        return self.claim_result(pipe.execute()[-1])
 
     def release(self, document_id: str, version_id: str) -> None:
         """Undo a claim when the job could not be enqueued, so the EHR's retry is accepted."""
         self.client.delete(self._key("seen", document_id, version_id))
 
     def set_status(self, document_id: str, version_id: str, status: str, **details: Any) -> None:
+        self.queue_status(self.client, document_id, version_id, status, **details)
+
+    def queue_status(self, pipe: Any, document_id: str, version_id: str, status: str, **details: Any) -> None:
+        """:meth:`set_status` as part of a pipeline."""
         record = {"status": status, "updated": time.time(), **details}
-        self.client.hset(self._key("status", document_id), version_id, json.dumps(record))
+        pipe.hset(self._key("status", document_id), version_id, json.dumps(record))
 
     def get_status(self, document_id: str) -> dict[str, dict[str, Any]]:
         raw = self.client.hgetall(self._key("status", document_id))
@@ -48,3 +125,16 @@ class NoteState:
         key = self._key("subscription", subscription or "unknown")
         self.client.hset(key, mapping={f"last_{notification_type}": time.time()})
         self.client.hincrby(key, f"count_{notification_type}", 1)
+
+    # Authorization hints travel beside the task, never inside it (task messages are logged and kept).
+    def store_hint(self, document_id: str, hint_type: str | None, value: str, pipe: Any = None) -> None:
+        payload = json.dumps({"type": hint_type, "value": value})
+        target = pipe if pipe is not None else self.client
+        target.set(self._key("hint", document_id), payload, ex=HINT_TTL_SECONDS)
+
+    def load_hint(self, document_id: str) -> tuple[str | None, str] | None:
+        raw = self.client.get(self._key("hint", document_id))
+        if not raw:
+            return None
+        data = json.loads(raw)
+        return data.get("type"), str(data["value"])

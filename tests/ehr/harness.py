@@ -255,6 +255,34 @@ class FhirTestServer:
     def clear_requests_log(self) -> None:
         self._admin("DELETE", "/requests")
 
+    # ------------------------------------------------------------------ subscriptions (R4 backport, rest-hook)
+    def subscriptions(self) -> dict[str, Any]:
+        """``{"subscriptions": [{id, status, topic, endpoint, content, eventCount, events}], "deliveries": [...]}``."""
+        return self._admin("GET", "/subscriptions")
+
+    def drop_next_notifications(self, count: int = 1) -> None:
+        """The next ``count`` event notifications are numbered and kept (``$events``) but never delivered."""
+        self._admin("POST", "/subscriptions/drop-next", {"count": count})
+
+    def configure_subscriptions(
+        self, *, support_events: bool | None = None, versioned_focus: bool | None = None
+    ) -> None:
+        """``support_events=False``: ``$events``/``$status`` answer 501; ``versioned_focus``: focus with _history."""
+        body: dict[str, Any] = {}
+        if support_events is not None:
+            body["supportEvents"] = support_events
+        if versioned_focus is not None:
+            body["versionedFocus"] = versioned_focus
+        self._admin("POST", "/subscriptions/config", body)
+
+    def send_notification(self, subscription_id: str, notification_type: str = "heartbeat") -> None:
+        """Send a heartbeat (or query-status, handshake) for a Subscription now."""
+        self._admin("POST", "/subscriptions/send", {"id": subscription_id, "type": notification_type})
+
+    def settle_notifications(self) -> None:
+        """Return once every notification queued so far has been delivered (or has failed)."""
+        self._admin("POST", "/subscriptions/settle", {})
+
     def stderr_tail(self) -> str:
         return "".join(self._stderr_tail)
 

@@ -22,6 +22,25 @@
 //   POST   /$admin/reset      clear all resources, history, pending faults and the request log
 //   GET    /$admin/requests   {"count": N, "requests": [{method, path, url, status, injected}, ...]}
 //   DELETE /$admin/requests   clear the request log only
+//
+// Topic-based Subscriptions (R4 Subscriptions Backport, rest-hook channel), enough to test a receiver:
+//   * creating or updating a Subscription whose status is "requested" sends a handshake to
+//     channel.endpoint with the channel.header lines; a 2xx answer makes it "active", anything else "error";
+//   * creating or updating a DocumentReference is an event for every active Subscription whose topic is about
+//     DocumentReferences (a topic URL naming DocumentReference/DocReference, or US Core patient-data-feed):
+//     it is numbered, kept, and delivered as a backport notification Bundle (history + Parameters) with the
+//     channel's payload content (backport-payload-content: full-resource, id-only or empty; default id-only);
+//     filter criteria are not evaluated;
+//   * GET [base]/Subscription/{id}/$events?eventsSinceNumber=&eventsUntilNumber=&content= answers the kept
+//     events as a query-event Bundle, and GET [base]/Subscription/{id}/$status a searchset with its status.
+//   POST   /$admin/subscriptions/drop-next {"count": 1}  the next `count` event notifications are numbered and
+//            kept but not delivered (lost notifications)
+//   POST   /$admin/subscriptions/config {"supportEvents": false, "versionedFocus": true}
+//            supportEvents false: $events and $status answer 501 (a server without them);
+//            versionedFocus: focus references carry /_history/{version}
+//   POST   /$admin/subscriptions/send {"id": "...", "type": "heartbeat"}  send a heartbeat (or query-status) now
+//   POST   /$admin/subscriptions/settle  answers once every delivery queued so far has been attempted
+//   GET    /$admin/subscriptions  {"subscriptions": [...], "deliveries": [...]}
 import http from 'node:http';
 import { parseArgs } from 'node:util';
 
@@ -224,6 +243,239 @@ function capabilityStatement() {
 }
 
 // --------------------------------------------------------------------------------------------------
+// Topic-based Subscriptions (R4 backport, rest-hook)
+// --------------------------------------------------------------------------------------------------
+const BACKPORT = 'http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition';
+
+function extensionValue(element, url) {
+  const ext = (element?.extension ?? []).find((e) => e.url === url);
+  if (!ext) return undefined;
+  const key = Object.keys(ext).find((k) => k.startsWith('value'));
+  return key ? ext[key] : undefined;
+}
+
+function topicCoversDocuments(topic) {
+  return /DocumentReference|DocReference|patient-data-feed/i.test(topic ?? '');
+}
+
+class SubscriptionManager {
+  constructor() {
+    this.reset();
+  }
+
+  reset() {
+    this.subs = new Map(); // id -> record
+    this.deliveries = [];
+    this.dropNext = 0;
+    this.supportEvents = true;
+    this.versionedFocus = false;
+  }
+
+  onWrite(resource, interaction, baseUrl) {
+    if (resource.resourceType === 'Subscription') {
+      this.upsert(resource, baseUrl);
+    } else if (resource.resourceType === 'DocumentReference') {
+      this.event(resource, interaction, baseUrl);
+    }
+  }
+
+  upsert(resource, baseUrl) {
+    const previous = this.subs.get(resource.id);
+    const channel = resource.channel ?? {};
+    const record = {
+      id: resource.id,
+      baseUrl,
+      status: resource.status,
+      topic: resource.criteria,
+      endpoint: channel.endpoint,
+      headers: channel.header ?? [],
+      content: extensionValue(channel._payload, `${BACKPORT}/backport-payload-content`) ?? 'id-only',
+      heartbeatPeriod: extensionValue(channel, `${BACKPORT}/backport-heartbeat-period`) ?? null,
+      timeoutSeconds: extensionValue(channel, `${BACKPORT}/backport-timeout`) ?? 10,
+      count: previous?.count ?? 0,
+      events: previous?.events ?? [],
+      chain: previous?.chain ?? Promise.resolve(),
+    };
+    this.subs.set(resource.id, record);
+    if (record.status === 'requested' && channel.type === 'rest-hook') {
+      this.enqueue(record, 'handshake', [], async (httpStatus) => {
+        record.status = httpStatus >= 200 && httpStatus < 300 ? 'active' : 'error';
+        await serialized(async () => {
+          const current = await repo.readResource('Subscription', record.id);
+          await repo.updateResource({ ...current, status: record.status });
+        }).catch((err) => process.stderr.write(`subscription status update failed: ${err}\n`));
+      });
+    }
+  }
+
+  event(resource, interaction, baseUrl) {
+    for (const record of this.subs.values()) {
+      if (record.status !== 'active' || !topicCoversDocuments(record.topic)) continue;
+      record.count += 1;
+      const event = {
+        number: record.count,
+        timestamp: new Date().toISOString(),
+        interaction,
+        focus: `${resource.resourceType}/${resource.id}`,
+        version: resource.meta?.versionId,
+        resource: JSON.parse(JSON.stringify(resource)),
+      };
+      record.events.push(event);
+      if (this.dropNext > 0) {
+        this.dropNext -= 1;
+        this.deliveries.push({ subscription: record.id, type: 'event-notification', events: [event.number], status: null, dropped: true });
+        continue;
+      }
+      this.enqueue(record, 'event-notification', [event]);
+    }
+  }
+
+  focusOf(record, event) {
+    const path = this.versionedFocus && event.version ? `${event.focus}/_history/${event.version}` : event.focus;
+    return `${record.baseUrl}/${path}`;
+  }
+
+  bundle(record, type, events, content) {
+    const parameter = [
+      { name: 'subscription', valueReference: { reference: `${record.baseUrl}/Subscription/${record.id}` } },
+      { name: 'topic', valueCanonical: record.topic },
+      { name: 'status', valueCode: record.status },
+      { name: 'type', valueCode: type },
+      { name: 'events-since-subscription-start', valueString: String(record.count) },
+    ];
+    const entry = [
+      {
+        fullUrl: `urn:uuid:${crypto.randomUUID()}`,
+        resource: {
+          resourceType: 'Parameters',
+          meta: { profile: [`${BACKPORT}/backport-subscription-status-r4`] },
+          parameter,
+        },
+        request: { method: 'GET', url: `${record.baseUrl}/Subscription/${record.id}/$status` },
+        response: { status: '200' },
+      },
+    ];
+    for (const event of events) {
+      const part = [
+        { name: 'event-number', valueString: String(event.number) },
+        { name: 'timestamp', valueInstant: event.timestamp },
+      ];
+      if (content !== 'empty') {
+        part.push({ name: 'focus', valueReference: { reference: this.focusOf(record, event) } });
+        const request = { method: event.interaction === 'create' ? 'POST' : 'PUT', url: event.interaction === 'create' ? 'DocumentReference' : event.focus };
+        const response = { status: event.interaction === 'create' ? '201' : '200' };
+        entry.push({
+          fullUrl: this.focusOf(record, event),
+          ...(content === 'full-resource' ? { resource: event.resource } : {}),
+          request,
+          response,
+        });
+      }
+      parameter.push({ name: 'notification-event', part });
+    }
+    return { resourceType: 'Bundle', type: 'history', timestamp: new Date().toISOString(), entry };
+  }
+
+  enqueue(record, type, events, after) {
+    const body = this.bundle(record, type, events, record.content);
+    record.chain = record.chain.then(async () => {
+      const httpStatus = await this.post(record, body);
+      this.deliveries.push({ subscription: record.id, type, events: events.map((e) => e.number), status: httpStatus, dropped: false });
+      if (after) await after(httpStatus);
+    });
+    return record.chain;
+  }
+
+  async post(record, body) {
+    const headers = { 'Content-Type': 'application/fhir+json' };
+    for (const line of record.headers) {
+      const colon = line.indexOf(':');
+      if (colon > 0) headers[line.slice(0, colon).trim()] = line.slice(colon + 1).trim();
+    }
+    try {
+      const response = await fetch(record.endpoint, {
+        method: 'POST',
+        headers,
+        body: JSON.stringify(body),
+        signal: AbortSignal.timeout(Math.max(1, record.timeoutSeconds) * 1000),
+      });
+      await response.arrayBuffer();
+      return response.status;
+    } catch (err) {
+      process.stderr.write(`delivery to ${record.endpoint} failed: ${err?.message ?? err}\n`);
+      return 0;
+    }
+  }
+
+  operation(id, name, params, baseUrl) {
+    if (name !== '$events' && name !== '$status') {
+      return [404, outcome([issue('not-found', `Unknown operation ${name}`)])];
+    }
+    if (!this.supportEvents) {
+      return [501, outcome([issue('not-supported', `${name} is not supported by this server`)])];
+    }
+    const record = this.subs.get(id);
+    if (!record) return [404, outcome([issue('not-found', `Subscription/${id} not found`)])];
+    if (name === '$status') {
+      const status = this.bundle(record, 'query-status', [], 'empty').entry[0].resource;
+      return [200, { resourceType: 'Bundle', type: 'searchset', total: 1, entry: [{ resource: status, search: { mode: 'match' } }] }];
+    }
+    const since = Number.parseInt(params.get('eventsSinceNumber') ?? '1', 10) || 1;
+    const until = Number.parseInt(params.get('eventsUntilNumber') ?? String(record.count), 10) || record.count;
+    const content = params.get('content') ?? record.content;
+    const events = record.events.filter((e) => e.number >= since && e.number <= until);
+    const result = this.bundle(record, 'query-event', events, content);
+    result.entry[0].request = { method: 'GET', url: `${baseUrl}/Subscription/${id}/$events` };
+    return [200, result];
+  }
+
+  async admin(req, res, action) {
+    if (req.method === 'GET' && action === '') {
+      const subscriptions = [...this.subs.values()].map((r) => ({
+        id: r.id,
+        status: r.status,
+        topic: r.topic,
+        endpoint: r.endpoint,
+        content: r.content,
+        heartbeatPeriod: r.heartbeatPeriod,
+        eventCount: r.count,
+        events: r.events.map((e) => ({ number: e.number, focus: e.focus, version: e.version, timestamp: e.timestamp })),
+      }));
+      return send(res, 200, { subscriptions, deliveries: this.deliveries });
+    }
+    const cfg = (await parseJsonBody(req)) ?? {};
+    if (req.method === 'POST' && action === '/drop-next') {
+      this.dropNext = Number.isInteger(cfg.count) ? cfg.count : 1;
+      return send(res, 200, { ok: true, dropNext: this.dropNext });
+    }
+    if (req.method === 'POST' && action === '/config') {
+      if (typeof cfg.supportEvents === 'boolean') this.supportEvents = cfg.supportEvents;
+      if (typeof cfg.versionedFocus === 'boolean') this.versionedFocus = cfg.versionedFocus;
+      return send(res, 200, { ok: true, supportEvents: this.supportEvents, versionedFocus: this.versionedFocus });
+    }
+    if (req.method === 'POST' && action === '/settle') {
+      await this.settle();
+      return send(res, 200, { ok: true });
+    }
+    if (req.method === 'POST' && action === '/send') {
+      const record = this.subs.get(cfg.id);
+      if (!record) return send(res, 404, outcome([issue('not-found', `Subscription/${cfg.id} not found`)]));
+      const type = ['heartbeat', 'query-status', 'handshake'].includes(cfg.type) ? cfg.type : 'heartbeat';
+      await this.enqueue(record, type, []);
+      return send(res, 200, { ok: true });
+    }
+    return send(res, 404, outcome([issue('not-found', `Unknown admin endpoint: ${req.method} ${action}`)]));
+  }
+
+  /** Resolves once every delivery queued so far has been attempted. */
+  async settle() {
+    await Promise.all([...this.subs.values()].map((r) => r.chain));
+  }
+}
+
+const subscriptions = new SubscriptionManager();
+
+// --------------------------------------------------------------------------------------------------
 // Test-control state
 // --------------------------------------------------------------------------------------------------
 let fault = null; // { remaining, status, retryAfter, delayMs }
@@ -233,6 +485,7 @@ function resetState() {
   repo.clear();
   fault = null;
   requestLog = [];
+  subscriptions.reset();
 }
 
 // All FHIR requests are processed one at a time so a transaction never interleaves with other requests.
@@ -385,6 +638,9 @@ async function handleFhir(req, res, url, baseUrl) {
 
   // Validate up front so that refused writes produce a clean 400 and a transaction writes nothing.
   const segments = relative.split('/').filter(Boolean);
+  if (method === 'GET' && segments.length === 3 && segments[0] === 'Subscription' && segments[2].startsWith('$')) {
+    return subscriptions.operation(segments[1], segments[2], url.searchParams, baseUrl);
+  }
   const isTypeLevel = segments.length === 1 && RESOURCE_TYPES.has(segments[0]);
   const isInstanceLevel = segments.length === 2 && RESOURCE_TYPES.has(segments[0]) && !segments[1].startsWith('$');
   if ((method === 'POST' && isTypeLevel) || (method === 'PUT' && (isTypeLevel || isInstanceLevel))) {
@@ -425,6 +681,9 @@ async function handleFhir(req, res, url, baseUrl) {
   if (!isOk(oo) || !resource) {
     return [status, oo];
   }
+  if ((method === 'POST' && isTypeLevel) || (method === 'PUT' && isInstanceLevel)) {
+    subscriptions.onWrite(resource, status === 201 ? 'create' : 'update', baseUrl);
+  }
   const isWrite = ['POST', 'PUT', 'PATCH'].includes(method) && resource.resourceType !== 'Bundle';
   const isRead = method === 'GET' && segments.length >= 2;
   const headers = isWrite || isRead ? versionHeaders(resource, baseUrl, status === 201) : {};
@@ -447,6 +706,9 @@ async function handleAdmin(req, res, url) {
           }
         : null;
     return send(res, 200, { ok: true, fault });
+  }
+  if (action.startsWith('/subscriptions')) {
+    return subscriptions.admin(req, res, action.slice('/subscriptions'.length));
   }
   if (req.method === 'POST' && action === '/reset') {
     await serialized(async () => resetState());

@@ -1,0 +1,81 @@
+"""Prometheus metrics: request counters and latency in-process, queue depth and recovery totals from Redis.
+
+With several API processes, each exposes its own request counters (scrape each, or sum); the values read
+from Redis (queue depth, gaps, recoveries) are shared and the same in every process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger("fhir_ner.metrics")
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+NOTIFICATIONS = Counter(
+    "fhir_ner_notifications",
+    "Notifications received, by notification type and outcome.",
+    ["type", "outcome"],
+    registry=REGISTRY,
+)
+ACK_SECONDS = Histogram(
+    "fhir_ner_notification_ack_seconds",
+    "Time from request to acknowledgement of a notification.",
+    buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+NOTES = Counter(
+    "fhir_ner_notes",
+    "Notes seen in notifications, by what happened to them "
+    "(queued, retraction, skipped, duplicate, refused, resolving, not-a-note, recovery).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+
+# Celery's Redis transport keeps one list per queue and priority step.
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+_TOTALS = {
+    "gaps_detected": "Event-number gaps that outlived the grace period.",
+    "gaps_recovered": "Gaps closed by a recovery.",
+    "silences_detected": "Subscriptions silent for longer than their heartbeat period.",
+    "recoveries": "Recoveries finished ($events or _lastUpdated).",
+    "events_recovered": "Events fetched through $events.",
+    "error_notifications": "Notifications reporting a subscription error.",
+    "refused_urls": "References or attachment URLs refused because they lie outside the EHR base URL.",
+}
+
+
+class RedisCollector(Collector):
+    """Read at scrape time: queue depth, and the receiver totals kept in Redis."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        from adapter.deps import get_redis, get_subscription_state
+        from adapter.settings import get_settings
+
+        try:
+            client = get_redis()
+            queue = f"{get_settings().key_prefix}.notes"
+            pipe = client.pipeline(transaction=False)
+            for suffix in _PRIORITY_SUFFIXES:
+                pipe.llen(queue + suffix)
+            depth = sum(int(n) for n in pipe.execute())
+            state = get_subscription_state()
+            totals = state.totals()
+            subscriptions = int(client.scard(state.registry_key))
+        except Exception as error:  # Redis down: /readyz says so; metrics still answer
+            logger.warning("metrics: Redis unavailable (%s)", type(error).__name__)
+            return
+        yield GaugeMetricFamily("fhir_ner_queue_depth", "Task messages waiting on the notes queue.", value=depth)
+        yield GaugeMetricFamily(
+            "fhir_ner_subscriptions", "Subscriptions the receiver has heard from.", value=subscriptions
+        )
+        for name, documentation in _TOTALS.items():
+            yield CounterMetricFamily(f"fhir_ner_{name}", documentation, value=totals.get(name, 0))
+
+
+REGISTRY.register(RedisCollector())
