@@ -83,7 +83,13 @@ def predict(input_dir: Path, output: Path, model: Path | None, batch_size: int, 
         pipeline = load_pipeline(model, batch_size, threads)
     except (FileNotFoundError, CheckpointError, EncoderNotFoundError) as error:
         raise CliError(str(error)) from None
-    run = predict_folder(input_dir, output, pipeline, batch_size=batch_size)
+    from worker.runtime import get_profile
+    from worker.terminology import code_for, get_terminology
+
+    profile = get_profile()
+    run = predict_folder(
+        input_dir, output, pipeline, batch_size=batch_size, code_for=code_for(profile, get_terminology(profile))
+    )
     rate = run.tokens / run.seconds if run.seconds else 0.0
     click.echo(
         f"{run.documents} notes, {run.spans} spans → {output} ({run.tokens} tokens, {rate:.0f} tokens/s)"

@@ -1,24 +1,64 @@
-"""Mentions → one FHIR R4 transaction Bundle: deterministic identifiers, traceability, Provenance."""
+"""Mentions → one FHIR R4 transaction Bundle: deterministic identifiers, traceability, Provenance, revisions.
+
+The transaction for one note version holds:
+
+- a conditional create (``ifNoneExist`` on the identifier) for each resource the version newly yields,
+  the model's ``Device`` and one ``Provenance`` (activity CREATE) whose targets are those resources;
+- when the EHR already holds resources derived from this note (``existing``, found by the worker), a PUT
+  (``ifMatch`` on the version read) that marks each stale one entered-in-error, and one ``Provenance``
+  (activity NULLIFY) whose targets are those. Resources the version still yields are left alone.
+
+See ``mappings/identity.py`` for the identifiers and tags, ``mappings/revisions.py`` for the rules.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
+import mappings.mappers  # noqa: F401  (registers the built-in mappers and retirement rules)
 from mappings.context import DocumentContext
-from mappings.mentions import Mention
-from mappings.profile import MappingProfile
-from mappings.registry import get_mapper
+from mappings.identity import (
+    DERIVATION_REFERENCE,
+    NLP_TAG,
+    NLP_TAG_SYSTEM,
+    document_tag,
+    mention_key_system,
+    provenance_tag_system,
+    stable_hash,
+)
+from mappings.mentions import CandidateCode, Mention
+from mappings.profile import LabelMapping, MappingProfile
+from mappings.registry import get_mapper, mapper_resource_type
+from mappings.revisions import DerivedResource, parse_existing, reconcile, retired_copy
+from mappings.terminology import CodeRequest, Terminology, normalise, select_codes
 
-DERIVATION_REFERENCE = "http://hl7.org/fhir/StructureDefinition/derivation-reference"
-NLP_TAG_SYSTEM = "urn:fhir-ner-adapter:tag"
-NLP_TAG = {"system": NLP_TAG_SYSTEM, "code": "nlp-derived", "display": "Derived by clinical NLP"}
+__all__ = [
+    "DERIVATION_REFERENCE",
+    "NLP_TAG",
+    "NLP_TAG_SYSTEM",
+    "MappedResource",
+    "MappingValidationError",
+    "ModelInfo",
+    "WritebackPlan",
+    "build_retraction",
+    "build_transaction",
+    "map_mentions",
+    "mention_identifier",
+    "mention_key",
+    "plan_transaction",
+    "stable_hash",
+    "validate_r4",
+]
+
 PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+ADAPTER_NAME = "fhir-ner-adapter"
 
 
 class MappingValidationError(ValueError):
@@ -38,10 +78,22 @@ class MappedResource:
     mention: Mention | None
     identifier_value: str
     resource: dict[str, Any]
+    mention_key: str = ""
 
 
-def stable_hash(*parts: object) -> str:
-    return hashlib.sha256("|".join(str(p) for p in parts).encode("utf-8")).hexdigest()[:40]
+@dataclass(frozen=True)
+class WritebackPlan:
+    """The transaction for one note version and what it does, for the note's status record."""
+
+    bundle: dict[str, Any]
+    created: list[MappedResource] = field(default_factory=list)
+    kept: list[DerivedResource] = field(default_factory=list)
+    retired: list[DerivedResource] = field(default_factory=list)
+    superseded_by: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.bundle["entry"]
 
 
 def mention_identifier(context: DocumentContext, mention: Mention, model: ModelInfo) -> str:
@@ -51,15 +103,22 @@ def mention_identifier(context: DocumentContext, mention: Mention, model: ModelI
     )
 
 
+def mention_key(document_id: str, resource_type: str, mention: Mention, occurrence: int) -> str:
+    """Version-, offset- and model-independent: the same finding in a revised note has the same key."""
+    return stable_hash(
+        "mention", document_id, resource_type, mention.label, mention.assertion, normalise(mention.text), occurrence
+    )
+
+
 def _full_url(namespace: str, value: str) -> str:
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{namespace}#{value}')}"
 
 
-def _code_concept(mention: Mention, text_only: bool) -> dict[str, Any]:
+def _code_concept(mention: Mention, codes: Sequence[CandidateCode]) -> dict[str, Any]:
     concept: dict[str, Any] = {"text": mention.text}
-    if mention.codes and not text_only:
+    if codes:
         concept["coding"] = [
-            {"system": c.system, "code": c.code, **({"display": c.display} if c.display else {})} for c in mention.codes
+            {"system": c.system, "code": c.code, **({"display": c.display} if c.display else {})} for c in codes
         ]
     return concept
 
@@ -76,30 +135,98 @@ def derivation_extension(context: DocumentContext, mention: Mention) -> dict[str
     }
 
 
-def map_mentions(
-    context: DocumentContext, mentions: list[Mention], profile: MappingProfile, model: ModelInfo, namespace: str
-) -> list[MappedResource]:
-    """Apply the profile to each mention; unknown labels and low-confidence drops are skipped."""
-    mapped: list[MappedResource] = []
+@dataclass(frozen=True)
+class _Selected:
+    mention: Mention
+    mapping: LabelMapping
+    mapper: str
+    text_only: bool
+
+
+def _select(mentions: Sequence[Mention], profile: MappingProfile) -> list[_Selected]:
+    """Apply the profile's filters: unknown labels, low confidence, dropped assertions, family mentions."""
+    selected: list[_Selected] = []
     for mention in sorted(mentions, key=lambda m: (m.start, m.end, m.label)):
-        label_mapping = profile.labels.get(mention.label)
-        if label_mapping is None:
+        mapping = profile.labels.get(mention.label)
+        if mapping is None or mention.assertion in mapping.drop_assertions:
             continue
-        below = mention.confidence < label_mapping.min_confidence
-        if below and label_mapping.below_threshold == "drop":
+        below = mention.confidence < mapping.min_confidence
+        if below and mapping.below_threshold == "drop":
             continue
+        mapper = mapping.mapper
         if mention.assertion == "family":
-            if profile.family == "drop":
+            if profile.family_action(mention.label) == "drop":
                 continue
-            mapper = get_mapper(profile.family_mapper)
+            mapper = profile.family_mapper
+        selected.append(_Selected(mention, mapping, mapper, text_only=below))
+    return selected
+
+
+def _choose_codes(
+    selected: Sequence[_Selected],
+    profile: MappingProfile,
+    terminology: Terminology | None,
+    language: str | None,
+) -> list[tuple[CandidateCode, ...]]:
+    """The codings of each selected mention: from the mention itself, or from the terminology (one batch)."""
+    requests: list[CodeRequest] = []
+    asked: list[int] = []
+    for index, item in enumerate(selected):
+        options = item.mapping.codes
+        if options is None or item.text_only or item.mention.codes or terminology is None:
+            continue
+        prefixes = {name: tuple(values) for name, values in options.prefixes.items()}
+        requests.append(CodeRequest(item.mention.text, item.mention.label, tuple(options.systems), language, prefixes))
+        asked.append(index)
+    answers = terminology.lookup(requests) if (terminology is not None and requests) else []
+    found = dict(zip(asked, answers, strict=True))
+    chosen: list[tuple[CandidateCode, ...]] = []
+    for index, item in enumerate(selected):
+        options = item.mapping.codes
+        if item.text_only:
+            chosen.append(())
+        elif item.mention.codes:
+            minimum = options.min_score if options else 0.0
+            chosen.append(tuple(c for c in item.mention.codes if c.score >= minimum))
+        elif options is None or index not in found:
+            chosen.append(())
         else:
-            mapper = get_mapper(label_mapping.mapper)
-        resource = mapper(mention, context, label_mapping.params, _code_concept(mention, text_only=below))
+            chosen.append(
+                select_codes(
+                    found[index], options.systems, options.min_score, profile.custom_system_names(), options.all_systems
+                )
+            )
+    return chosen
+
+
+def map_mentions(
+    context: DocumentContext,
+    mentions: list[Mention],
+    profile: MappingProfile,
+    model: ModelInfo,
+    namespace: str,
+    terminology: Terminology | None = None,
+) -> list[MappedResource]:
+    """Apply the profile to each mention: one resource each, identified, tagged and traceable."""
+    selected = _select(mentions, profile)
+    codes = _choose_codes(selected, profile, terminology, context.language)
+    occurrences: Counter[tuple[str, str, str, str]] = Counter()
+    mapped: list[MappedResource] = []
+    for item, chosen in zip(selected, codes, strict=True):
+        mention = item.mention
+        resource = get_mapper(item.mapper)(mention, context, item.mapping.params, _code_concept(mention, chosen))
+        resource_type = mapper_resource_type(item.mapper)
+        same = (resource_type, mention.label, mention.assertion, normalise(mention.text))
+        key = mention_key(context.document_id, resource_type, mention, occurrences[same])
+        occurrences[same] += 1
         value = mention_identifier(context, mention, model)
-        resource["identifier"] = [{"system": namespace, "value": value}]
-        resource["meta"] = {"tag": [NLP_TAG]}
+        resource["identifier"] = [
+            {"system": namespace, "value": value},
+            {"use": "secondary", "system": mention_key_system(namespace), "value": key},
+        ]
+        resource["meta"] = {"tag": [NLP_TAG, document_tag(namespace, context.document_id)]}
         resource["extension"] = [derivation_extension(context, mention)]
-        mapped.append(MappedResource(mention=mention, identifier_value=value, resource=resource))
+        mapped.append(MappedResource(mention=mention, identifier_value=value, resource=resource, mention_key=key))
     return mapped
 
 
@@ -125,53 +252,6 @@ def validate_r4(resource: dict[str, Any]) -> None:
         raise MappingValidationError(f"{resource.get('resourceType')} failed validation: {error}") from None
 
 
-def build_transaction(
-    context: DocumentContext,
-    mentions: list[Mention],
-    profile: MappingProfile,
-    model: ModelInfo,
-    namespace: str,
-    recorded: str,
-) -> dict[str, Any]:
-    """The transaction Bundle for one note version; empty (no entries) when nothing maps.
-
-    Every entry is a conditional create on its identifier, so posting the same Bundle twice writes once.
-    """
-    mapped = map_mentions(context, mentions, profile, model, namespace)
-    if not mapped:
-        return {"resourceType": "Bundle", "type": "transaction", "entry": []}
-    device_value, device = device_resource(model, namespace)
-    device_url = _full_url(namespace, device_value)
-    entries: list[dict[str, Any]] = [_entry(device_url, device, namespace, device_value)]
-    targets: list[dict[str, str]] = []
-    for item in mapped:
-        url = _full_url(namespace, item.identifier_value)
-        entries.append(_entry(url, item.resource, namespace, item.identifier_value))
-        targets.append({"reference": url})
-    provenance_value = stable_hash("provenance", context.document_id, context.version_id, model.revision)
-    provenance = {
-        "resourceType": "Provenance",
-        "target": targets,
-        "recorded": recorded,
-        "activity": {"coding": [{"system": DATA_OPERATION, "code": "CREATE"}], "text": "clinical NLP extraction"},
-        "agent": [
-            {
-                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "assembler"}]},
-                "who": {"reference": device_url, "display": f"{model.name} ({model.revision})"},
-            }
-        ],
-        "entity": [{"role": "source", "what": {"reference": context.versioned_reference}}],
-        # R4 Provenance has no identifier: a per-note-version tag makes its conditional create idempotent.
-        "meta": {"tag": [NLP_TAG, {"system": f"{namespace}/provenance", "code": provenance_value}]},
-    }
-    provenance_entry = _entry(_full_url(namespace, provenance_value), provenance, namespace, provenance_value)
-    provenance_entry["request"]["ifNoneExist"] = f"_tag={namespace}/provenance|{provenance_value}"
-    entries.append(provenance_entry)
-    for entry in entries:
-        validate_r4(entry["resource"])
-    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-
-
 def _entry(full_url: str, resource: dict[str, Any], namespace: str, value: str) -> dict[str, Any]:
     return {
         "fullUrl": full_url,
@@ -182,3 +262,170 @@ def _entry(full_url: str, resource: dict[str, Any], namespace: str, value: str) 
             "ifNoneExist": f"identifier={namespace}|{value}",
         },
     }
+
+
+def _provenance_entry(
+    namespace: str,
+    document_id: str,
+    tag_value: str,
+    targets: list[dict[str, str]],
+    recorded: str,
+    activity: str,
+    activity_text: str,
+    agent: dict[str, Any],
+    entity: dict[str, Any],
+) -> dict[str, Any]:
+    provenance = {
+        "resourceType": "Provenance",
+        "target": targets,
+        "recorded": recorded,
+        "activity": {"coding": [{"system": DATA_OPERATION, "code": activity}], "text": activity_text},
+        "agent": [agent],
+        "entity": [entity],
+        # R4 Provenance has no identifier: a per-note-version tag makes its conditional create idempotent.
+        "meta": {
+            "tag": [
+                NLP_TAG,
+                document_tag(namespace, document_id),
+                {"system": provenance_tag_system(namespace), "code": tag_value},
+            ]
+        },
+    }
+    return {
+        "fullUrl": _full_url(namespace, tag_value),
+        "resource": provenance,
+        "request": {
+            "method": "POST",
+            "url": "Provenance",
+            "ifNoneExist": f"_tag={provenance_tag_system(namespace)}|{tag_value}",
+        },
+    }
+
+
+def _retirement_entries(
+    retire: Sequence[DerivedResource],
+    namespace: str,
+    document_id: str,
+    version_id: str,
+    recorded: str,
+    retraction: bool,
+) -> list[dict[str, Any]]:
+    """PUT each stale resource back as entered-in-error, and one Provenance (NULLIFY) naming them."""
+    if not retire:
+        return []
+    entries: list[dict[str, Any]] = []
+    for derived in retire:
+        request: dict[str, Any] = {"method": "PUT", "url": derived.reference}
+        if derived.version_id:
+            request["ifMatch"] = f'W/"{derived.version_id}"'
+        entries.append({"resource": retired_copy(derived), "request": request})
+    entries.append(
+        _provenance_entry(
+            namespace,
+            document_id,
+            stable_hash("nullify", document_id, version_id),
+            [{"reference": d.reference} for d in retire],
+            recorded,
+            "NULLIFY",
+            "note retracted: derived resources entered in error"
+            if retraction
+            else "note revised: derived resources it no longer supports entered in error",
+            {
+                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "performer"}]},
+                "who": {"display": ADAPTER_NAME},
+            },
+            {
+                "role": "removal" if retraction else "revision",
+                "what": {"reference": f"DocumentReference/{document_id}/_history/{version_id}"},
+            },
+        )
+    )
+    return entries
+
+
+def plan_transaction(
+    context: DocumentContext,
+    mentions: list[Mention],
+    profile: MappingProfile,
+    model: ModelInfo,
+    namespace: str,
+    recorded: str,
+    *,
+    terminology: Terminology | None = None,
+    existing: Sequence[dict[str, Any]] = (),
+) -> WritebackPlan:
+    """The transaction for one note version, given the resources the EHR holds for the note (``existing``)."""
+    mapped = map_mentions(context, mentions, profile, model, namespace, terminology)
+    derived = parse_existing(existing, namespace, context.document_id)
+    plan = reconcile([m.mention_key for m in mapped], derived, context.version_id)
+    if plan.superseded_by is not None:
+        return WritebackPlan(
+            {"resourceType": "Bundle", "type": "transaction", "entry": []}, superseded_by=plan.superseded_by
+        )
+    to_create = set(plan.create)
+    created = [m for m in mapped if m.mention_key in to_create]
+    entries: list[dict[str, Any]] = []
+    if created:
+        device_value, device = device_resource(model, namespace)
+        device_url = _full_url(namespace, device_value)
+        entries.append(_entry(device_url, device, namespace, device_value))
+        targets: list[dict[str, str]] = []
+        for item in created:
+            url = _full_url(namespace, item.identifier_value)
+            entries.append(_entry(url, item.resource, namespace, item.identifier_value))
+            targets.append({"reference": url})
+        entries.append(
+            _provenance_entry(
+                namespace,
+                context.document_id,
+                stable_hash("provenance", context.document_id, context.version_id, model.revision),
+                targets,
+                recorded,
+                "CREATE",
+                "clinical NLP extraction",
+                {
+                    "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "assembler"}]},
+                    "who": {"reference": device_url, "display": f"{model.name} ({model.revision})"},
+                },
+                {"role": "source", "what": {"reference": context.versioned_reference}},
+            )
+        )
+    entries.extend(
+        _retirement_entries(plan.retire, namespace, context.document_id, context.version_id, recorded, retraction=False)
+    )
+    for entry in entries:
+        validate_r4(entry["resource"])
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    return WritebackPlan(bundle, created=created, kept=plan.kept, retired=plan.retire)
+
+
+def build_transaction(
+    context: DocumentContext,
+    mentions: list[Mention],
+    profile: MappingProfile,
+    model: ModelInfo,
+    namespace: str,
+    recorded: str,
+    *,
+    terminology: Terminology | None = None,
+    existing: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """The transaction Bundle for one note version; empty (no entries) when there is nothing to write.
+
+    Every create is conditional on its identifier, so posting the same Bundle twice writes once.
+    """
+    return plan_transaction(
+        context, mentions, profile, model, namespace, recorded, terminology=terminology, existing=existing
+    ).bundle
+
+
+def build_retraction(
+    document_id: str, version_id: str, existing: Sequence[dict[str, Any]], namespace: str, recorded: str
+) -> WritebackPlan:
+    """The note was retracted (entered-in-error): every live resource derived from it is retired."""
+    derived = parse_existing(existing, namespace, document_id)
+    live = [d for d in derived if not d.retired]
+    entries = _retirement_entries(live, namespace, document_id, version_id, recorded, retraction=True)
+    for entry in entries:
+        validate_r4(entry["resource"])
+    return WritebackPlan({"resourceType": "Bundle", "type": "transaction", "entry": entries}, retired=live)

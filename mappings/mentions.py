@@ -17,6 +17,7 @@ class CandidateCode:
     code: str
     display: str | None = None
     score: float = 1.0
+    source: str | None = None  # the profile's name of the code system it came from (e.g. ``icd-10-cm``)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
@@ -23,11 +25,61 @@ class EhrError(RuntimeError):
 
     @property
     def transient(self) -> bool:
-        return self.status_code is None or self.status_code == 429 or self.status_code >= 500
+        # 409/412: a derived resource changed between our search and our transaction; search again and retry.
+        return self.status_code is None or self.status_code in (409, 412, 429) or self.status_code >= 500
 
 
 class ResultWriter(Protocol):
     def write(self, bundle: dict[str, Any], name: str) -> dict[str, Any]: ...
+
+    def derived_resources(
+        self, namespace: str, document_id: str, resource_types: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """Every resource the EHR holds that carries the note's document tag (see mappings/identity.py)."""
+        ...
+
+
+@dataclass
+class TransactionOutcome:
+    """A transaction-response read entry by entry: what was created, found already there, or updated."""
+
+    created: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+
+
+def _location(response: dict[str, Any]) -> str:
+    """``Type/id`` of a response entry (its ``location`` without base URL and history)."""
+    location = str(response.get("location") or "")
+    head = location.split("/_history/")[0].rstrip("/")
+    parts = head.split("/")
+    return "/".join(parts[-2:]) if len(parts) >= 2 else head
+
+
+def check_transaction_response(bundle: dict[str, Any], response: dict[str, Any]) -> TransactionOutcome:
+    """Check the EHR's answer entry by entry; a missing or failed entry is an error, never a silent loss."""
+    if response.get("resourceType") != "Bundle" or response.get("type") != "transaction-response":
+        raise EhrError(f"the EHR answered the transaction with {response.get('resourceType')}/{response.get('type')}")
+    sent = bundle.get("entry") or []
+    answered = response.get("entry") or []
+    if len(answered) != len(sent):
+        raise EhrError(f"the EHR answered {len(answered)} of {len(sent)} transaction entries")
+    outcome = TransactionOutcome()
+    for index, (request_entry, response_entry) in enumerate(zip(sent, answered, strict=True)):
+        result = response_entry.get("response") or {}
+        status = str(result.get("status") or "").strip()
+        code = status.split(" ", 1)[0]
+        if not code.isdigit() or not 200 <= int(code) < 300:
+            raise EhrError(f"transaction entry {index} ({request_entry['request']['url']}): status {status or 'none'}")
+        method = request_entry["request"]["method"]
+        location = _location(result) or str(request_entry["request"]["url"])
+        if method == "PUT":
+            outcome.updated.append(location)
+        elif code == "201":
+            outcome.created.append(location)
+        else:  # 200 on a conditional create: the resource was already there
+            outcome.existing.append(location)
+    return outcome
 
 
 class EhrClient:
@@ -53,9 +105,11 @@ class EhrClient:
             raise EhrError("refusing to fetch a URL outside the configured EHR base URL", status_code=400)
         return url
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         try:
-            response = self._client.request(method, self.url_for(path), json=body)
+            response = self._client.request(method, self.url_for(path), json=body, params=params)
         except httpx.HTTPError as error:
             raise EhrError(f"{method} {path}: {type(error).__name__}") from None
         if response.status_code >= 400:
@@ -79,8 +133,40 @@ class EhrClient:
         """POST a transaction Bundle to the base URL and return the transaction-response."""
         return self._request("POST", "", bundle)
 
+    def search(self, resource_type: str, params: dict[str, str], max_pages: int = 100) -> list[dict[str, Any]]:
+        """All matches of a search, following ``next`` links (which must stay inside the base URL)."""
+        found: list[dict[str, Any]] = []
+        page = self._request("GET", resource_type, params=params)
+        for _ in range(max_pages):
+            found.extend(entry["resource"] for entry in page.get("entry") or [] if entry.get("resource"))
+            following = next(
+                (link.get("url") for link in page.get("link") or [] if link.get("relation") == "next"), None
+            )
+            if not following:
+                return found
+            page = self._request("GET", following)
+        raise EhrError(f"search {resource_type} has more than {max_pages} pages", status_code=400)
+
+    def derived_resources(
+        self, namespace: str, document_id: str, resource_types: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        from mappings.identity import document_tag_system
+
+        tag = f"{document_tag_system(namespace)}|{document_id}"
+        found: list[dict[str, Any]] = []
+        for resource_type in resource_types:
+            found.extend(self.search(resource_type, {"_tag": tag, "_count": "200"}))
+        return found
+
     def close(self) -> None:
         self._client.close()
+
+
+def _folder_location(entry: dict[str, Any], path: Path) -> str:
+    """``Type/uuid`` from the entry's urn:uuid fullUrl, so the status names resources as an EHR would."""
+    full_url = str(entry.get("fullUrl") or "")
+    kind = str(entry.get("request", {}).get("url") or "").split("?")[0]
+    return f"{kind}/{full_url.rsplit(':', 1)[-1]}" if full_url.startswith("urn:uuid:") else str(path)
 
 
 class FolderWriter:
@@ -96,5 +182,13 @@ class FolderWriter:
         return {
             "resourceType": "Bundle",
             "type": "transaction-response",
-            "entry": [{"response": {"status": "201 Created", "location": str(path)}} for _ in bundle["entry"]],
+            "entry": [
+                {"response": {"status": "201 Created", "location": _folder_location(entry, path)}}
+                for entry in bundle["entry"]
+            ],
         }
+
+    def derived_resources(
+        self, namespace: str, document_id: str, resource_types: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        return []  # no EHR to look in: every note version is written as if it were the first

@@ -1,0 +1,291 @@
+"""Codes for mentions: the interface the mappings call, text normalisation, and pure code-system parsers.
+
+Pure like the rest of ``mappings/``: no I/O, no torch. The worker (``worker/terminology.py``) reads the
+files, loads ICD-10-CM and the encoder, and implements :class:`Terminology`; the functions here take data
+that is already in memory (a CSV's text, a parsed CodeSystem JSON).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mappings.mentions import CandidateCode
+
+ICD10CM_URL = "http://hl7.org/fhir/sid/icd-10-cm"
+# Built-in code systems a profile may name without declaring them.
+BUILTIN_SYSTEMS: dict[str, str] = {"icd-10-cm": ICD10CM_URL}
+# Score of a lexical match: the whole normalised term, or the term without "NOS"/"unspecified"/(...).
+EXACT_SCORE = 1.0
+ALIAS_SCORE = 0.97
+_FILLER_WORDS = frozenset({"nos", "unspecified", "nep", "nas", "nca", "sai"})
+_BRACKETED = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")
+_NON_WORD = re.compile(r"[^\w]+")
+
+
+class TerminologyError(ValueError):
+    """A code system file that cannot be used; the message names the source and the line or field."""
+
+
+def normalise(text: str) -> str:
+    """Case-, accent- and punctuation-insensitive form: ``"Neumonía,  NOS"`` → ``"neumonia nos"``."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+    return " ".join(_NON_WORD.sub(" ", stripped).replace("_", " ").split())
+
+
+_QUALIFIER_TAIL = re.compile(
+    r",\s*(unspecified|not elsewhere classified|site not specified|not otherwise specified)\b.*$", re.IGNORECASE
+)
+_LEADING_UNSPECIFIED = re.compile(r"^unspecified\s+", re.IGNORECASE)
+# Term kinds that are derived forms of another term: a text match on them scores as an alias.
+DERIVED_KINDS = frozenset({"core"})
+
+
+def core_term(text: str) -> str:
+    """A classification title without its filing qualifiers, closer to how notes say it.
+
+    ``"Pneumonia, unspecified organism"`` → ``"Pneumonia"``; ``"Essential (primary) hypertension"`` →
+    ``"Essential hypertension"``; ``"Urinary tract infection, site not specified"`` → ``"Urinary tract
+    infection"``; ``"Fever NOS"`` → ``"Fever"``.
+    """
+    core = _BRACKETED.sub(" ", text)
+    core = _QUALIFIER_TAIL.sub("", " ".join(core.split()))
+    core = re.sub(r"\bNOS\b", " ", core)
+    core = _LEADING_UNSPECIFIED.sub("", " ".join(core.split()))
+    core = " ".join(core.split()).strip(" ,;")
+    return core[:1].upper() + core[1:] if core else core
+
+
+def lexical_keys(text: str) -> tuple[str, ...]:
+    """The normalised term first, then its aliases: without (bracketed) modifiers and without NOS/unspecified."""
+    full = normalise(text)
+    keys = [full] if full else []
+    for variant in (_BRACKETED.sub(" ", text), text):
+        words = [w for w in normalise(variant).split() if w not in _FILLER_WORDS]
+        alias = " ".join(words)
+        if alias and alias not in keys:
+            keys.append(alias)
+    return tuple(keys)
+
+
+@dataclass(frozen=True)
+class TermEntry:
+    """One searchable name of a code: its display, a synonym, or an inclusion term."""
+
+    code: str
+    display: str
+    term: str
+    kind: str = "display"  # display | synonym | inclusion | includes | core (see core_term)
+    language: str | None = None
+    preferred: bool = True  # wins ties (ICD-10-CM: leaf codes over the categories above them)
+
+
+@dataclass(frozen=True)
+class CodeSystemData:
+    """A code system held in memory: what the worker indexes."""
+
+    name: str
+    url: str
+    entries: tuple[TermEntry, ...]
+    version: str | None = None
+
+    def codes(self) -> set[str]:
+        return {entry.code for entry in self.entries}
+
+
+@dataclass(frozen=True)
+class CodeRequest:
+    """Code this text for this label, from these named systems (in order of preference)."""
+
+    text: str
+    label: str
+    systems: tuple[str, ...]
+    language: str | None = None
+    prefixes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # system name → allowed code prefixes
+
+
+class Terminology(Protocol):
+    """What the mappings call. Returns, per request, candidates from the requested systems, best first.
+
+    Each candidate's ``source`` is the name of the system it came from and ``score`` is in [0, 1]: 1 for an
+    exact normalised match, lower for nearest-neighbour matches.
+    """
+
+    def lookup(self, requests: Sequence[CodeRequest]) -> list[list[CandidateCode]]: ...
+
+
+def _primary_language(language: str | None) -> str | None:
+    return language.split("-")[0].lower() if language else None
+
+
+def _language_fits(entry_language: str | None, note_language: str | None) -> bool:
+    """A term tagged with a language is matched as text only in notes of that language (or of unknown one)."""
+    if entry_language is None or note_language is None:
+        return True
+    return _primary_language(entry_language) == _primary_language(note_language)
+
+
+def code_allowed(code: str, prefixes: Sequence[str]) -> bool:
+    return not prefixes or any(code.startswith(prefix) for prefix in prefixes)
+
+
+class LexicalIndex:
+    """Exact matching on normalised text (and its aliases) for one code system."""
+
+    def __init__(self, data: CodeSystemData) -> None:
+        self.data = data
+        self._keys: dict[str, list[tuple[int, TermEntry]]] = {}
+        for entry in data.entries:
+            for rank, key in enumerate(lexical_keys(entry.term)):
+                self._keys.setdefault(key, []).append((rank, entry))
+
+    def match(
+        self, text: str, language: str | None = None, prefixes: Sequence[str] = (), limit: int = 5
+    ) -> list[CandidateCode]:
+        found: dict[str, tuple[float, TermEntry]] = {}
+        for query_rank, key in enumerate(lexical_keys(text)):
+            for entry_rank, entry in self._keys.get(key, []):
+                if not _language_fits(entry.language, language) or not code_allowed(entry.code, prefixes):
+                    continue
+                exact = query_rank == 0 and entry_rank == 0 and entry.kind not in DERIVED_KINDS
+                score = EXACT_SCORE if exact else ALIAS_SCORE
+                best = found.get(entry.code)
+                if best is None or score > best[0]:
+                    found[entry.code] = (score, entry)
+        return rank_candidates(
+            (
+                CandidateCode(self.data.url, code, entry.display, score, source=self.data.name)
+                for code, (score, entry) in found.items()
+            ),
+            preferred={code for code, (_, entry) in found.items() if entry.preferred},
+        )[:limit]
+
+
+def rank_candidates(candidates: Iterable[CandidateCode], preferred: set[str] | None = None) -> list[CandidateCode]:
+    """Best score first; ties go to preferred codes, then to the more specific (longer) code, then by code."""
+    preferred = preferred or set()
+    return sorted(candidates, key=lambda c: (-round(c.score, 6), c.code not in preferred, -len(c.code), c.code))
+
+
+def select_codes(
+    candidates: Sequence[CandidateCode],
+    systems: Sequence[str],
+    min_score: float,
+    custom: Iterable[str] = (),
+    all_systems: bool = False,
+) -> tuple[CandidateCode, ...]:
+    """The codings a resource carries: none below ``min_score``; systems the profile adds win over built-ins.
+
+    Systems are tried in the label's order, the profile's own (``custom``) ones before the built-in ones. With
+    ``all_systems`` each system that has a match contributes its best code; otherwise the first one does.
+    """
+    custom_names = set(custom)
+    order = [s for s in systems if s in custom_names] + [s for s in systems if s not in custom_names]
+    chosen: list[CandidateCode] = []
+    for system in order:
+        matches = [c for c in candidates if c.source == system and c.score >= min_score]
+        if not matches:
+            continue
+        best = max(matches, key=lambda c: c.score)
+        if all(c.system != best.system or c.code != best.code for c in chosen):
+            chosen.append(best)
+        if not all_systems:
+            break
+    return tuple(chosen)
+
+
+# --------------------------------------------------------------------------------------------------
+# Code systems that integration engineers add: a CSV, or a FHIR CodeSystem resource
+# --------------------------------------------------------------------------------------------------
+CSV_COLUMNS = ("code", "display", "synonyms", "language")
+
+
+def parse_code_csv(text: str, name: str, url: str) -> CodeSystemData:
+    """``code,display,synonyms,language`` with a header row; synonyms separated by ``|``.
+
+    ``language`` (optional, e.g. ``es``) applies to the display and synonyms of that row: as text they then
+    match only notes in that language. A code may appear on several rows (e.g. one per language).
+    """
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    try:
+        header = [column.strip().lower() for column in next(reader)]
+    except StopIteration:
+        raise TerminologyError(f"{name}: the CSV is empty") from None
+    missing = [column for column in ("code", "display") if column not in header]
+    if missing:
+        raise TerminologyError(
+            f"{name}: the CSV header lacks {', '.join(missing)} (expected columns: {', '.join(CSV_COLUMNS)})"
+        )
+    unknown = [column for column in header if column not in CSV_COLUMNS]
+    if unknown:
+        raise TerminologyError(f"{name}: unknown CSV column(s) {', '.join(unknown)} (known: {', '.join(CSV_COLUMNS)})")
+    column = {key: header.index(key) for key in header}
+    entries: list[TermEntry] = []
+    for line, row in enumerate(reader, start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) > len(header):
+            raise TerminologyError(f"{name}: line {line} has {len(row)} fields, the header {len(header)}")
+        cells = {key: (row[index].strip() if index < len(row) else "") for key, index in column.items()}
+        code, display = cells["code"], cells["display"]
+        if not code or not display:
+            raise TerminologyError(f"{name}: line {line} needs a code and a display")
+        if code != " ".join(code.split()):
+            raise TerminologyError(f"{name}: line {line}: code {code!r} contains whitespace runs")
+        language = cells.get("language") or None
+        entries.append(TermEntry(code, display, display, "display", language))
+        for synonym in (cells.get("synonyms") or "").split("|"):
+            if synonym.strip():
+                entries.append(TermEntry(code, display, synonym.strip(), "synonym", language))
+    if not entries:
+        raise TerminologyError(f"{name}: the CSV has no codes")
+    return CodeSystemData(name, url, tuple(entries))
+
+
+def parse_code_system(resource: Any, name: str, url: str | None = None) -> CodeSystemData:
+    """A FHIR ``CodeSystem`` (R4/R4B/R5 JSON as a dict): nested concepts, their displays and designations."""
+    if not isinstance(resource, dict) or resource.get("resourceType") != "CodeSystem":
+        raise TerminologyError(f"{name}: expected a FHIR CodeSystem resource")
+    system_url = url or resource.get("url")
+    if not system_url:
+        raise TerminologyError(f"{name}: the CodeSystem has no url (set `system` in the profile)")
+    default_language = resource.get("language")
+    entries: list[TermEntry] = []
+
+    def walk(concepts: Any, path: str) -> None:
+        if not isinstance(concepts, list):
+            raise TerminologyError(f"{name}: {path} must be a list")
+        for index, concept in enumerate(concepts):
+            where = f"{path}[{index}]"
+            if not isinstance(concept, dict) or not concept.get("code"):
+                raise TerminologyError(f"{name}: {where} has no code")
+            code = str(concept["code"])
+            display = str(concept.get("display") or "")
+            children = concept.get("concept") or []
+            if display:
+                entries.append(TermEntry(code, display, display, "display", default_language, not children))
+            for designation in concept.get("designation") or []:
+                value = (designation or {}).get("value")
+                if value:
+                    entries.append(
+                        TermEntry(
+                            code,
+                            display or str(value),
+                            str(value),
+                            "synonym",
+                            designation.get("language") or default_language,
+                            not children,
+                        )
+                    )
+            walk(children, f"{where}.concept")
+
+    walk(resource.get("concept") or [], "concept")
+    if not entries:
+        raise TerminologyError(f"{name}: the CodeSystem has no concepts with a display or designation")
+    return CodeSystemData(name, str(system_url), tuple(entries), resource.get("version"))

@@ -1,0 +1,184 @@
+"""The worker's terminology: ICD-10-CM tables, text and nearest-neighbour matching, the embedding cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mappings.profile import load_profile
+from mappings.terminology import CodeRequest, CodeSystemData, TerminologyError, parse_code_csv
+from worker.terminology import (
+    AUTO_EMBED_LIMIT,
+    EmbeddingStore,
+    TerminologyService,
+    TextEncoder,
+    code_for,
+    icd10cm_version,
+    load_icd10cm,
+    terminology_for,
+)
+
+ICD = "http://hl7.org/fhir/sid/icd-10-cm"
+SUBSET = ("J18", "J12", "R50", "R05", "R06", "R07", "I10", "I11", "E11.9", "E10.9", "K35", "N39", "J45", "R51", "G43.9")
+
+
+@pytest.fixture(scope="module")
+def icd() -> CodeSystemData:
+    return load_icd10cm()
+
+
+@pytest.fixture(scope="module")
+def icd_text(icd: CodeSystemData) -> TerminologyService:
+    return TerminologyService.from_sources([icd], mode="lexical")
+
+
+def best(
+    service: TerminologyService, text: str, language: str | None = None, **prefixes: tuple[str, ...]
+) -> str | None:
+    request = CodeRequest(text, "X", ("icd-10-cm",), language, {k.replace("_", "-"): v for k, v in prefixes.items()})
+    found = service.lookup([request])[0]
+    return found[0].code if found else None
+
+
+def test_the_icd10cm_tables_are_the_april_2026_release(icd: CodeSystemData) -> None:
+    assert "2026" in icd10cm_version()
+    codes = icd.codes()
+    assert len(codes) > 45_000
+    assert {"J18.9", "R50.9", "I10", "E11.9", "U07.1"} <= codes
+    assert "S72.001" in codes and "S72.001A" not in codes  # no 7th-character extensions
+    kinds = {entry.kind for entry in icd.entries}
+    assert kinds == {"display", "core", "inclusion", "includes"}
+
+
+def test_text_matching_on_the_full_tables(icd_text: TerminologyService) -> None:
+    assert best(icd_text, "Fever NOS") == "R50.9"
+    assert best(icd_text, "high blood pressure") == "I10"
+    assert best(icd_text, "Pneumonia") == "J18.9"  # the leaf, not the category J18 with the same title
+    assert best(icd_text, "Urinary tract infection") == "N39.0"
+    assert best(icd_text, "hypertension", icd_10_cm=("R",)) is None  # SYMPTOM: chapter R only
+    assert best(icd_text, "neumonía") is None  # another language: the nearest neighbour's job
+
+
+def subset(icd: CodeSystemData) -> CodeSystemData:
+    return CodeSystemData(icd.name, icd.url, tuple(e for e in icd.entries if e.code.startswith(SUBSET)))
+
+
+@pytest.fixture(scope="module")
+def e5_subset(
+    icd: CodeSystemData, e5_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TerminologyService, EmbeddingStore]]:
+    store = EmbeddingStore(tmp_path_factory.mktemp("terminology-cache"), TextEncoder(str(e5_encoder_dir)))
+    service = TerminologyService.from_sources([subset(icd)], mode="embedding", store=store)
+    service.index("icd-10-cm")
+    yield service, store
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "code"),
+    [
+        ("neumonía", "es", "J18.9"),
+        ("polmonite", "it", "J18.9"),
+        ("fiebre", "es", "R50.9"),
+        ("febbre", "it", "R50.9"),
+        ("hipertensión arterial", "es", "I10"),
+        ("infección urinaria", "es", "N39.0"),
+        ("chest pain", "en", "R07.9"),
+    ],
+)
+def test_e5_nearest_neighbours_align_spanish_and_italian_with_icd10cm(
+    e5_subset: tuple[TerminologyService, EmbeddingStore], text: str, language: str, code: str
+) -> None:
+    service, _ = e5_subset
+    (found,) = service.lookup([CodeRequest(text, "DISEASE", ("icd-10-cm",), language)])
+    assert found[0].code == code, [(c.code, round(c.score, 3)) for c in found]
+    assert found[0].system == ICD and found[0].source == "icd-10-cm" and 0.0 < found[0].score <= 1.0
+
+
+def test_embeddings_are_cached_on_disk_and_reused(
+    icd: CodeSystemData, e5_subset: tuple[TerminologyService, EmbeddingStore]
+) -> None:
+    _, store = e5_subset
+    files = sorted(p.name for p in store.root.glob("*.npy"))
+    assert [name.split("-")[3] for name in files] == ["core", "display", "includes", "inclusion"]
+    meta = json.loads(next(store.root.glob("icd-10-cm-display-*.json")).read_text())
+    assert meta["revision"] == store.encoder.revision
+    again = EmbeddingStore(store.root, TextEncoder(store.encoder.spec))
+    service = TerminologyService.from_sources([subset(icd)], mode="embedding", store=again)
+    service.index("icd-10-cm")
+    assert again.encoder.encoded == 0  # nothing embedded again
+    (found,) = service.lookup([CodeRequest("neumonía", "DISEASE", ("icd-10-cm",), "es")])
+    assert found[0].code == "J18.9" and again.encoder.encoded == 1  # only the query
+
+
+def test_a_cache_from_another_encoder_revision_is_not_used(tiny_encoder: Path, tmp_path: Path) -> None:
+    data = parse_code_csv("code,display,synonyms\nA,alpha,first\nB,beta,second\n", "tiny", "http://tiny")
+    store = EmbeddingStore(tmp_path, TextEncoder(str(tiny_encoder)))
+    TerminologyService.from_sources([data], "embedding", store).index("tiny")
+    assert store.encoder.encoded == 4  # alpha, beta (displays) and first, second (synonyms)
+    for meta_path in tmp_path.glob("*.json"):
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({**meta, "revision": "another"}))
+    again = EmbeddingStore(tmp_path, TextEncoder(str(tiny_encoder)))
+    TerminologyService.from_sources([data], "embedding", again).index("tiny")
+    assert again.encoder.encoded == 4
+
+
+def test_auto_mode_never_embeds_a_large_code_system_on_the_fly(
+    tiny_encoder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = "".join(f"C{i},term number {i},\n" for i in range(AUTO_EMBED_LIMIT + 1))
+    large = parse_code_csv("code,display,synonyms\n" + rows, "large", "http://large")
+    small = parse_code_csv("code,display,synonyms\nA,alpha,\n", "small", "http://small")
+    store = EmbeddingStore(tmp_path, TextEncoder(str(tiny_encoder)))
+    service = TerminologyService.from_sources([large, small], "auto", store)
+    with caplog.at_level(logging.WARNING, logger="fhir_ner.terminology"):
+        assert service.index("large").matrix is None
+    assert "python -m worker.terminology build" in caplog.text
+    assert service.index("small").matrix is not None
+    assert store.encoder.encoded == 1
+    (found,) = service.lookup([CodeRequest("term number 7", "X", ("large",))])
+    assert found[0].code == "C7" and found[0].score == 1.0  # text matching still answers
+
+
+def write_profile(tmp_path: Path, extra: str = "") -> Path:
+    (tmp_path / "terms.csv").write_text(
+        "code,display,synonyms,language\nHTA-1,Hipertensión arterial,HTA|tensión alta,es\n", encoding="utf-8"
+    )
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(
+        "name: local\n"
+        "code_systems:\n"
+        "  - {name: hospital, file: terms.csv, system: 'http://hospital.example/cs'}\n"
+        "labels:\n"
+        "  DISEASE: {mapper: condition, codes: {systems: [icd-10-cm, hospital], min_score: 0.9}}\n"
+        "  SYMPTOM: {mapper: observation, codes: {systems: [icd-10-cm], prefixes: {icd-10-cm: [R]}}}\n" + extra,
+        encoding="utf-8",
+    )
+    return profile
+
+
+def test_a_profile_code_system_wins_over_icd10cm_and_feeds_predict(tmp_path: Path) -> None:
+    profile = load_profile(write_profile(tmp_path))
+    service = terminology_for(profile, mode="lexical")
+    assert service is not None
+    lookup = code_for(profile, service)
+    assert lookup("DISEASE", "hipertensión arterial") == "HTA-1"
+    assert lookup("DISEASE", "essential hypertension") == "I10"
+    assert lookup("SYMPTOM", "Fever NOS") == "R50.9"
+    assert lookup("SYMPTOM", "essential hypertension") is None  # chapter R only
+    assert lookup("PROCEDURE", "radiografía") is None  # no such label
+    assert terminology_for(profile, mode="off") is None
+
+
+def test_an_unreadable_profile_code_system_is_a_clear_error(tmp_path: Path) -> None:
+    profile = load_profile(write_profile(tmp_path))
+    (tmp_path / "terms.csv").unlink()
+    with pytest.raises(TerminologyError, match=r"code system hospital: cannot read .*terms\.csv"):
+        terminology_for(profile, mode="lexical")
+    (tmp_path / "terms.csv").write_text("code,name\n", encoding="utf-8")
+    with pytest.raises(TerminologyError, match=r"code system hospital \(.*terms\.csv\): the CSV header lacks display"):
+        terminology_for(profile, mode="lexical")

@@ -1,0 +1,431 @@
+"""Write-back against the FHIR test server (Medplum's R4 validator): create, replay, revise, retract.
+
+The tagger is replaced by a stub that finds fixed phrases in the note, so these tests exercise the
+mappings, the EHR searches and the transactions, not the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from ehr.harness import FhirTestServer
+
+from mappings.bundle import ModelInfo, build_transaction, plan_transaction
+from mappings.context import context_from_document_reference
+from mappings.mentions import Mention
+from mappings.profile import load_profile
+from worker.ehr import EhrClient, EhrError, check_transaction_response
+
+NAMESPACE = "urn:fhir-ner-adapter:wb-test"
+MODEL = ModelInfo("stub-tagger", "rev-1")
+GOLDEN = Path(__file__).resolve().parents[1] / "mappings" / "golden"
+DERIVED_TYPES = ("Condition", "Observation", "Procedure", "FamilyMemberHistory")
+
+# What the stub tagger finds: (label, phrase, assertion); every occurrence of the phrase, in any case, is a
+# mention (of the phrase without its "sin ").
+PHRASES: list[tuple[str, str, str]] = [
+    ("DISEASE", "neumonía", "present"),
+    ("DISEASE", "sin neumonía", "negated"),
+    ("SYMPTOM", "fiebre", "present"),
+    ("SYMPTOM", "tos", "present"),
+    ("PROCEDURE", "radiografía de tórax", "present"),
+]
+
+
+def stub_tag_note(text: str, pipeline: Any = None, language: str | None = None) -> tuple[list[Mention], ModelInfo]:
+    mentions: list[Mention] = []
+    taken: list[tuple[int, int]] = []
+    lowered = text.lower()  # same length as the text for these notes
+    for label, phrase, assertion in sorted(PHRASES, key=lambda p: -len(p[1])):
+        start = lowered.find(phrase)
+        while start >= 0:
+            end = start + len(phrase)
+            if not any(s < end and start < e for s, e in taken):
+                surface = phrase.removeprefix("sin ")
+                offset = start + (len(phrase) - len(surface))
+                mentions.append(Mention(label, offset, end, text[offset:end], 0.95, assertion))
+                taken.append((start, end))
+            start = lowered.find(phrase, end)
+    return mentions, MODEL
+
+
+@pytest.fixture()
+def writeback_env(ehr: FhirTestServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[FhirTestServer]:
+    from adapter.settings import get_settings
+    from worker.runtime import reset_pipeline
+    from worker.terminology import reset_terminology
+
+    monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", ehr.base_url)
+    monkeypatch.setenv("FHIR_NER_IDENTIFIER_NAMESPACE", NAMESPACE)
+    monkeypatch.setenv("FHIR_NER_TERMINOLOGY", "off")
+    monkeypatch.delenv("FHIR_NER_WRITEBACK_DIR", raising=False)
+    monkeypatch.delenv("FHIR_NER_MAPPING_PROFILE", raising=False)
+    monkeypatch.setattr("worker.tasks.tag_note", stub_tag_note)
+    get_settings.cache_clear()
+    reset_pipeline()
+    reset_terminology()
+    yield ehr
+    get_settings.cache_clear()
+    reset_pipeline()
+    reset_terminology()
+
+
+def post(ehr: FhirTestServer, resource: dict[str, Any]) -> dict[str, Any]:
+    response = httpx.post(f"{ehr.base_url}/{resource['resourceType']}", json=resource, timeout=10)
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+def put(ehr: FhirTestServer, resource: dict[str, Any]) -> dict[str, Any]:
+    response = httpx.put(f"{ehr.base_url}/{resource['resourceType']}/{resource['id']}", json=resource, timeout=10)
+    assert response.status_code == 200, response.text
+    updated: dict[str, Any] = response.json()
+    return updated
+
+
+def search(ehr: FhirTestServer, query: str) -> list[dict[str, Any]]:
+    response = httpx.get(f"{ehr.base_url}/{query}", timeout=10)
+    assert response.status_code == 200, response.text
+    return [entry["resource"] for entry in response.json().get("entry", [])]
+
+
+def note_document(ehr: FhirTestServer, text: str) -> dict[str, Any]:
+    patient = post(ehr, {"resourceType": "Patient", "name": [{"family": "Prueba"}]})
+    return post(
+        ehr,
+        {
+            "resourceType": "DocumentReference",
+            "status": "current",
+            "docStatus": "final",
+            "subject": {"reference": f"Patient/{patient['id']}"},
+            "date": "2026-11-20T09:30:00Z",
+            "content": [{"attachment": {"contentType": "text/plain", "language": "es", "data": encode(text)}}],
+        },
+    )
+
+
+def encode(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def revise(ehr: FhirTestServer, document: dict[str, Any], text: str) -> dict[str, Any]:
+    revised = json.loads(json.dumps(document))
+    revised["content"][0]["attachment"]["data"] = encode(text)
+    return put(ehr, revised)
+
+
+def derived(ehr: FhirTestServer, document_id: str) -> dict[str, dict[str, Any]]:
+    """Every derived resource of the note, by ``Type/id``."""
+    found: dict[str, dict[str, Any]] = {}
+    for kind in DERIVED_TYPES:
+        for resource in search(ehr, f"{kind}?_tag={NAMESPACE}/document|{document_id}"):
+            found[f"{kind}/{resource['id']}"] = resource
+    return found
+
+
+def retired(resource: dict[str, Any]) -> bool:
+    if resource["resourceType"] == "Condition":
+        return bool(resource["verificationStatus"]["coding"][0]["code"] == "entered-in-error")
+    return bool(resource["status"] == "entered-in-error")
+
+
+def live_texts(ehr: FhirTestServer, document_id: str) -> list[str]:
+    return sorted(r["code"]["text"] for r in derived(ehr, document_id).values() if not retired(r))
+
+
+def fhir_posts(ehr: FhirTestServer) -> list[dict[str, Any]]:
+    return [r for r in ehr.requests_log() if r["method"] in ("POST", "PUT")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Every golden Bundle passes the server's R4 validator, and creates exactly its resources
+# --------------------------------------------------------------------------------------------------
+def test_every_golden_bundle_is_accepted_by_the_fhir_server(ehr: FhirTestServer) -> None:
+    for path in sorted(GOLDEN.glob("*.json")):
+        bundle = json.loads(path.read_text(encoding="utf-8"))["expected"]
+        if not bundle["entry"]:
+            continue
+        response = httpx.post(ehr.base_url, json=bundle, timeout=30)
+        assert response.status_code == 200, f"{path.name}: {response.text[:2000]}"
+        outcome = check_transaction_response(bundle, response.json())
+        # The model's Device is created once, by the first Bundle; every other entry is new each time.
+        assert len([c for c in outcome.created if not c.startswith("Device/")]) == len(bundle["entry"]) - 1
+        again = check_transaction_response(bundle, httpx.post(ehr.base_url, json=bundle, timeout=30).json())
+        assert again.created == [] and len(again.existing) == len(bundle["entry"]), path.name
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker: first version, replay, revision, late delivery, retraction
+# --------------------------------------------------------------------------------------------------
+def test_a_note_its_replay_its_revision_and_its_retraction(writeback_env: FhirTestServer) -> None:
+    from worker.tasks import process_document, retract_document
+
+    ehr = writeback_env
+    v1_text = "Paciente con fiebre y tos. Diagnóstico de neumonía. Se realizó radiografía de tórax."
+    document = note_document(ehr, v1_text)
+    doc_id = document["id"]
+    assert document["meta"]["versionId"] == "1"
+
+    # Version 1: four mentions → four resources, the Device and one Provenance.
+    first = process_document(document, "1")
+    assert first["mentions"] == 4
+    assert sorted(r.split("/")[0] for r in first["resources"]) == [
+        "Condition",
+        "Device",
+        "Observation",
+        "Observation",
+        "Procedure",
+        "Provenance",
+    ]
+    assert first["retired"] == [] and first["kept"] == []
+    assert live_texts(ehr, doc_id) == ["fiebre", "neumonía", "radiografía de tórax", "tos"]
+    v1_resources = derived(ehr, doc_id)
+    (provenance,) = search(ehr, f"Provenance?entity=DocumentReference/{doc_id}/_history/1")
+    assert sorted(t["reference"] for t in provenance["target"]) == sorted(v1_resources)
+
+    # Replay of version 1: nothing is written at all.
+    ehr.clear_requests_log()
+    replay = process_document(document, "1")
+    assert replay["resources"] == [] and sorted(replay["kept"]) == sorted(v1_resources)
+    assert fhir_posts(ehr) == []
+
+    # Version 2: a sentence is inserted before everything (offsets move), "tos" is gone, "sin neumonía" is new
+    # (the same disease, now negated), "radiografía de tórax" and "fiebre" stay.
+    v2_text = "Evolución favorable. Paciente con fiebre, sin neumonía. Se realizó radiografía de tórax."
+    v2_doc = revise(ehr, document, v2_text)
+    assert v2_doc["meta"]["versionId"] == "2"
+    second = process_document(v2_doc, "2")
+    by_text = {r["code"]["text"]: ref for ref, r in v1_resources.items()}
+    assert sorted(second["retired"]) == sorted([by_text["tos"], by_text["neumonía"]])
+    assert sorted(second["kept"]) == sorted([by_text["fiebre"], by_text["radiografía de tórax"]])
+    # The refuted Condition and the version's Provenances; the Device exists already.
+    assert sorted(r.split("/")[0] for r in second["resources"]) == ["Condition", "Provenance", "Provenance"]
+    assert [r.split("/")[0] for r in second["existing"]] == ["Device"]
+    after = derived(ehr, doc_id)
+    for ref in second["kept"]:
+        assert after[ref] == v1_resources[ref]  # left alone: same version, same content
+    retired_condition = after[by_text["neumonía"]]
+    assert retired(retired_condition) and "clinicalStatus" not in retired_condition
+    assert after[by_text["tos"]]["status"] == "entered-in-error"
+    (refuted,) = [r for r in after.values() if r["resourceType"] == "Condition" and not retired(r)]
+    assert refuted["verificationStatus"]["coding"][0]["code"] == "refuted"
+    (nullify,) = [
+        p
+        for p in search(ehr, f"Provenance?entity=DocumentReference/{doc_id}/_history/2")
+        if p["activity"]["coding"][0]["code"] == "NULLIFY"
+    ]
+    assert sorted(t["reference"] for t in nullify["target"]) == sorted(second["retired"])
+
+    # Replay of version 2 and a late delivery of version 1: nothing written.
+    ehr.clear_requests_log()
+    assert process_document(v2_doc, "2")["resources"] == []
+    late = process_document(document, "1")
+    assert "superseded" in late["skipped"]
+    assert fhir_posts(ehr) == []
+
+    # Retraction (version 3, entered-in-error): everything still live is retired, the rest is not touched.
+    retracted = put(ehr, {**v2_doc, "status": "entered-in-error"})
+    before = derived(ehr, doc_id)
+    outcome = process_document(retracted, retracted["meta"]["versionId"])
+    live_before = sorted(ref for ref, r in before.items() if not retired(r))
+    assert outcome["retracted"] is True and sorted(outcome["retired"]) == live_before
+    final = derived(ehr, doc_id)
+    assert all(retired(r) for r in final.values())
+    for ref, resource in before.items():
+        if retired(resource):
+            assert final[ref]["meta"]["versionId"] == resource["meta"]["versionId"]
+    # Retracting again writes nothing.
+    ehr.clear_requests_log()
+    assert retract_document(doc_id, "3")["retired"] == []
+    assert fhir_posts(ehr) == []
+
+
+def test_repeated_mentions_keep_their_identity_by_occurrence(writeback_env: FhirTestServer) -> None:
+    from worker.tasks import process_document
+
+    ehr = writeback_env
+    document = note_document(ehr, "Dolor abdominal y fiebre.")
+    process_document(document, "1")
+    assert live_texts(ehr, document["id"]) == ["fiebre"]
+    # Written differently (case) and elsewhere, plus a second occurrence: the first is kept, one is added.
+    v2 = revise(ehr, document, "Ayer FIEBRE. Hoy fiebre otra vez.")
+    second = process_document(v2, "2")
+    assert len(second["kept"]) == 1 and second["retired"] == []
+    assert live_texts(ehr, document["id"]) == ["fiebre", "fiebre"]
+    # Back to one occurrence: the second is retired, the first stays.
+    v3 = revise(ehr, v2, "Persiste la fiebre.")
+    third = process_document(v3, "3")
+    assert third["kept"] == second["kept"] and len(third["retired"]) == 1
+    assert live_texts(ehr, document["id"]) == ["fiebre"]
+
+
+def test_only_resources_derived_from_this_note_are_touched(writeback_env: FhirTestServer) -> None:
+    from worker.tasks import process_document, retract_document
+
+    ehr = writeback_env
+    mine = note_document(ehr, "Paciente con neumonía y fiebre.")
+    other = note_document(ehr, "Paciente con fiebre.")
+    process_document(mine, "1")
+    process_document(other, "1")
+    # Carrying our document tag is not enough: one resource derived from the other note, one without our
+    # identifier. Neither is ours to retire.
+    (observation,) = derived(ehr, other["id"]).values()
+    forged = {k: v for k, v in observation.items() if k not in ("id", "meta")}
+    forged["meta"] = {"tag": [{"system": f"{NAMESPACE}/document", "code": mine["id"]}]}
+    forged = post(ehr, forged)
+    foreign = {k: v for k, v in forged.items() if k not in ("id", "meta", "identifier")}
+    foreign["meta"] = forged["meta"]
+    foreign["extension"] = [
+        {
+            "url": "http://hl7.org/fhir/StructureDefinition/derivation-reference",
+            "extension": [
+                {"url": "reference", "valueReference": {"reference": f"DocumentReference/{mine['id']}/_history/1"}}
+            ],
+        }
+    ]
+    foreign = post(ehr, foreign)
+    outcome = retract_document(mine["id"], "2")
+    assert sorted(r.split("/")[0] for r in outcome["retired"]) == ["Condition", "Observation"]
+    assert f"Observation/{forged['id']}" not in outcome["retired"]
+    assert f"Observation/{foreign['id']}" not in outcome["retired"]
+    for resource in (forged, foreign, observation):
+        assert search(ehr, f"Observation?_id={resource['id']}")[0]["status"] == "preliminary"
+
+
+def test_a_failed_search_or_transaction_writes_nothing_and_is_retried(
+    writeback_env: FhirTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.tasks import process_document
+
+    ehr = writeback_env
+    document = note_document(ehr, "Paciente con neumonía y fiebre.")
+    ehr.fail_next(1, 503)  # the first search
+    with pytest.raises(EhrError) as error:
+        process_document(document, "1")
+    assert error.value.transient and error.value.status_code == 503
+    monkeypatch.setattr(EhrClient, "derived_resources", lambda *args: [])  # no searches: the POST comes first
+    ehr.fail_next(1, 503)
+    with pytest.raises(EhrError) as error:
+        process_document(document, "1")
+    assert error.value.transient
+    assert derived(ehr, document["id"]) == {}
+    monkeypatch.undo()
+    assert len(process_document(document, "1")["resources"]) == 4
+
+
+def test_a_resource_changed_since_the_search_fails_the_transaction_as_transient(writeback_env: FhirTestServer) -> None:
+    ehr = writeback_env
+    document = note_document(ehr, "Paciente con tos.")
+    from worker.tasks import process_document
+
+    process_document(document, "1")
+    v2 = revise(ehr, document, "Paciente sin síntomas.")
+    client = EhrClient(ehr.base_url)
+    existing = client.derived_resources(NAMESPACE, document["id"], DERIVED_TYPES)
+    (observation,) = existing
+    put(ehr, {**observation, "status": "final"})  # someone else edits it meanwhile
+    plan = plan_transaction(
+        context_from_document_reference(v2),
+        [],
+        load_profile(),
+        MODEL,
+        NAMESPACE,
+        "2026-11-20T10:00:00Z",
+        existing=existing,
+    )
+    with pytest.raises(EhrError) as error:
+        client.write(plan.bundle, "x")
+    assert error.value.status_code == 412 and error.value.transient
+    client.close()
+
+
+def test_a_mismatched_transaction_response_is_an_error() -> None:
+    bundle = build_transaction(
+        context_from_document_reference(
+            {"resourceType": "DocumentReference", "id": "d", "subject": {"reference": "Patient/p"}}
+        ),
+        [Mention("DISEASE", 0, 4, "asma")],
+        load_profile(),
+        MODEL,
+        NAMESPACE,
+        "2026-11-20T10:00:00Z",
+    )
+    ok = {"response": {"status": "201 Created", "location": "Condition/1/_history/1"}}
+    with pytest.raises(EhrError, match="answered 1 of 3"):
+        check_transaction_response(bundle, {"resourceType": "Bundle", "type": "transaction-response", "entry": [ok]})
+    failed = {"response": {"status": "400 Bad Request"}}
+    with pytest.raises(EhrError, match="entry 1"):
+        check_transaction_response(
+            bundle, {"resourceType": "Bundle", "type": "transaction-response", "entry": [ok, failed, ok]}
+        )
+    with pytest.raises(EhrError, match="OperationOutcome"):
+        check_transaction_response(bundle, {"resourceType": "OperationOutcome"})
+
+
+def test_process_note_records_the_outcome_in_the_note_status(
+    writeback_env: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapter.deps import get_note_state, reset_dependencies
+    from adapter.settings import get_settings
+    from worker.tasks import process_note, retract_note
+
+    monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", writeback_env.base_url)
+    monkeypatch.setenv("FHIR_NER_IDENTIFIER_NAMESPACE", NAMESPACE)
+    get_settings.cache_clear()
+    reset_dependencies()
+    document = note_document(writeback_env, "Neumonía.")
+    state = get_note_state()
+    state.store_note(document["id"], "1", document)
+    process_note.run(document["id"], "1")
+    record = state.get_status(document["id"])["1"]
+    assert record["status"] == "done" and record["mentions"] == 1
+    assert sorted(r.split("/")[0] for r in record["resources"]) == ["Condition", "Device", "Provenance"]
+    retract_note.run(document["id"], "2")
+    record = state.get_status(document["id"])["2"]
+    assert record["status"] == "done" and record["retracted"] is True
+    assert record["retired"] == [r for r in state.get_status(document["id"])["1"]["resources"] if "Condition" in r]
+
+
+# --------------------------------------------------------------------------------------------------
+# fhir-ner extract: the Bundle a note would produce, without an EHR
+# --------------------------------------------------------------------------------------------------
+def test_extract_prints_the_transaction_bundle_of_a_note(
+    tiny_tagger_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+    from tiny_models import SAMPLE_NOTES
+
+    from adapter.cli import main
+    from adapter.settings import get_settings
+    from mappings.bundle import validate_r4
+
+    monkeypatch.setenv("FHIR_NER_TERMINOLOGY", "lexical")
+    get_settings.cache_clear()
+    note = tmp_path / "consulta 7.txt"
+    note.write_text(SAMPLE_NOTES[1], encoding="utf-8")  # the English sample: ICD-10-CM matches its text
+    args = ["extract", str(note), "--lang", "en", "--subject", "Patient/p42", "--model", str(tiny_tagger_path)]
+    result = CliRunner().invoke(main, args)
+    get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    bundle = json.loads(result.stdout)
+    assert bundle["type"] == "transaction"
+    for entry in bundle["entry"]:
+        validate_r4(entry["resource"])
+    kinds = sorted(e["resource"]["resourceType"] for e in bundle["entry"])
+    assert kinds == ["Condition", "Device", "Observation", "Observation", "Procedure", "Provenance"]
+    condition = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Condition")
+    assert condition["subject"] == {"reference": "Patient/p42"}
+    assert condition["code"]["text"] == "pneumonia"
+    assert condition["code"]["coding"][0]["code"] == "J18.9"
+    assert condition["extension"][0]["extension"][0]["valueReference"]["reference"] == (
+        "DocumentReference/consulta-7/_history/1"
+    )
+    bad = CliRunner().invoke(main, ["extract", str(note), "--subject", "Encounter/1", "--model", str(tiny_tagger_path)])
+    assert bad.exit_code == 1 and "expected Patient/ID" in bad.output

@@ -1,0 +1,582 @@
+"""The worker's terminology: ICD-10-CM and the profile's own code systems, matched two ways.
+
+1. **Text**: the mention and every code's display, synonyms and inclusion terms are normalised (case,
+   accents, punctuation, "NOS"/"unspecified", bracketed modifiers); an exact match scores 1.0 (0.97 for an
+   alias). See :mod:`mappings.terminology`.
+2. **Nearest neighbour** in the embedding space of multilingual-e5-small (``"query: "`` prefix on both sides,
+   mean pooling, L2 norm): the score is the cosine similarity. e5 aligns Spanish and Italian terms with the
+   English ICD-10-CM ones, so ``neumonía`` finds *Pneumonia, unspecified organism*.
+
+Embedding ~60,000 ICD-10-CM strings takes minutes on a CPU, so each group of strings (one code system's
+displays, its inclusion terms, ...) is embedded once and cached on disk, in
+``$FHIR_NER_TERMINOLOGY_CACHE_DIR`` (default ``~/.cache/fhir-ner/terminology``), keyed by the encoder and
+the exact strings. ``python -m worker.terminology build [--profile YAML]`` fills the cache ahead of time.
+
+``FHIR_NER_TERMINOLOGY`` picks the mode:
+
+- ``auto`` (default): nearest neighbour where the cache already holds the embeddings (or where a code
+  system is small enough to embed in seconds), text matching elsewhere; a worker never stalls for minutes;
+- ``embedding``: always nearest neighbour, embedding what is missing on first use (minutes for ICD-10-CM);
+- ``lexical``: text matching only; ``off``: no codes, ``code.text`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mappings.mentions import CandidateCode
+from mappings.profile import MappingProfile
+from mappings.terminology import (
+    BUILTIN_SYSTEMS,
+    ICD10CM_URL,
+    CodeRequest,
+    CodeSystemData,
+    LexicalIndex,
+    TermEntry,
+    TerminologyError,
+    code_allowed,
+    core_term,
+    normalise,
+    parse_code_csv,
+    parse_code_system,
+    rank_candidates,
+    select_codes,
+)
+
+logger = logging.getLogger("fhir_ner.terminology")
+
+MODES = ("auto", "embedding", "lexical", "off")
+QUERY_PREFIX = "query: "
+# In auto mode a code system with at most this many distinct strings to embed is embedded on first use.
+AUTO_EMBED_LIMIT = 2000
+_NEIGHBOURS = 64  # nearest strings looked at before grouping them by code
+
+
+def default_cache_root() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "fhir-ner" / "terminology"
+
+
+# --------------------------------------------------------------------------------------------------
+# Code systems: ICD-10-CM from simple-icd-10-cm, and the profile's files
+# --------------------------------------------------------------------------------------------------
+def _icd_module() -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the package reads its tables with a legacy API
+        try:
+            import simple_icd_10_cm
+        except ImportError:
+            raise TerminologyError(
+                "ICD-10-CM needs the simple-icd-10-cm package (pip install simple-icd-10-cm), "
+                "or set FHIR_NER_TERMINOLOGY=off"
+            ) from None
+
+    return simple_icd_10_cm
+
+
+def icd10cm_version() -> str:
+    from importlib.metadata import version
+
+    return f"simple-icd-10-cm {version('simple-icd-10-cm')} (April 2026)"
+
+
+@lru_cache(maxsize=1)
+def load_icd10cm() -> CodeSystemData:
+    """Every ICD-10-CM category and subcategory (not chapters, blocks or 7th-character extensions).
+
+    Each code is searchable by its description, the description without its filing qualifiers
+    (:func:`mappings.terminology.core_term`), its inclusion terms (alternative names) and the terms of its
+    "Includes" notes. Leaf codes win ties over the categories above them.
+    """
+    icd = _icd_module()
+    entries: list[TermEntry] = []
+    for code in icd.get_all_codes(True):
+        if icd.is_chapter_or_block(code) or icd.is_extended_subcategory(code):
+            continue
+        display = icd.get_description(code)
+        leaf = icd.is_leaf(code)
+        entries.append(TermEntry(code, display, display, "display", "en", leaf))
+        core = core_term(display)
+        if core and normalise(core) != normalise(display):
+            entries.append(TermEntry(code, display, core, "core", "en", leaf))
+        for term in icd.get_inclusion_term(code):
+            entries.append(TermEntry(code, display, term, "inclusion", "en", leaf))
+        for term in icd.get_includes(code):
+            entries.append(TermEntry(code, display, term, "includes", "en", leaf))
+    return CodeSystemData("icd-10-cm", ICD10CM_URL, tuple(entries), "2026")
+
+
+def load_code_system_file(profile: MappingProfile, name: str) -> CodeSystemData:
+    """Read one of the profile's ``code_systems``; errors name the file and what is wrong."""
+    source = next(s for s in profile.code_systems if s.name == name)
+    path = profile.code_system_path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise TerminologyError(f"code system {name}: cannot read {path} ({error.strerror})") from None
+    label = f"code system {name} ({path})"
+    if source.file_format == "csv":
+        data = parse_code_csv(text, label, str(source.system))
+        return CodeSystemData(name, data.url, data.entries)
+    try:
+        resource = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TerminologyError(f"{label}: not valid JSON ({error})") from None
+    data = parse_code_system(resource, label, source.system)
+    return CodeSystemData(name, data.url, data.entries, data.version)
+
+
+def check_profile_code_systems(profile: MappingProfile) -> None:
+    """Start-up check: every code system the profile adds can be read and parsed."""
+    for source in profile.code_systems:
+        load_code_system_file(profile, source.name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings: e5 with "query: " and mean pooling, cached on disk per group of strings
+# --------------------------------------------------------------------------------------------------
+class TextEncoder:
+    """multilingual-e5 sentence embeddings (or any encoder folder), loaded on first use."""
+
+    def __init__(
+        self,
+        encoder: str = "multilingual-e5-small",
+        cache_dir: Path | None = None,
+        batch_size: int = 64,
+        max_length: int = 128,
+        device: str | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.spec = encoder
+        self.cache_dir = cache_dir
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = device
+        self.progress = progress
+        self._lock = threading.Lock()
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._revision: str | None = None
+        self.encoded = 0  # strings encoded by this instance (tests check that caches are used)
+
+    @property
+    def revision(self) -> str:
+        self._load()
+        assert self._revision is not None
+        return self._revision
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        with self._lock:
+            if self._model is not None:
+                return
+            from worker.nlp.encoders import load_encoder, resolve_encoder
+
+            resolved = resolve_encoder(self.spec, self.cache_dir)
+            model, tokenizer = load_encoder(resolved)
+            model.eval()
+            if self.device:
+                model.to(self.device)
+            self._tokenizer, self._revision, self._model = tokenizer, resolved.revision, model
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 embeddings of ``"query: " + text``, in the order given."""
+        import torch
+
+        self._load()
+        out = np.zeros((len(texts), 0), dtype=np.float32)
+        if not texts:
+            return out
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunks: list[np.ndarray] = []
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(texts), unit="term", file=sys.stderr)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = [QUERY_PREFIX + texts[i] for i in order[start : start + self.batch_size]]
+                inputs = self._tokenizer(
+                    batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                )
+                inputs = {
+                    k: v.to(self._model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")
+                }
+                states = self._model(**inputs).last_hidden_state
+                mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
+                pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+                chunks.append(pooled.cpu().numpy())
+                if bar is not None:
+                    bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        self.encoded += len(texts)
+        sorted_vectors = np.concatenate(chunks, axis=0)
+        out = np.empty_like(sorted_vectors)
+        out[np.asarray(order)] = sorted_vectors
+        return out
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with path.open("a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class EmbeddingStore:
+    """Embeddings of groups of strings, on disk as float16 ``.npy`` plus a JSON note of encoder and count."""
+
+    def __init__(self, root: Path, encoder: TextEncoder) -> None:
+        self.root = root
+        self.encoder = encoder
+
+    def _path(self, group: str, texts: Sequence[str]) -> Path:
+        recipe = f"{self.encoder.spec}|prefix={QUERY_PREFIX}|max_length={self.encoder.max_length}|pool=mean"
+        digest = hashlib.sha256(recipe.encode())
+        for text in texts:
+            digest.update(b"\x00" + text.encode("utf-8"))
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in group)
+        return self.root / f"{safe}-{digest.hexdigest()[:16]}.npy"
+
+    def has(self, group: str, texts: Sequence[str]) -> bool:
+        return self._path(group, texts).is_file()
+
+    def _read(self, path: Path, count: int) -> np.ndarray | None:
+        meta_path = path.with_suffix(".json")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            matrix = np.load(path)
+        except (OSError, ValueError):
+            return None
+        if meta.get("revision") != self.encoder.revision or matrix.shape[0] != count:
+            return None  # another revision of the encoder under the same name: embed again
+        return np.asarray(matrix, dtype=np.float32)
+
+    def get(self, group: str, texts: Sequence[str], build: bool = True) -> np.ndarray | None:
+        """The embeddings of ``texts`` (distinct strings, fixed order); None when absent and not built."""
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        path = self._path(group, texts)
+        if path.is_file():
+            matrix = self._read(path, len(texts))
+            if matrix is not None:
+                return matrix
+        if not build:
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        with _file_lock(self.root / f".{path.stem}.lock"):
+            if path.is_file():  # another process built it meanwhile
+                matrix = self._read(path, len(texts))
+                if matrix is not None:
+                    return matrix
+            logger.info("embedding %d strings of %s (cached in %s)", len(texts), group, self.root)
+            matrix = self.encoder.encode(texts)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, matrix.astype(np.float16))
+            meta = {
+                "group": group,
+                "encoder": self.encoder.spec,
+                "revision": self.encoder.revision,
+                "count": len(texts),
+            }
+            meta_tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.json")
+            meta_tmp.write_text(json.dumps(meta) + "\n", encoding="utf-8")
+            os.replace(meta_tmp, path.with_suffix(".json"))
+            os.replace(tmp, path)
+        return matrix.astype(np.float16).astype(np.float32)  # what a later read returns
+
+
+# --------------------------------------------------------------------------------------------------
+# One code system, searchable both ways
+# --------------------------------------------------------------------------------------------------
+def group_texts(entries: Sequence[TermEntry]) -> dict[str, list[str]]:
+    """Distinct strings per kind of term, sorted: the unit that is embedded and cached."""
+    groups: dict[str, set[str]] = {}
+    for entry in entries:
+        groups.setdefault(entry.kind, set()).add(entry.term)
+    return {kind: sorted(texts) for kind, texts in sorted(groups.items())}
+
+
+class SourceIndex:
+    """A code system's text index and, once attached, its embedding matrix (one row per term entry)."""
+
+    def __init__(self, data: CodeSystemData) -> None:
+        self.data = data
+        self.lexical = LexicalIndex(data)
+        self.groups = group_texts(data.entries)
+        self.matrix: np.ndarray | None = None
+        self._codes = [entry.code for entry in data.entries]
+        self._display = {entry.code: entry.display for entry in data.entries}
+        self.preferred = {entry.code for entry in data.entries if entry.preferred}
+        self._masks: dict[tuple[str, ...], np.ndarray] = {}
+
+    @property
+    def embedded_strings(self) -> int:
+        return sum(len(texts) for texts in self.groups.values())
+
+    def attach(self, store: EmbeddingStore, build: bool) -> bool:
+        """Load (or build) the embeddings of every group; False when some group is missing and not built."""
+        rows: dict[str, dict[str, int]] = {}
+        matrices: dict[str, np.ndarray] = {}
+        for kind, texts in self.groups.items():
+            matrix = store.get(f"{self.data.name}-{kind}", texts, build=build)
+            if matrix is None:
+                return False
+            matrices[kind] = matrix
+            rows[kind] = {text: row for row, text in enumerate(texts)}
+        self.matrix = np.stack([matrices[e.kind][rows[e.kind][e.term]] for e in self.data.entries]).astype(np.float32)
+        return True
+
+    def _mask(self, prefixes: tuple[str, ...]) -> np.ndarray:
+        if prefixes not in self._masks:
+            self._masks[prefixes] = np.array([code_allowed(code, prefixes) for code in self._codes], dtype=bool)
+        return self._masks[prefixes]
+
+    def nearest(self, vectors: np.ndarray, prefixes: tuple[str, ...] = (), limit: int = 5) -> list[list[CandidateCode]]:
+        """Per query vector, the best codes by cosine similarity (a code scores by its closest term)."""
+        assert self.matrix is not None
+        scores = vectors @ self.matrix.T
+        if prefixes:
+            scores[:, ~self._mask(prefixes)] = -1.0
+        results: list[list[CandidateCode]] = []
+        take = min(_NEIGHBOURS, scores.shape[1])
+        for row in scores:
+            top = np.argpartition(-row, take - 1)[:take] if take < row.shape[0] else np.arange(row.shape[0])
+            best: dict[str, float] = {}
+            for index in top:
+                score = float(row[index])
+                if score <= -1.0:
+                    continue
+                code = self._codes[index]
+                if score > best.get(code, -2.0):
+                    best[code] = score
+            candidates = (
+                CandidateCode(self.data.url, code, self._display[code], max(0.0, min(1.0, score)), self.data.name)
+                for code, score in best.items()
+            )
+            results.append(rank_candidates(candidates, self.preferred)[:limit])
+        return results
+
+
+# --------------------------------------------------------------------------------------------------
+# The service the mappings call
+# --------------------------------------------------------------------------------------------------
+def _constant(data: CodeSystemData) -> Callable[[], CodeSystemData]:
+    def load() -> CodeSystemData:
+        return data
+
+    return load
+
+
+class TerminologyService:
+    """Implements :class:`mappings.terminology.Terminology` over named code systems, loaded on first use."""
+
+    def __init__(
+        self,
+        loaders: dict[str, Callable[[], CodeSystemData]],
+        mode: str = "auto",
+        store: EmbeddingStore | None = None,
+        limit: int = 5,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown terminology mode {mode!r} (expected one of {', '.join(MODES)})")
+        if mode in ("auto", "embedding") and store is None:
+            raise ValueError(f"terminology mode {mode} needs an embedding store")
+        self.loaders = loaders
+        self.mode = mode
+        self.store = store
+        self.limit = limit
+        self._indexes: dict[str, SourceIndex] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_sources(
+        cls, sources: Sequence[CodeSystemData], mode: str = "auto", store: EmbeddingStore | None = None
+    ) -> TerminologyService:
+        return cls({source.name: _constant(source) for source in sources}, mode, store)
+
+    def index(self, name: str) -> SourceIndex:
+        with self._lock:
+            if name not in self._indexes:
+                if name not in self.loaders:
+                    raise TerminologyError(f"unknown code system {name!r}")
+                index = SourceIndex(self.loaders[name]())
+                if self.store is not None and self.mode in ("auto", "embedding"):
+                    build = self.mode == "embedding" or index.embedded_strings <= AUTO_EMBED_LIMIT
+                    if not index.attach(self.store, build=build):
+                        logger.warning(
+                            "code system %s: no cached embeddings, matching on text only; "
+                            "run `python -m worker.terminology build` to embed its %d strings once",
+                            name,
+                            index.embedded_strings,
+                        )
+                self._indexes[name] = index
+            return self._indexes[name]
+
+    def lookup(
+        self, requests: Sequence[CodeRequest], encode: Callable[[list[str]], np.ndarray] | None = None
+    ) -> list[list[CandidateCode]]:
+        """Candidates per request, best first. ``encode`` replaces the encoder (the benchmark passes cached vectors)."""
+        if self.mode == "off":
+            return [[] for _ in requests]
+        found: list[dict[tuple[str, str], CandidateCode]] = [{} for _ in requests]
+        pending: dict[str, list[int]] = {}  # system name → requests to search by nearest neighbour
+        for position, request in enumerate(requests):
+            for name in request.systems:
+                index = self.index(name)
+                prefixes = request.prefixes.get(name, ())
+                matches = index.lexical.match(request.text, request.language, prefixes, self.limit)
+                for candidate in matches:
+                    found[position][(name, candidate.code)] = candidate
+                exact = bool(matches) and matches[0].score >= 1.0
+                if index.matrix is not None and not exact:
+                    pending.setdefault(name, []).append(position)
+        if pending and self.store is not None:
+            texts = sorted({requests[p].text for positions in pending.values() for p in positions})
+            vectors = dict(zip(texts, (encode or self.store.encoder.encode)(texts), strict=True))
+            for name, positions in pending.items():
+                index = self._indexes[name]
+                by_prefix: dict[tuple[str, ...], list[int]] = {}
+                for position in positions:
+                    by_prefix.setdefault(tuple(requests[position].prefixes.get(name, ())), []).append(position)
+                for prefixes, group in by_prefix.items():
+                    matrix = np.stack([vectors[requests[p].text] for p in group])
+                    for position, candidates in zip(group, index.nearest(matrix, prefixes, self.limit), strict=True):
+                        for candidate in candidates:
+                            key = (name, candidate.code)
+                            if key not in found[position] or found[position][key].score < candidate.score:
+                                found[position][key] = candidate
+        return [sorted(found[position].values(), key=self._rank_key) for position in range(len(requests))]
+
+    def _rank_key(self, candidate: CandidateCode) -> tuple[float, bool, int, str, str]:
+        index = self._indexes.get(candidate.source or "")
+        preferred = index is not None and candidate.code in index.preferred
+        return (-round(candidate.score, 6), not preferred, -len(candidate.code), candidate.source or "", candidate.code)
+
+
+def terminology_for(
+    profile: MappingProfile,
+    mode: str = "auto",
+    cache_root: Path | None = None,
+    encoder: str = "multilingual-e5-small",
+    encoder_cache_dir: Path | None = None,
+) -> TerminologyService | None:
+    """The service for a profile: its own code systems (read now, so errors show at start-up) and the built-ins."""
+    if mode == "off":
+        return None
+    loaders: dict[str, Callable[[], CodeSystemData]] = {"icd-10-cm": load_icd10cm}
+    for source in profile.code_systems:
+        data = load_code_system_file(profile, source.name)
+        loaders[source.name] = _constant(data)
+    missing = [name for name in BUILTIN_SYSTEMS if name not in loaders]
+    assert not missing, missing
+    store = None
+    if mode in ("auto", "embedding"):
+        store = EmbeddingStore(cache_root or default_cache_root(), TextEncoder(encoder, encoder_cache_dir))
+    return TerminologyService(loaders, mode, store)
+
+
+_service_lock = threading.Lock()
+_services: dict[int, TerminologyService | None] = {}
+
+
+def get_terminology(profile: MappingProfile) -> TerminologyService | None:
+    """One service per profile per process, configured from settings."""
+    from adapter.settings import get_settings
+
+    with _service_lock:
+        if id(profile) not in _services:
+            settings = get_settings()
+            _services.clear()
+            _services[id(profile)] = terminology_for(
+                profile,
+                mode=settings.terminology,
+                cache_root=settings.terminology_cache_dir,
+                encoder=settings.terminology_encoder,
+                encoder_cache_dir=settings.cache_dir,
+            )
+        return _services[id(profile)]
+
+
+def reset_terminology() -> None:
+    with _service_lock:
+        _services.clear()
+
+
+def code_for(profile: MappingProfile, terminology: TerminologyService | None) -> Callable[[str, str], str | None]:
+    """``(label, text) → code`` for ``fhir-ner predict``'s ``code`` column, with the profile's rules."""
+
+    def lookup(label: str, text: str) -> str | None:
+        mapping = profile.labels.get(label)
+        if terminology is None or mapping is None or mapping.codes is None:
+            return None
+        options = mapping.codes
+        prefixes = {name: tuple(values) for name, values in options.prefixes.items()}
+        candidates = terminology.lookup([CodeRequest(text, label, tuple(options.systems), None, prefixes)])[0]
+        chosen = select_codes(candidates, options.systems, options.min_score, profile.custom_system_names())
+        return chosen[0].code if chosen else None
+
+    return lookup
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m worker.terminology build [--profile YAML]
+# --------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    from adapter.settings import get_settings
+    from mappings.profile import ProfileError, load_profile
+
+    parser = argparse.ArgumentParser(prog="python -m worker.terminology", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="embed every code system the profile uses, into the cache")
+    build.add_argument("--profile", type=Path, default=None, help="mapping profile (default: settings, else built-in)")
+    build.add_argument("--device", default=None, help="torch device for the encoder (e.g. cuda)")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    try:
+        profile = load_profile(args.profile or settings.mapping_profile)
+        service = terminology_for(
+            profile, "embedding", settings.terminology_cache_dir, settings.terminology_encoder, settings.cache_dir
+        )
+    except (ProfileError, TerminologyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    assert service is not None and service.store is not None
+    service.store.encoder.device = args.device
+    service.store.encoder.progress = True
+    names = sorted({name for m in profile.labels.values() if m.codes for name in m.codes.systems})
+    for name in names:
+        index = service.index(name)
+        print(f"{name}: {len(index.data.entries)} terms, {index.embedded_strings} strings embedded", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
