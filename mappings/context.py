@@ -22,6 +22,9 @@ class DocumentContext:
     authors: tuple[str, ...] = field(default_factory=tuple)
     language: str | None = None
     attachment_index: int = 0
+    # The note's kind (e.g. LOINC 11506-3 progress note) and class, as given: profiles and audits may use them.
+    document_type: str | None = None
+    categories: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def document_reference(self) -> str:
@@ -83,4 +86,17 @@ def context_from_document_reference(document: dict[str, Any], attachment_index: 
         authors=authors,
         language=language or document.get("language"),
         attachment_index=attachment_index,
+        document_type=_concept_key(document.get("type")),
+        categories=tuple(key for key in (_concept_key(c) for c in document.get("category") or []) if key),
     )
+
+
+def _concept_key(concept: Any) -> str | None:
+    """``system|code`` of a CodeableConcept's first coding, else its text."""
+    if not isinstance(concept, dict):
+        return None
+    for coding in concept.get("coding") or []:
+        if coding.get("code"):
+            return f"{coding.get('system', '')}|{coding['code']}"
+    text = concept.get("text")
+    return str(text) if text else None

@@ -531,7 +531,7 @@ def reset_terminology() -> None:
 
 
 def code_for(profile: MappingProfile, terminology: TerminologyService | None) -> Callable[[str, str], str | None]:
-    """``(label, text) → code`` for ``fhir-ner predict``'s ``code`` column, with the profile's rules."""
+    """``(label, text) → "system|code"`` for ``fhir-ner predict``'s ``code`` column, with the profile's rules."""
 
     def lookup(label: str, text: str) -> str | None:
         mapping = profile.labels.get(label)
@@ -541,7 +541,7 @@ def code_for(profile: MappingProfile, terminology: TerminologyService | None) ->
         prefixes = {name: tuple(values) for name, values in options.prefixes.items()}
         candidates = terminology.lookup([CodeRequest(text, label, tuple(options.systems), None, prefixes)])[0]
         chosen = select_codes(candidates, options.systems, options.min_score, profile.custom_system_names())
-        return chosen[0].code if chosen else None
+        return f"{chosen[0].system}|{chosen[0].code}" if chosen else None
 
     return lookup
 

@@ -165,3 +165,46 @@ def test_subscribe_reports_what_the_ehr_refused(ehr: FhirTestServer) -> None:
         ],
     )
     assert result.exit_code == 1 and "the EHR refused the Subscription: HTTP 400" in result.output
+
+
+def test_predict_fills_the_code_column_from_the_profile(
+    tiny_tagger_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapter.deps import reset_dependencies
+    from worker.runtime import reset_pipeline
+
+    (tmp_path / "terms.csv").write_text(
+        "code,display,synonyms,language\nNEU-1,Neumonía,pneumonia,es\nFIE-1,Fiebre,fever,es\n", encoding="utf-8"
+    )
+    (tmp_path / "profile.yaml").write_text(
+        "name: local\n"
+        "code_systems:\n"
+        "  - {name: hospital, file: terms.csv, system: 'http://hospital.example/cs'}\n"
+        "labels:\n"
+        "  DISEASE: {mapper: condition, codes: {systems: [hospital], min_score: 0.9}}\n"
+        "  SYMPTOM: {mapper: observation, codes: {systems: [hospital], min_score: 0.9}}\n"
+        "  PROCEDURE: {mapper: procedure}\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("FHIR_NER_MAPPING_PROFILE", str(tmp_path / "profile.yaml"))
+    monkeypatch.setenv("FHIR_NER_TERMINOLOGY", "lexical")
+    reset_dependencies()
+    reset_pipeline()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "n0.txt").write_text(SAMPLE_NOTES[0], encoding="utf-8")
+    pred = tmp_path / "pred.tsv"
+    try:
+        result = CliRunner().invoke(
+            main, ["predict", "--input", str(notes), "--output", str(pred), "--model", str(tiny_tagger_path)]
+        )
+    finally:
+        monkeypatch.undo()
+        reset_dependencies()
+        reset_pipeline()
+    assert result.exit_code == 0, result.output
+    with pred.open(encoding="utf-8") as handle:
+        codes = {row["text"]: row["code"] for row in csv.DictReader(handle, delimiter="\t")}
+    assert codes["neumonía"] == "http://hospital.example/cs|NEU-1"
+    assert codes["fiebre"] == "http://hospital.example/cs|FIE-1"
+    assert codes["radiografía de tórax"] == ""  # PROCEDURE has no code systems in this profile

@@ -140,6 +140,18 @@ def test_bad_profiles_fail_with_a_clear_message(tmp_path: Path, text: str, phras
     assert phrase in str(error.value)
 
 
+def test_context_reads_the_note_type_and_category() -> None:
+    document = {
+        **DOCUMENT,
+        "type": {"coding": [{"system": "http://loinc.org", "code": "11506-3"}]},
+        "category": [{"text": "clinical-note"}],
+    }
+    context = context_from_document_reference(document)
+    assert context.document_type == "http://loinc.org|11506-3"
+    assert context.categories == ("clinical-note",)
+    assert context_from_document_reference(DOCUMENT).document_type is None
+
+
 def test_context_needs_a_subject_and_versions_fall_back_to_a_content_hash() -> None:
     with pytest.raises(DocumentContextError, match="subject"):
         context_from_document_reference({**DOCUMENT, "subject": None})

@@ -166,9 +166,9 @@ def test_a_profile_code_system_wins_over_icd10cm_and_feeds_predict(tmp_path: Pat
     service = terminology_for(profile, mode="lexical")
     assert service is not None
     lookup = code_for(profile, service)
-    assert lookup("DISEASE", "hipertensión arterial") == "HTA-1"
-    assert lookup("DISEASE", "essential hypertension") == "I10"
-    assert lookup("SYMPTOM", "Fever NOS") == "R50.9"
+    assert lookup("DISEASE", "hipertensión arterial") == "http://hospital.example/cs|HTA-1"
+    assert lookup("DISEASE", "essential hypertension") == "http://hl7.org/fhir/sid/icd-10-cm|I10"
+    assert lookup("SYMPTOM", "Fever NOS") == "http://hl7.org/fhir/sid/icd-10-cm|R50.9"
     assert lookup("SYMPTOM", "essential hypertension") is None  # chapter R only
     assert lookup("PROCEDURE", "radiografía") is None  # no such label
     assert terminology_for(profile, mode="off") is None
