@@ -23,7 +23,6 @@ the exact strings. ``python -m worker.terminology build [--profile YAML]`` fills
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from mappings.terminology import (
     rank_candidates,
     select_codes,
 )
+from worker.nlp.e5_convert import file_lock
 
 logger = logging.getLogger("fhir_ner.terminology")
 
@@ -235,19 +235,6 @@ class TextEncoder:
         return out
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with path.open("a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class EmbeddingStore:
@@ -291,7 +278,7 @@ class EmbeddingStore:
         if not build:
             return None
         self.root.mkdir(parents=True, exist_ok=True)
-        with _file_lock(self.root / f".{path.stem}.lock"):
+        with file_lock(self.root / f".{path.stem}.lock"):
             if path.is_file():  # another process built it meanwhile
                 matrix = self._read(path, len(texts))
                 if matrix is not None:

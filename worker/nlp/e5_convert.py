@@ -547,8 +547,8 @@ def _default_cache_root() -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialise conversions between worker processes (the rename below keeps it safe without a lock)."""
+def file_lock(path: Path) -> Iterator[None]:
+    """Serialise work on a shared cache between worker processes (an exclusive flock on ``path``)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX
@@ -595,7 +595,7 @@ def default_encoder_dir(cache_dir: Path | None = None, *, src: Path | None = Non
     if sha256 is not None and _is_complete(root / f"multilingual-e5-small-{sha256[:12]}"):
         return root / f"multilingual-e5-small-{sha256[:12]}"
 
-    with _file_lock(root / ".multilingual-e5-small.lock"):
+    with file_lock(root / ".multilingual-e5-small.lock"):
         sha256 = _read_stamp(stamp) or _sha256(src)
         folder = root / f"multilingual-e5-small-{sha256[:12]}"
         if not _is_complete(folder):
