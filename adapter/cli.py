@@ -291,5 +291,66 @@ def train(
     )
 
 
+@main.group()
+def dlq() -> None:
+    """Jobs that exhausted their retries: list, show, retry."""
+
+
+@dlq.command("list")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100000))
+def dlq_list(limit: int) -> None:
+    """One line per dead-lettered job: id, when, attempts, last error."""
+    import datetime
+
+    from worker.tasks import dead_letter_store
+
+    letters = dead_letter_store().list(limit)
+    for letter in letters:
+        when = datetime.datetime.fromtimestamp(letter.failed_at, datetime.UTC).isoformat(timespec="seconds")
+        click.echo(f"{letter.id}\t{when}\t{letter.attempts}\t{letter.error}")
+    click.echo(f"{len(letters)} dead-lettered job(s)", err=True)
+
+
+@dlq.command("show")
+@click.argument("letter_id")
+def dlq_show(letter_id: str) -> None:
+    """The whole record of one dead-lettered job, as JSON."""
+    import dataclasses
+    import json
+
+    from worker.tasks import dead_letter_store
+
+    letter = dead_letter_store().get(letter_id)
+    if letter is None:
+        raise CliError(f"no dead-lettered job {letter_id!r}")
+    click.echo(json.dumps(dataclasses.asdict(letter), indent=2))
+
+
+@dlq.command("retry")
+@click.argument("letter_id", required=False)
+@click.option("--all", "retry_all", is_flag=True, help="Retry every dead-lettered job.")
+def dlq_retry(letter_id: str | None, retry_all: bool) -> None:
+    """Send a dead-lettered job (or all of them) back to its queue."""
+    from adapter.deps import get_note_state
+    from worker.celery_app import get_celery_app
+    from worker.tasks import dead_letter_store
+
+    if bool(letter_id) == retry_all:
+        raise CliError("give one job id, or --all")
+    store = dead_letter_store()
+    letters = store.list(1_000_000) if retry_all else [store.get(letter_id or "")]
+    if letters == [None]:
+        raise CliError(f"no dead-lettered job {letter_id!r}")
+    app = get_celery_app()
+    for letter in letters:
+        if letter is None:
+            continue
+        app.send_task(letter.task, args=letter.args)
+        store.remove(letter.id)
+        if len(letter.args) == 2:
+            get_note_state().set_status(str(letter.args[0]), str(letter.args[1]), "queued", reason="retried from dlq")
+        click.echo(f"requeued {letter.id}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 from celery import shared_task
 from celery.signals import worker_init
 
-from adapter.deps import get_note_state
+from adapter.deps import get_note_state, get_redis
 from adapter.documents import attachment_text, decode_attachment_data, find_text_attachment
 from adapter.settings import get_settings
 from mappings.bundle import ModelInfo, WritebackPlan, build_retraction, plan_transaction
 from mappings.context import context_from_document_reference
 from mappings.mentions import Mention
 from mappings.registry import retirable_types
+from worker.dlq import DeadLetter, DeadLetterStore
 from worker.ehr import EhrClient, EhrError, FolderWriter, ResultWriter, check_transaction_response
 from worker.runtime import get_pipeline, get_profile
 
@@ -151,6 +152,25 @@ def retract_document(document_id: str, version_id: str) -> dict[str, Any]:
         return {"mentions": 0, "retracted": True, **write_plan(writer, plan, f"{document_id}-{version_id}-retraction")}
 
 
+def dead_letter_store() -> DeadLetterStore:
+    return DeadLetterStore(get_redis(), get_settings().key_prefix)
+
+
+def dead_letter(task: Any, document_id: str, version_id: str, reason: str) -> None:
+    """Out of retries (or not retryable): keep the job with its last error instead of dropping it."""
+    letter_id = f"{task.name.rsplit('.', 1)[-1]}:{document_id}:{version_id}"
+    dead_letter_store().add(
+        DeadLetter(
+            id=letter_id,
+            task=task.name,
+            args=[document_id, version_id],
+            error=reason,
+            attempts=int(task.request.retries or 0) + 1,
+        )
+    )
+    get_note_state().set_status(document_id, version_id, "dead-lettered", reason=reason, dead_letter=letter_id)
+
+
 def _finish(self: Any, document_id: str, version_id: str, job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run a job for one note version and record its outcome; transient EHR errors are retried."""
     state = get_note_state()
@@ -161,10 +181,10 @@ def _finish(self: Any, document_id: str, version_id: str, job: Callable[[], dict
         if error.transient and self.request.retries < self.max_retries:
             state.set_status(document_id, version_id, "queued", reason=f"retrying: {error}")
             raise self.retry(countdown=min(60, 2**self.request.retries)) from None
-        state.set_status(document_id, version_id, "failed", reason=str(error))
+        dead_letter(self, document_id, version_id, str(error))
         raise
     except Exception as error:
-        state.set_status(document_id, version_id, "failed", reason=f"{type(error).__name__}: {error}")
+        dead_letter(self, document_id, version_id, f"{type(error).__name__}: {error}")
         logger.exception("note failed", extra={"document_version": f"{document_id}/{version_id}"})
         raise
     if "skipped" in result:
