@@ -34,6 +34,22 @@ class Settings(BaseSettings):
     )
     ehr_bearer_token: SecretStr | None = Field(default=None, description="Static bearer token for the EHR.")
     ehr_timeout_seconds: float = Field(default=30.0, description="Timeout of each EHR request.")
+    ehr_auth: Literal["bearer", "client-credentials", "smart-backend"] = Field(
+        default="bearer", description="How the worker authenticates to the EHR (bearer: the static token, if any)."
+    )
+    ehr_token_url: str | None = Field(default=None, description="OAuth2 token endpoint of the EHR.")
+    ehr_client_id: str | None = Field(default=None, description="OAuth2 / SMART client id.")
+    ehr_client_secret: SecretStr | None = Field(default=None, description="Client secret (client-credentials).")
+    ehr_private_key_file: Path | None = Field(
+        default=None, description="PEM private key for SMART Backend Services (RS384 or ES384)."
+    )
+    ehr_key_id: str | None = Field(default=None, description="`kid` of the SMART signing key.")
+    ehr_jwt_algorithm: Literal["RS384", "ES384"] = "RS384"
+    ehr_scope: str | None = Field(default=None, description="OAuth2 scope to request.")
+    ehr_retry_attempts: int = Field(default=3, ge=1, description="Attempts per EHR request (429, 5xx, network).")
+    ehr_retry_max_delay: float = Field(default=10.0, description="Longest wait between attempts, in seconds.")
+    ehr_breaker_threshold: int = Field(default=5, ge=1, description="Consecutive failures that open the breaker.")
+    ehr_breaker_cooldown: float = Field(default=30.0, description="Seconds the breaker stays open.")
     writeback_dir: Path | None = Field(
         default=None, description="Write transaction Bundles into this folder instead of the EHR (demo)."
     )
@@ -86,8 +102,9 @@ class Settings(BaseSettings):
     )
     accept_preliminary: bool = Field(default=False, description="Also process notes with docStatus preliminary.")
     gap_grace_seconds: float = Field(
-        default=10.0, description="How long a missing event number may stay missing (out-of-order delivery) "
-        "before it counts as a gap and is recovered from the EHR."
+        default=10.0,
+        description="How long a missing event number may stay missing (out-of-order delivery) "
+        "before it counts as a gap and is recovered from the EHR.",
     )
     heartbeat_seconds: int = Field(
         default=0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from adapter.settings import Settings
+from worker.ehr_auth import ClientCredentials, NoAuth, SmartBackendServices, StaticBearer, TokenProvider
+from worker.resilience import CircuitBreaker, CircuitOpenError, RetryPolicy
 
 FHIR_JSON = "application/fhir+json"
 
@@ -82,20 +85,113 @@ def check_transaction_response(bundle: dict[str, Any], response: dict[str, Any])
     return outcome
 
 
+def token_provider(settings: Settings) -> TokenProvider:
+    """The configured way to authenticate to the EHR; a missing secret is a clear configuration error."""
+    if settings.ehr_auth == "bearer":
+        return StaticBearer(settings.ehr_bearer_token.get_secret_value()) if settings.ehr_bearer_token else NoAuth()
+    if not settings.ehr_token_url or not settings.ehr_client_id:
+        raise ValueError(
+            f"FHIR_NER_EHR_AUTH={settings.ehr_auth} needs FHIR_NER_EHR_TOKEN_URL and FHIR_NER_EHR_CLIENT_ID"
+        )
+    if settings.ehr_auth == "client-credentials":
+        if settings.ehr_client_secret is None:
+            raise ValueError("FHIR_NER_EHR_AUTH=client-credentials needs FHIR_NER_EHR_CLIENT_SECRET")
+        return ClientCredentials(
+            settings.ehr_token_url,
+            settings.ehr_client_id,
+            settings.ehr_client_secret.get_secret_value(),
+            settings.ehr_scope,
+        )
+    if settings.ehr_private_key_file is None:
+        raise ValueError("FHIR_NER_EHR_AUTH=smart-backend needs FHIR_NER_EHR_PRIVATE_KEY_FILE")
+    return SmartBackendServices(
+        settings.ehr_token_url,
+        settings.ehr_client_id,
+        settings.ehr_private_key_file.read_text(encoding="utf-8"),
+        key_id=settings.ehr_key_id,
+        algorithm=settings.ehr_jwt_algorithm,
+        scope=settings.ehr_scope or "system/DocumentReference.read system/*.write",
+    )
+
+
 class EhrClient:
     """A FHIR REST client bound to one base URL; it never follows a URL outside that base."""
 
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        *,
+        auth: TokenProvider | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
-        headers = {"Accept": FHIR_JSON, "Content-Type": FHIR_JSON}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self._client = httpx.Client(headers=headers, timeout=timeout)
+        self._client = httpx.Client(headers={"Accept": FHIR_JSON, "Content-Type": FHIR_JSON}, timeout=timeout)
+        self.auth: TokenProvider = auth or (StaticBearer(token) if token else NoAuth())
+        self.retry = retry or RetryPolicy(attempts=1)
+        self.breaker = breaker
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EhrClient:
-        token = settings.ehr_bearer_token.get_secret_value() if settings.ehr_bearer_token else None
-        return cls(settings.ehr_base_url, token, settings.ehr_timeout_seconds)
+        """Auth, retries and the shared circuit breaker as configured; secrets only from settings."""
+        from adapter.deps import get_redis
+
+        return cls(
+            settings.ehr_base_url,
+            timeout=settings.ehr_timeout_seconds,
+            auth=token_provider(settings),
+            retry=RetryPolicy(attempts=settings.ehr_retry_attempts, max_delay=settings.ehr_retry_max_delay),
+            breaker=CircuitBreaker(
+                get_redis(),
+                f"{settings.key_prefix}:ehr-breaker",
+                threshold=settings.ehr_breaker_threshold,
+                cooldown=settings.ehr_breaker_cooldown,
+            ),
+        )
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One logical request: retried on 429 (Retry-After), 5xx and network errors with backoff and jitter;
+        a 401 refreshes the access token once; the shared breaker stops calls while the EHR is down."""
+        refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            if self.breaker is not None:
+                try:
+                    self.breaker.check()
+                except CircuitOpenError as error:
+                    raise EhrError(str(error)) from None
+            headers = dict(kwargs.pop("headers", None) or {})
+            token = self.auth.token()
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            try:
+                response = self._client.request(method, url, headers=headers, **kwargs)
+            except httpx.HTTPError as error:
+                failure: str = type(error).__name__
+                response = None
+            else:
+                failure = f"HTTP {response.status_code}"
+            kwargs["headers"] = headers
+            if response is not None and response.status_code == 401 and not refreshed:
+                refreshed = True
+                self.auth.invalidate()
+                continue
+            transient = response is None or response.status_code == 429 or response.status_code >= 500
+            if not transient:
+                if self.breaker is not None:
+                    self.breaker.record_success()
+                assert response is not None
+                return response
+            if self.breaker is not None:
+                self.breaker.record_failure()
+            if attempt >= self.retry.attempts:
+                if response is None:
+                    raise EhrError(f"{method} {urlsplit(url).path}: {failure}")
+                return response
+            time.sleep(self.retry.delay(attempt, response.headers.get("Retry-After") if response else None))
 
     def url_for(self, path: str) -> str:
         url = urljoin(self.base_url, path)
@@ -108,10 +204,7 @@ class EhrClient:
     def _request(
         self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
     ) -> dict[str, Any]:
-        try:
-            response = self._client.request(method, self.url_for(path), json=body, params=params)
-        except httpx.HTTPError as error:
-            raise EhrError(f"{method} {path}: {type(error).__name__}") from None
+        response = self._send(method, self.url_for(path), json=body, params=params)
         if response.status_code >= 400:
             raise EhrError(f"{method} {path}: HTTP {response.status_code}", response.status_code)
         result: dict[str, Any] = response.json() if response.content else {}
@@ -121,10 +214,7 @@ class EhrClient:
         return self._request("GET", path)
 
     def fetch_text(self, path: str) -> bytes:
-        try:
-            response = self._client.get(self.url_for(path), headers={"Accept": "*/*"})
-        except httpx.HTTPError as error:
-            raise EhrError(f"GET {path}: {type(error).__name__}") from None
+        response = self._send("GET", self.url_for(path), headers={"Accept": "*/*"})
         if response.status_code >= 400:
             raise EhrError(f"GET {path}: HTTP {response.status_code}", response.status_code)
         return response.content

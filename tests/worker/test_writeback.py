@@ -56,7 +56,9 @@ def stub_tag_note(text: str, pipeline: Any = None, language: str | None = None) 
 
 
 @pytest.fixture()
-def writeback_env(ehr: FhirTestServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[FhirTestServer]:
+def writeback_env(
+    ehr: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FhirTestServer]:
     from adapter.settings import get_settings
     from worker.runtime import reset_pipeline
     from worker.terminology import reset_terminology
@@ -64,6 +66,8 @@ def writeback_env(ehr: FhirTestServer, monkeypatch: pytest.MonkeyPatch) -> Itera
     monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", ehr.base_url)
     monkeypatch.setenv("FHIR_NER_IDENTIFIER_NAMESPACE", NAMESPACE)
     monkeypatch.setenv("FHIR_NER_TERMINOLOGY", "off")
+    # One attempt per request: these tests drive the task-level retries (the client's own are in test_ehr_client).
+    monkeypatch.setenv("FHIR_NER_EHR_RETRY_ATTEMPTS", "1")
     monkeypatch.delenv("FHIR_NER_WRITEBACK_DIR", raising=False)
     monkeypatch.delenv("FHIR_NER_MAPPING_PROFILE", raising=False)
     monkeypatch.setattr("worker.tasks.tag_note", stub_tag_note)
