@@ -246,10 +246,17 @@ def validate_r4(resource: dict[str, Any]) -> None:
     """Validate with the fhir.resources R4B models (R4-compatible for every type we emit)."""
     from fhir.resources.R4B import get_fhir_model_class
 
+    kind = resource.get("resourceType")
     try:
-        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
-    except (ValidationError, KeyError, ValueError) as error:
-        raise MappingValidationError(f"{resource.get('resourceType')} failed validation: {error}") from None
+        get_fhir_model_class(str(kind)).model_validate(resource)
+    except ValidationError as error:
+        # Where and what, never the offending values: they may be note text (PHI) and end up in logs.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in error.errors()[:5]
+        )
+        raise MappingValidationError(f"{kind} failed validation: {problems}") from None
+    except (KeyError, ValueError):
+        raise MappingValidationError(f"{kind} failed validation: unknown resource type") from None
 
 
 def _entry(full_url: str, resource: dict[str, Any], namespace: str, value: str) -> dict[str, Any]:

@@ -165,3 +165,12 @@ def test_mentions_reject_impossible_offsets_and_unknown_assertions() -> None:
         Mention("DISEASE", 5, 5, "")
     with pytest.raises(ValueError, match="assertion"):
         Mention("DISEASE", 0, 3, "Neu", assertion="maybe")
+
+
+def test_validation_errors_name_the_field_but_never_the_value() -> None:
+    from mappings.bundle import MappingValidationError, validate_r4
+
+    with pytest.raises(MappingValidationError) as error:
+        validate_r4({"resourceType": "Condition", "subject": {"reference": "Patient/1"}, "code": "fiebre alta"})
+    assert "code" in str(error.value)
+    assert "fiebre alta" not in str(error.value)
