@@ -26,7 +26,12 @@ def serve(host: str, port: int, workers: int) -> None:
     """Run the API (POST /fhir/notify, /healthz, /readyz, /documents/{id})."""
     import uvicorn
 
-    uvicorn.run("adapter.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+    from adapter.logging_config import configure_logging
+
+    configure_logging("INFO")
+    uvicorn.run(
+        "adapter.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info", log_config=None
+    )
 
 
 @main.command()
@@ -35,8 +40,13 @@ def serve(host: str, port: int, workers: int) -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(concurrency: int, pool: str, loglevel: str) -> None:
     """Run a Celery worker that tags notes and writes results back to the EHR."""
+    from celery.signals import setup_logging
+
+    from adapter.logging_config import configure_logging
     from worker.celery_app import get_celery_app, queue_name
 
+    # Our JSON handler instead of Celery's own log setup (connecting to the signal tells Celery to skip it).
+    setup_logging.connect(lambda **_: configure_logging(loglevel), weak=False)
     app = get_celery_app()
     app.worker_main(
         [
