@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import socket
@@ -51,54 +50,12 @@ def note_text(size: int, seed: int) -> str:
 
 
 def notification(number: int, size: int, run: str) -> bytes:
-    doc_id = f"bench-{run}-{number}"
-    document = {
-        "resourceType": "DocumentReference",
-        "id": doc_id,
-        "meta": {"versionId": "1"},
-        "status": "current",
-        "docStatus": "final",
-        "subject": {"reference": "Patient/bench"},
-        "date": "2026-11-20T09:30:00Z",
-        "content": [
-            {
-                "attachment": {
-                    "contentType": "text/plain; charset=utf-8",
-                    "language": "es",
-                    "data": base64.b64encode(note_text(size, number).encode()).decode(),
-                }
-            }
-        ],
-    }
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "history",
-        "timestamp": "2026-11-20T09:30:00Z",
-        "entry": [
-            {
-                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
-                "resource": {
-                    "resourceType": "Parameters",
-                    "parameter": [
-                        {"name": "subscription", "valueReference": {"reference": f"Subscription/bench-{run}"}},
-                        {"name": "topic", "valueCanonical": "http://example.org/topic/notes"},
-                        {"name": "status", "valueCode": "active"},
-                        {"name": "type", "valueCode": "event-notification"},
-                        {"name": "events-since-subscription-start", "valueString": str(number)},
-                        {
-                            "name": "notification-event",
-                            "part": [
-                                {"name": "event-number", "valueString": str(number)},
-                                {"name": "timestamp", "valueInstant": "2026-11-20T09:30:00Z"},
-                                {"name": "focus", "valueReference": {"reference": f"DocumentReference/{doc_id}"}},
-                            ],
-                        },
-                    ],
-                },
-            },
-            {"fullUrl": f"DocumentReference/{doc_id}", "resource": document},
-        ],
-    }
+    """A full-resource backport notification; each run has its own subscription, so its event numbers are new."""
+    from worker.demo import notification_for
+
+    bundle = notification_for(
+        f"bench-{run}-{number}", "es", note_text(size, number), number, subscription=f"Subscription/bench-{run}"
+    )
     return json.dumps(bundle).encode()
 
 

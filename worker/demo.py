@@ -38,7 +38,9 @@ def sample_notes() -> list[tuple[str, str, str]]:
     return notes
 
 
-def notification_for(document_id: str, language: str, text: str, event_number: int) -> dict[str, Any]:
+def notification_for(
+    document_id: str, language: str, text: str, event_number: int, subscription: str = "Subscription/demo"
+) -> dict[str, Any]:
     """An R4 Subscriptions Backport full-resource notification carrying one note."""
     document = {
         "resourceType": "DocumentReference",
@@ -66,7 +68,7 @@ def notification_for(document_id: str, language: str, text: str, event_number: i
             ]
         },
         "parameter": [
-            {"name": "subscription", "valueReference": {"reference": "Subscription/demo"}},
+            {"name": "subscription", "valueReference": {"reference": subscription}},
             {"name": "topic", "valueCanonical": "http://example.org/SubscriptionTopic/clinical-note"},
             {"name": "status", "valueCode": "active"},
             {"name": "type", "valueCode": "event-notification"},

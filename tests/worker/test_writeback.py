@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from ehr.harness import FhirTestServer
+from test_end_to_end import create, search
 
 from mappings.bundle import ModelInfo, build_transaction, plan_transaction
 from mappings.context import context_from_document_reference
@@ -80,13 +81,6 @@ def writeback_env(
     reset_terminology()
 
 
-def post(ehr: FhirTestServer, resource: dict[str, Any]) -> dict[str, Any]:
-    response = httpx.post(f"{ehr.base_url}/{resource['resourceType']}", json=resource, timeout=10)
-    assert response.status_code == 201, response.text
-    created: dict[str, Any] = response.json()
-    return created
-
-
 def put(ehr: FhirTestServer, resource: dict[str, Any]) -> dict[str, Any]:
     response = httpx.put(f"{ehr.base_url}/{resource['resourceType']}/{resource['id']}", json=resource, timeout=10)
     assert response.status_code == 200, response.text
@@ -94,15 +88,9 @@ def put(ehr: FhirTestServer, resource: dict[str, Any]) -> dict[str, Any]:
     return updated
 
 
-def search(ehr: FhirTestServer, query: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{ehr.base_url}/{query}", timeout=10)
-    assert response.status_code == 200, response.text
-    return [entry["resource"] for entry in response.json().get("entry", [])]
-
-
 def note_document(ehr: FhirTestServer, text: str) -> dict[str, Any]:
-    patient = post(ehr, {"resourceType": "Patient", "name": [{"family": "Prueba"}]})
-    return post(
+    patient = create(ehr, {"resourceType": "Patient", "name": [{"family": "Prueba"}]})
+    return create(
         ehr,
         {
             "resourceType": "DocumentReference",
@@ -283,7 +271,7 @@ def test_only_resources_derived_from_this_note_are_touched(writeback_env: FhirTe
     (observation,) = derived(ehr, other["id"]).values()
     forged = {k: v for k, v in observation.items() if k not in ("id", "meta")}
     forged["meta"] = {"tag": [{"system": f"{NAMESPACE}/document", "code": mine["id"]}]}
-    forged = post(ehr, forged)
+    forged = create(ehr, forged)
     foreign = {k: v for k, v in forged.items() if k not in ("id", "meta", "identifier")}
     foreign["meta"] = forged["meta"]
     foreign["extension"] = [
@@ -294,7 +282,7 @@ def test_only_resources_derived_from_this_note_are_touched(writeback_env: FhirTe
             ],
         }
     ]
-    foreign = post(ehr, foreign)
+    foreign = create(ehr, foreign)
     outcome = retract_document(mine["id"], "2")
     assert sorted(r.split("/")[0] for r in outcome["retired"]) == ["Condition", "Observation"]
     assert f"Observation/{forged['id']}" not in outcome["retired"]
