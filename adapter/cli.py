@@ -35,16 +35,37 @@ def serve(host: str, port: int, workers: int) -> None:
 
 
 @main.command()
-@click.option("--concurrency", default=1, show_default=True, type=int, help="Worker processes.")
-@click.option("--pool", default="prefork", show_default=True, type=click.Choice(["prefork", "solo", "threads"]))
+@click.option(
+    "--queues",
+    default="io,inference",
+    show_default=True,
+    help="Queues to serve: io (reading notes, writing back), inference (the tagger), or both.",
+)
+@click.option(
+    "--pool",
+    default=None,
+    type=click.Choice(["solo", "threads", "prefork"]),
+    help="Default: threads for io alone, else solo (one model per process; run more processes to scale).",
+)
+@click.option("--concurrency", default=None, type=int, help="Threads or processes (default: 8 for io alone, else 1).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(concurrency: int, pool: str, loglevel: str) -> None:
-    """Run a Celery worker that tags notes and writes results back to the EHR."""
+def worker(queues: str, pool: str | None, concurrency: int | None, loglevel: str) -> None:
+    """Run a Celery worker: the I/O queue, the inference queue, or both (one process, for small setups)."""
     from celery.signals import setup_logging
 
     from adapter.logging_config import configure_logging
-    from worker.celery_app import get_celery_app, queue_name
+    from adapter.settings import get_settings
+    from worker.celery_app import INFERENCE_QUEUE, QUEUES, get_celery_app, queue_name
 
+    kinds = [kind.strip() for kind in queues.split(",") if kind.strip()]
+    unknown = sorted(set(kinds) - set(QUEUES))
+    if not kinds or unknown:
+        raise CliError(f"--queues takes io, inference or both (got {queues!r})")
+    serves_model = INFERENCE_QUEUE in kinds
+    pool = pool or ("solo" if serves_model else "threads")
+    concurrency = concurrency or (1 if serves_model else 8)
+    # The inference worker holds one batch of messages (unacknowledged until tagged) and no more.
+    prefetch = get_settings().inference_max_notes if serves_model else 1
     # Our JSON handler instead of Celery's own log setup (connecting to the signal tells Celery to skip it).
     setup_logging.connect(lambda **_: configure_logging(loglevel), weak=False)
     app = get_celery_app()
@@ -54,8 +75,9 @@ def worker(concurrency: int, pool: str, loglevel: str) -> None:
             f"--concurrency={concurrency}",
             f"--pool={pool}",
             f"--loglevel={loglevel}",
+            f"--prefetch-multiplier={prefetch}",
             "-Q",
-            queue_name("notes"),
+            ",".join(queue_name(kind) for kind in kinds),
             "--without-gossip",
             "--without-mingle",
         ]

@@ -96,7 +96,8 @@ def celery_envelope(task: str, args: list[Any]) -> Envelope | None:
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    return Envelope(queue.name, json.dumps(message))
+    prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+    return Envelope(prefix + queue.name, json.dumps(message))
 
 
 def _broker_is_state_redis(broker_url: str) -> bool:

@@ -55,22 +55,28 @@ class RedisCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         from adapter.deps import get_redis, get_subscription_state
-        from adapter.settings import get_settings
 
         try:
+            from worker.celery_app import QUEUES, broker_queue_key
+
             client = get_redis()
-            queue = f"{get_settings().key_prefix}.notes"
             pipe = client.pipeline(transaction=False)
-            for suffix in _PRIORITY_SUFFIXES:
-                pipe.llen(queue + suffix)
-            depth = sum(int(n) for n in pipe.execute())
+            for kind in QUEUES:
+                for suffix in _PRIORITY_SUFFIXES:
+                    pipe.llen(broker_queue_key(kind) + suffix)
+            lengths = [int(n) for n in pipe.execute()]
+            steps = len(_PRIORITY_SUFFIXES)
+            depths = {kind: sum(lengths[i * steps : (i + 1) * steps]) for i, kind in enumerate(QUEUES)}
             state = get_subscription_state()
             totals = state.totals()
             subscriptions = int(client.scard(state.registry_key))
         except Exception as error:  # Redis down: /readyz says so; metrics still answer
             logger.warning("metrics: Redis unavailable (%s)", type(error).__name__)
             return
-        yield GaugeMetricFamily("fhir_ner_queue_depth", "Task messages waiting on the notes queue.", value=depth)
+        depth = GaugeMetricFamily("fhir_ner_queue_depth", "Task messages waiting, by queue.", labels=["queue"])
+        for kind, waiting in depths.items():
+            depth.add_metric([kind], waiting)
+        yield depth
         yield GaugeMetricFamily(
             "fhir_ner_subscriptions", "Subscriptions the receiver has heard from.", value=subscriptions
         )

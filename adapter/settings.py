@@ -71,7 +71,36 @@ class Settings(BaseSettings):
         default=None, description="Where converted encoders are cached (default ~/.cache/fhir-ner/encoders)."
     )
     torch_threads: int | None = Field(default=None, description="CPU threads for PyTorch (default: all cores).")
-    inference_batch_size: int = Field(default=8, description="Windows per forward pass.")
+    inference_batch_size: int = Field(
+        default=8, ge=1, description="Windows per forward pass (halved on out-of-memory, for that worker's life)."
+    )
+    inference_max_notes: int = Field(
+        default=16, ge=1, description="The inference worker tags up to this many waiting notes in one pass..."
+    )
+    inference_max_wait_ms: int = Field(
+        default=50, ge=1, description="...or whatever has arrived after waiting this long for more."
+    )
+
+    # Worker runtime (Celery)
+    broker_visibility_timeout: int = Field(
+        default=3600,
+        description="Seconds before a message taken by a worker that vanished (kill -9, lost host) is delivered "
+        "again; must exceed the longest task (the hard time limit).",
+    )
+    broker_restore_interval: int = Field(
+        default=10, ge=1, description="How often workers look for such abandoned messages, in seconds."
+    )
+    task_soft_time_limit: int = Field(default=600, ge=1, description="A task is asked to stop after this many s.")
+    task_time_limit: int = Field(default=660, ge=1, description="A task is killed after this many seconds.")
+    task_max_retries: int = Field(
+        default=8, ge=0, description="Retries of a job whose EHR calls keep failing before it is dead-lettered."
+    )
+    task_retry_max_delay: float = Field(
+        default=300.0, description="Longest wait between those retries (exponential backoff with jitter), s."
+    )
+    worker_metrics_port: int | None = Field(
+        default=None, description="Port of the worker's Prometheus /metrics (unset: none)."
+    )
 
     # Mapping
     mapping_profile: Path | None = Field(default=None, description="Mapping profile YAML; default built in.")
@@ -134,6 +163,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [secret.strip() for secret in value.split(",") if secret.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _time_limits_fit(self) -> Settings:
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("FHIR_NER_TASK_SOFT_TIME_LIMIT must be below FHIR_NER_TASK_TIME_LIMIT")
+        if self.broker_visibility_timeout <= self.task_time_limit:
+            raise ValueError(
+                "FHIR_NER_BROKER_VISIBILITY_TIMEOUT must exceed FHIR_NER_TASK_TIME_LIMIT, "
+                "or running tasks are delivered a second time"
+            )
+        return self
 
     @model_validator(mode="after")
     def _no_open_door_in_production(self) -> Settings:

@@ -1,4 +1,13 @@
-"""The Celery application: Redis broker and result store, configured from settings. No model code here."""
+"""The Celery application: Redis broker and result store, configured from settings. No model code here.
+
+Two queues, each served by its own pool of workers on as many machines as needed (they share the broker):
+
+* ``<prefix>.io``: reading notes and writing results back. Slow EHRs wait here, never in front of the model;
+  a ``threads`` pool with many threads suits it.
+* ``<prefix>.inference``: tagging. One process per model copy (``solo`` pool) that takes up to
+  ``FHIR_NER_INFERENCE_MAX_NOTES`` waiting notes, or what came within ``FHIR_NER_INFERENCE_MAX_WAIT_MS``,
+  and tags them in one length-bucketed pass.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +17,62 @@ from celery import Celery
 
 from adapter.settings import get_settings
 
+IO_QUEUE = "io"
+INFERENCE_QUEUE = "inference"
+QUEUES = (IO_QUEUE, INFERENCE_QUEUE)
+INFERENCE_TASKS = ("worker.tasks.tag_notes",)
+
 
 def queue_name(kind: str) -> str:
     """Queues carry the key prefix so several deployments (or test runs) can share one Redis."""
     return f"{get_settings().key_prefix}.{kind}"
 
 
+def broker_key_prefix() -> str:
+    """Every broker key (queues, unacknowledged messages) lives under the deployment's prefix, so deployments
+    sharing a Redis never restore each other's messages."""
+    return f"{get_settings().key_prefix}:broker:"
+
+
+def broker_queue_key(kind: str) -> str:
+    """The Redis list holding a queue's waiting messages."""
+    return broker_key_prefix() + queue_name(kind)
+
+
+def route_task(name: str, *_: object, **__: object) -> dict[str, str]:
+    """Inference tasks to the model queue, everything else (EHR reads and writes, recovery) to the I/O queue."""
+    return {"queue": queue_name(INFERENCE_QUEUE if name in INFERENCE_TASKS else IO_QUEUE)}
+
+
 @lru_cache(maxsize=1)
 def get_celery_app() -> Celery:
     settings = get_settings()
-    app = Celery("fhir_ner", broker=settings.redis_url, backend=settings.redis_url, include=["worker.tasks"])
+    app = Celery("fhir_ner", broker=settings.redis_url, include=["worker.tasks"])
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
+        # A message is acknowledged only when its task has finished; a worker that dies (kill -9, lost
+        # machine) leaves it unacknowledged and the broker delivers it again after the visibility timeout.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue=queue_name("notes"),
-        result_expires=24 * 3600,
+        task_routes=(route_task,),
+        task_default_queue=queue_name(IO_QUEUE),
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_time_limit,
+        # The note's status record in Redis (adapter/state.py) is the result; Celery keeps none.
+        task_ignore_result=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 2 * 3600},
+        broker_connection_max_retries=None,
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "unacked_restore_interval": settings.broker_restore_interval,
+            "unacked_restore_throttle": 1,
+            "global_keyprefix": broker_key_prefix(),
+        },
         worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     return app

@@ -148,7 +148,7 @@ def _run(output: Path, model: Path, token: str) -> list[dict[str, Any]]:
     from adapter.app import create_app
     from adapter.deps import get_note_state, reset_dependencies, use_redis_client
     from adapter.settings import get_settings
-    from worker.celery_app import get_celery_app
+    from worker.celery_app import QUEUES, get_celery_app, queue_name
     from worker.runtime import reset_pipeline
 
     reset_dependencies()
@@ -177,7 +177,7 @@ def _run(output: Path, model: Path, token: str) -> list[dict[str, Any]]:
                 pool="solo",
                 perform_ping_check=False,
                 loglevel="WARNING",
-                queues=[app.conf.task_default_queue],
+                queues=[queue_name(kind) for kind in QUEUES],
                 shutdown_timeout=30,
             ),
             TestClient(create_app()) as client,

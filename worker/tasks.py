@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import redis
 from celery import shared_task
-from celery.signals import worker_init
+from celery.exceptions import Reject
+from celery.signals import worker_init, worker_ready
+from celery_batches import Batches
 
 from adapter.deps import get_note_state, get_redis
 from adapter.documents import attachment_text, decode_attachment_data, find_text_attachment
@@ -28,7 +34,9 @@ from mappings.mentions import Mention
 from mappings.registry import retirable_types
 from worker.dlq import DeadLetter, DeadLetterStore
 from worker.ehr import EhrClient, EhrError, FolderWriter, ResultWriter, check_transaction_response
-from worker.runtime import get_pipeline, get_profile
+from worker.inference import tag_texts
+from worker.runtime import ModelNotConfiguredError, get_pipeline, get_profile
+from worker.work import TaggingInput, WorkStore
 
 if TYPE_CHECKING:
     from worker.nlp.tagger import TaggerPipeline
@@ -66,14 +74,8 @@ def tag_note(
 
     ``language`` is the DocumentReference's; without it the assertion rules' language is detected from the text.
     """
-    from worker.nlp.assertion import default_detector
-
-    pipeline = pipeline or get_pipeline()
-    spans = pipeline.predict([text])[0]
-    mentions = [Mention(s.label, s.start, s.end, text[s.start : s.end], s.score) for s in spans]
-    mentions = default_detector().annotate(text, mentions, language)
-    name, revision = pipeline.tagger.model_info()
-    return mentions, ModelInfo(name, revision)
+    found, model = tag_texts(pipeline or get_pipeline(), [text], [language])
+    return found[0], model
 
 
 @contextlib.contextmanager
@@ -114,16 +116,21 @@ def write_plan(writer: ResultWriter, plan: WritebackPlan, name: str) -> dict[str
     }
 
 
-def process_document(document: dict[str, Any], version_id: str) -> dict[str, Any]:
-    """The whole job for one note version; returns the status record."""
-    if is_retracted(document):
-        return retract_document(str(document.get("id") or ""), version_id)
+def read_note(document: dict[str, Any]) -> TaggingInput:
+    """The I/O half of reading a note: its text (inline, or fetched from the EHR) and its language."""
+    attachment_index, text = note_text(document)
+    context = context_from_document_reference(document, attachment_index)
+    return TaggingInput(document, attachment_index, text, context.language)
+
+
+def write_mentions(
+    document: dict[str, Any], attachment_index: int, version_id: str, mentions: list[Mention], model: ModelInfo
+) -> dict[str, Any]:
+    """Map the mentions and write them back in one transaction, retiring what earlier versions said."""
     from worker.terminology import get_terminology
 
     settings = get_settings()
-    attachment_index, text = note_text(document)
     context = context_from_document_reference(document, attachment_index)
-    mentions, model = tag_note(text, language=context.language)
     profile = get_profile()
     terminology = get_terminology(profile)
     with _writer() as writer:
@@ -141,6 +148,16 @@ def process_document(document: dict[str, Any], version_id: str) -> dict[str, Any
         return {"mentions": len(mentions), **write_plan(writer, plan, f"{context.document_id}-{version_id}")}
 
 
+def process_document(document: dict[str, Any], version_id: str) -> dict[str, Any]:
+    """The whole job for one note version in this process (the three stages the queues split); returns
+    the status record."""
+    if is_retracted(document):
+        return retract_document(str(document.get("id") or ""), version_id)
+    item = read_note(document)
+    mentions, model = tag_note(item.text, language=item.language)
+    return write_mentions(document, item.attachment_index, version_id, mentions, model)
+
+
 def retract_document(document_id: str, version_id: str) -> dict[str, Any]:
     """The note was entered in error: mark everything derived from any of its versions entered-in-error."""
     if not document_id:
@@ -156,41 +173,90 @@ def dead_letter_store() -> DeadLetterStore:
     return DeadLetterStore(get_redis(), get_settings().key_prefix)
 
 
-def dead_letter(task: Any, document_id: str, version_id: str, reason: str) -> None:
+def work_store() -> WorkStore:
+    return WorkStore(get_redis(), get_settings().key_prefix)
+
+
+def dead_letter(task_name: str, document_id: str, version_id: str, reason: str, attempts: int) -> None:
     """Out of retries (or not retryable): keep the job with its last error instead of dropping it."""
-    letter_id = f"{task.name.rsplit('.', 1)[-1]}:{document_id}:{version_id}"
+    from worker.metrics import DEAD_LETTERS, NOTES
+
+    short_name = task_name.rsplit(".", 1)[-1]
+    letter_id = f"{short_name}:{document_id}:{version_id}"
     dead_letter_store().add(
-        DeadLetter(
-            id=letter_id,
-            task=task.name,
-            args=[document_id, version_id],
-            error=reason,
-            attempts=int(task.request.retries or 0) + 1,
-        )
+        DeadLetter(id=letter_id, task=task_name, args=[document_id, version_id], error=reason, attempts=attempts)
     )
     get_note_state().set_status(document_id, version_id, "dead-lettered", reason=reason, dead_letter=letter_id)
+    DEAD_LETTERS.labels(short_name).inc()
+    NOTES.labels("dead-lettered").inc()
+    logger.error(
+        "job dead-lettered", extra={"document_version": f"{document_id}/{version_id}", "dead_letter": letter_id}
+    )
 
 
-def _finish(self: Any, document_id: str, version_id: str, job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run a job for one note version and record its outcome; transient EHR errors are retried."""
+@dataclass(frozen=True)
+class Handoff:
+    """A stage finished and queued the next one; the note is still being processed."""
+
+    stage: str
+
+
+ALREADY_DONE = Handoff("done")  # a stage delivered again after the note was finished: nothing to do
+
+
+def retry_delay(retries: int) -> float:
+    """Exponential backoff with full jitter, capped by ``FHIR_NER_TASK_RETRY_MAX_DELAY``."""
+    cap = min(get_settings().task_retry_max_delay, 2.0 ** (retries + 1))
+    return cap * (0.5 + 0.5 * random.random())  # noqa: S311 - jitter, not crypto
+
+
+def requeue_when_redis_fails(error: redis.RedisError) -> Reject:
+    """Redis (broker and state) is unreachable: give the message back instead of failing it.
+
+    A failed task's message is acknowledged and gone; a rejected one goes back on its queue, or, if Redis
+    cannot even take it back, stays among the unacknowledged messages that are delivered again after the
+    visibility timeout. Either way the job runs again once Redis is back (the stages are idempotent).
+    """
+    time.sleep(1.0)
+    logger.warning("Redis unavailable, job given back to the queue (%s)", type(error).__name__)
+    return Reject(f"Redis unavailable: {type(error).__name__}", requeue=True)
+
+
+def _finish(
+    self: Any, document_id: str, version_id: str, job: Callable[[], dict[str, Any] | Handoff]
+) -> dict[str, Any]:
+    """Run one stage of a note version's job and record its outcome; transient EHR errors are retried."""
+    from worker.metrics import NOTES
+
+    settings = get_settings()
     state = get_note_state()
-    state.set_status(document_id, version_id, "processing")
     try:
         result = job()
+    except redis.RedisError as error:
+        raise requeue_when_redis_fails(error) from None
     except EhrError as error:
-        if error.transient and self.request.retries < self.max_retries:
+        if error.transient and self.request.retries < settings.task_max_retries:
             state.set_status(document_id, version_id, "queued", reason=f"retrying: {error}")
-            raise self.retry(countdown=min(60, 2**self.request.retries)) from None
-        dead_letter(self, document_id, version_id, str(error))
+            raise self.retry(
+                countdown=retry_delay(self.request.retries), max_retries=settings.task_max_retries
+            ) from None
+        dead_letter(self.name, document_id, version_id, str(error), int(self.request.retries or 0) + 1)
         raise
     except Exception as error:
-        dead_letter(self, document_id, version_id, f"{type(error).__name__}: {error}")
+        dead_letter(self.name, document_id, version_id, f"{type(error).__name__}: {error}", 1)
         logger.exception("note failed", extra={"document_version": f"{document_id}/{version_id}"})
         raise
+    if result is ALREADY_DONE:
+        return {"already": "done"}
+    if isinstance(result, Handoff):
+        state.set_status(document_id, version_id, "processing", stage=result.stage)
+        return {"handoff": result.stage}
     if "skipped" in result:
         state.set_status(document_id, version_id, "skipped", reason=result.pop("skipped"), **result)
+        NOTES.labels("skipped").inc()
     else:
         state.set_status(document_id, version_id, "done", **result)
+        NOTES.labels("retracted" if result.get("retracted") else "done").inc()
     logger.info(
         "note done",
         extra={"document_version": f"{document_id}/{version_id}", "mentions": result.get("mentions", 0)},
@@ -198,50 +264,183 @@ def _finish(self: Any, document_id: str, version_id: str, job: Callable[[], dict
     return result
 
 
-@shared_task(
-    name="worker.tasks.process_note",
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=5,
-)
+def _send(task: str, document_id: str, version_id: str) -> None:
+    from worker.celery_app import get_celery_app
+
+    get_celery_app().send_task(task, args=[document_id, version_id])
+
+
+def load_document(document_id: str, version_id: str) -> dict[str, Any]:
+    """The version's DocumentReference: as the notification brought it, else read from the EHR."""
+    document = get_note_state().load_note(document_id, version_id)
+    if document is not None:
+        return document
+    client = EhrClient.from_settings(get_settings())
+    try:
+        return client.read(f"DocumentReference/{document_id}/_history/{version_id}")
+    finally:
+        client.close()
+
+
+def start_note(document_id: str, version_id: str) -> dict[str, Any] | Handoff:
+    """I/O stage one: read the note, keep its text for the inference workers, queue it for tagging."""
+    get_note_state().set_status(document_id, version_id, "processing", stage="reading")
+    document = load_document(document_id, version_id)
+    if is_retracted(document):
+        return retract_document(str(document.get("id") or document_id), version_id)
+    item = read_note(document)
+    work_store().put_input(document_id, version_id, item)
+    _send(TAG_NOTES, document_id, version_id)
+    return Handoff("tagging")
+
+
+def finish_note(document_id: str, version_id: str) -> dict[str, Any] | Handoff:
+    """I/O stage three: write the tagged mentions back. Without them (expired), start the job again."""
+    store = work_store()
+    output = store.get_output(document_id, version_id)
+    if output is None:
+        if get_note_state().get_status(document_id).get(version_id, {}).get("status") == "done":
+            return ALREADY_DONE
+        logger.warning(
+            "tagging output missing, note restarted", extra={"document_version": f"{document_id}/{version_id}"}
+        )
+        _send(PROCESS_NOTE, document_id, version_id)
+        return Handoff("restarted")
+    result = write_mentions(output.document, output.attachment_index, version_id, output.mentions, output.model)
+    store.discard(document_id, version_id)
+    return result
+
+
+PROCESS_NOTE = "worker.tasks.process_note"
+TAG_NOTES = "worker.tasks.tag_notes"
+WRITE_NOTE = "worker.tasks.write_note"
+_IO_TASK = {"bind": True, "acks_late": True, "reject_on_worker_lost": True}
+
+
+@shared_task(name=PROCESS_NOTE, **_IO_TASK)
 def process_note(self: Any, document_id: str, version_id: str) -> dict[str, Any]:
-    state = get_note_state()
-    document = state.load_note(document_id, version_id)
-    if document is None:
-        client = EhrClient.from_settings(get_settings())
-        try:
-            document = client.read(f"DocumentReference/{document_id}/_history/{version_id}")
-        finally:
-            client.close()
-    loaded = document
-    return _finish(self, document_id, version_id, lambda: process_document(loaded, version_id))
+    return _finish(self, document_id, version_id, lambda: start_note(document_id, version_id))
 
 
-@shared_task(
-    name="worker.tasks.retract_note",
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=5,
-)
+@shared_task(name=WRITE_NOTE, **_IO_TASK)
+def write_note(self: Any, document_id: str, version_id: str) -> dict[str, Any]:
+    return _finish(self, document_id, version_id, lambda: finish_note(document_id, version_id))
+
+
+@shared_task(name="worker.tasks.retract_note", **_IO_TASK)
 def retract_note(self: Any, document_id: str, version_id: str) -> dict[str, Any]:
     """The note became entered-in-error (version ``version_id``): retire everything derived from it."""
     return _finish(self, document_id, version_id, lambda: retract_document(document_id, version_id))
 
 
+class NoteBatches(Batches):  # type: ignore[misc]
+    """Collects waiting inference messages: up to ``FHIR_NER_INFERENCE_MAX_NOTES``, or what arrived within
+    ``FHIR_NER_INFERENCE_MAX_WAIT_MS``, then runs them as one call.
+
+    Acknowledgement is per message: a message is acknowledged once its note is handed to the write stage or
+    dead-lettered; the others (Redis failed mid-way) go back on the queue.
+    """
+
+    @property
+    def flush_every(self) -> int:  # type: ignore[override]
+        return get_settings().inference_max_notes
+
+    @property
+    def flush_interval(self) -> float:  # type: ignore[override]
+        return get_settings().inference_max_wait_ms / 1000
+
+    def flush(self, requests: Any) -> Any:
+        from celery_batches import SimpleRequest
+        from celery_batches.trace import apply_batches_task
+
+        requests = list(requests)
+        serializable = ([SimpleRequest.from_request(r) for r in requests],)
+
+        def on_return(handled: Any) -> None:
+            done = set(handled or ())
+            for request in requests:
+                if request.id in done:
+                    request.acknowledge()
+                else:
+                    request.reject(requeue=True)
+
+        return self._pool.apply_async(apply_batches_task, (self, serializable, 0, None), callback=on_return)
+
+
+@shared_task(name=TAG_NOTES, base=NoteBatches, acks_late=True, reject_on_worker_lost=True)
+def tag_notes(requests: list[Any]) -> list[str]:
+    """Inference stage: tag the waiting notes in one pass; returns the ids of the messages dealt with."""
+    jobs = [(str(r.args[0]), str(r.args[1])) for r in requests]
+    try:
+        done = tag_jobs(jobs)
+    except redis.RedisError as error:
+        requeue_when_redis_fails(error)
+        return []
+    except Exception as error:  # a defect, not an outage: keep the jobs in the dead-letter store, don't loop
+        logger.exception("inference batch failed")
+        for job in dict.fromkeys(jobs):
+            dead_letter(TAG_NOTES, *job, f"{type(error).__name__}: {error}", 1)
+        done = set(jobs)
+    return [r.id for r, job in zip(requests, jobs, strict=True) if job in done]
+
+
+def tag_jobs(jobs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Tag the notes of ``jobs`` together and queue their write-back; returns the jobs dealt with (handed on,
+    restarted or dead-lettered). Redis errors propagate: nothing is acknowledged and the batch runs again."""
+    state = get_note_state()
+    store = work_store()
+    unique = list(dict.fromkeys(jobs))
+    items = store.get_inputs(unique)
+    done: set[tuple[str, str]] = set()
+    ready: list[tuple[tuple[str, str], TaggingInput]] = []
+    for job, item in zip(unique, items, strict=True):
+        if item is None:  # the input expired or Redis lost it: read the note again
+            _send(PROCESS_NOTE, *job)
+            done.add(job)
+        else:
+            ready.append((job, item))
+    if not ready:
+        return done
+    for job, _ in ready:
+        state.set_status(*job, "processing", stage="tagging")
+    try:
+        found, model = tag_texts(get_pipeline(), [item.text for _, item in ready], [item.language for _, item in ready])
+    except redis.RedisError:
+        raise
+    except Exception as error:
+        if len(ready) > 1 and not isinstance(error, ModelNotConfiguredError):
+            # One bad note must not sink the others: tag them one by one to find it.
+            for job, _ in ready:
+                done |= tag_jobs([job])
+            return done
+        reason = f"{type(error).__name__}: {error}"
+        logger.exception("tagging failed")
+        for job, _ in ready:
+            dead_letter(TAG_NOTES, *job, reason, 1)
+            done.add(job)
+        return done
+    store.put_outputs({job: (mentions, model) for (job, _), mentions in zip(ready, found, strict=True)})
+    for job, _ in ready:
+        _send(WRITE_NOTE, *job)
+        state.set_status(*job, "processing", stage="writing")
+        done.add(job)
+    return done
+
+
 # The receiver's recovery jobs (adapter/jobs.py, adapter/recovery.py): thin wrappers that retry when the EHR is down.
-@shared_task(name="worker.tasks.resolve_note", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=5)
+@shared_task(name="worker.tasks.resolve_note", **_IO_TASK)
 def resolve_note(self: Any, document_id: str, subscription: str | None = None) -> dict[str, Any]:
     from adapter.recovery import EhrUnavailableError, run_resolve_note
 
     try:
         return run_resolve_note(document_id, subscription)
     except EhrUnavailableError as error:
-        raise self.retry(countdown=min(60, 2**self.request.retries), exc=error) from None
+        raise self.retry(
+            countdown=retry_delay(self.request.retries), exc=error, max_retries=get_settings().task_max_retries
+        ) from None
 
 
-@shared_task(name="worker.tasks.recover_events", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=5)
+@shared_task(name="worker.tasks.recover_events", **_IO_TASK)
 def recover_events(
     self: Any, subscription: str | None, from_event: int | None, to_event: int | None, since: float | None
 ) -> dict[str, Any]:
@@ -250,7 +449,9 @@ def recover_events(
     try:
         return run_recover_events(subscription, from_event, to_event, since)
     except EhrUnavailableError as error:
-        raise self.retry(countdown=min(60, 2**self.request.retries), exc=error) from None
+        raise self.retry(
+            countdown=retry_delay(self.request.retries), exc=error, max_retries=get_settings().task_max_retries
+        ) from None
 
 
 @worker_init.connect
@@ -265,3 +466,12 @@ def check_profile_at_start(**_: Any) -> None:
     except (ProfileError, TerminologyError) as error:
         logger.error("cannot start: %s", error)
         raise SystemExit(f"fhir-ner worker: {error}") from None
+
+
+@worker_ready.connect
+def serve_worker_metrics(**_: Any) -> None:
+    """Task timings and counters on ``FHIR_NER_WORKER_METRICS_PORT`` (when set)."""
+    from worker.metrics import connect_signals, serve_metrics
+
+    connect_signals()
+    serve_metrics(get_settings().worker_metrics_port)

@@ -39,11 +39,12 @@ def celery_api(receiver_env: dict[str, str]) -> Iterator[TestClient]:
     get_celery_app.cache_clear()
 
 
-def test_each_job_is_one_task_message_on_the_notes_queue(
+def test_each_job_is_one_task_message_on_the_io_queue(
     celery_api: TestClient, receiver_env: dict[str, str], redis_url: str
 ) -> None:
     client = redis.Redis.from_url(redis_url)
-    queue = f"{receiver_env['FHIR_NER_KEY_PREFIX']}.notes"
+    prefix = receiver_env["FHIR_NER_KEY_PREFIX"]
+    queue = f"{prefix}:broker:{prefix}.io"  # kombu's global key prefix, then the queue's name
     for _ in range(3):  # delivered three times
         assert post(celery_api, backport(document("a"), 1)).status_code == 200
         assert post(celery_api, backport(None, 2, focus=["DocumentReference/b"])).status_code == 200
@@ -57,18 +58,19 @@ def test_each_job_is_one_task_message_on_the_notes_queue(
         ("worker.tasks.retract_note", ["a", "2"]),
     ]
     message = found[0]["message"]
-    assert message["properties"]["delivery_info"] == {"exchange": "", "routing_key": queue}
+    assert message["properties"]["delivery_info"] == {"exchange": "", "routing_key": f"{prefix}.io"}
     assert message["headers"]["id"] == message["properties"]["correlation_id"]
     statuses = celery_api.get("/documents/a", headers=AUTH).json()["versions"]
     assert statuses["1"]["status"] == "queued" and statuses["2"]["action"] == "retract"
     metrics = celery_api.get("/metrics").text
-    assert "fhir_ner_queue_depth 4.0" in metrics
+    assert 'fhir_ner_queue_depth{queue="io"} 4.0' in metrics
+    assert 'fhir_ner_queue_depth{queue="inference"} 0.0' in metrics
 
 
 def test_a_real_celery_worker_runs_the_messages(receiver_env: dict[str, str], redis_url: str) -> None:
     from celery.contrib.testing.worker import start_worker
 
-    from worker.celery_app import get_celery_app
+    from worker.celery_app import get_celery_app, queue_name
 
     get_celery_app.cache_clear()
     app = get_celery_app()
@@ -83,7 +85,7 @@ def test_a_real_celery_worker_runs_the_messages(receiver_env: dict[str, str], re
         envelope = celery_envelope("tests.adapter.echo", ["note", str(number)])
         assert envelope is not None
         client.lpush(envelope.key, envelope.payload)
-    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING", queues=[envelope.key]):
+    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING", queues=[queue_name("io")]):
         deadline = time.monotonic() + 30
         while client.llen(done_key) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -99,7 +101,8 @@ def test_jobs_of_notifications_without_a_subscription_are_sent_too(
     celery_api: TestClient, receiver_env: dict[str, str], redis_url: str
 ) -> None:
     client = redis.Redis.from_url(redis_url)
-    queue = f"{receiver_env['FHIR_NER_KEY_PREFIX']}.notes"
+    prefix = receiver_env["FHIR_NER_KEY_PREFIX"]
+    queue = f"{prefix}:broker:{prefix}.io"
     anonymous = backport(None, 1, focus=["DocumentReference/b"])
     anonymous["entry"][0]["resource"]["parameter"].pop(0)  # no subscription parameter
     assert post(celery_api, anonymous).status_code == 200

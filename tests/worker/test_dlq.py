@@ -62,7 +62,7 @@ def test_a_refused_job_is_dead_lettered_and_dlq_retry_completes_it(
         listed = runner.invoke(main, ["dlq", "list"])
         assert listed.exit_code == 0 and letter_id in listed.output and "HTTP 400" in listed.output
         shown = json.loads(runner.invoke(main, ["dlq", "show", letter_id]).output)
-        assert shown["task"] == "worker.tasks.process_note" and shown["args"] == [document["id"], version]
+        assert shown["task"] == "worker.tasks.write_note" and shown["args"] == [document["id"], version]
         assert search(ehr, f"Condition?subject=Patient/{patient['id']}") == []
 
         retried = runner.invoke(main, ["dlq", "retry", letter_id])

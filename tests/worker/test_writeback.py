@@ -56,6 +56,12 @@ def stub_tag_note(text: str, pipeline: Any = None, language: str | None = None) 
     return mentions, MODEL
 
 
+def stub_tag_texts(
+    pipeline: Any, texts: list[str], languages: list[str | None]
+) -> tuple[list[list[Mention]], ModelInfo]:
+    return [stub_tag_note(text)[0] for text in texts], MODEL
+
+
 @pytest.fixture()
 def writeback_env(
     ehr: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
@@ -72,6 +78,7 @@ def writeback_env(
     monkeypatch.delenv("FHIR_NER_WRITEBACK_DIR", raising=False)
     monkeypatch.delenv("FHIR_NER_MAPPING_PROFILE", raising=False)
     monkeypatch.setattr("worker.tasks.tag_note", stub_tag_note)
+    monkeypatch.setattr("worker.tasks.tag_texts", stub_tag_texts)
     get_settings.cache_clear()
     reset_pipeline()
     reset_terminology()
@@ -361,28 +368,58 @@ def test_a_mismatched_transaction_response_is_an_error() -> None:
         check_transaction_response(bundle, {"resourceType": "OperationOutcome"})
 
 
-def test_process_note_records_the_outcome_in_the_note_status(
+def test_the_three_stages_hand_on_by_id_and_record_the_outcome_in_the_note_status(
     writeback_env: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapter.deps import get_note_state, reset_dependencies
+    from adapter.deps import get_note_state, get_redis, reset_dependencies
     from adapter.settings import get_settings
-    from worker.tasks import process_note, retract_note
+    from worker.tasks import process_note, retract_note, tag_jobs, write_note
 
+    sent: list[tuple[str, str, str]] = []
+    monkeypatch.setattr("worker.tasks._send", lambda task, doc, version: sent.append((task, doc, version)))
     monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", writeback_env.base_url)
     monkeypatch.setenv("FHIR_NER_IDENTIFIER_NAMESPACE", NAMESPACE)
     get_settings.cache_clear()
     reset_dependencies()
     document = note_document(writeback_env, "Neumonía.")
+    doc_id = document["id"]
     state = get_note_state()
-    state.store_note(document["id"], "1", document)
-    process_note.run(document["id"], "1")
-    record = state.get_status(document["id"])["1"]
+    state.store_note(doc_id, "1", document)
+
+    process_note.run(doc_id, "1")  # I/O: read the note, keep its text, queue it for the model
+    assert sent == [("worker.tasks.tag_notes", doc_id, "1")]
+    assert state.get_status(doc_id)["1"] | {"updated": 0} == {"status": "processing", "stage": "tagging", "updated": 0}
+    work_key = f"{app_env['FHIR_NER_KEY_PREFIX']}:work:{doc_id}:1"
+    assert get_redis().hget(work_key, "text") == "Neumonía.".encode()
+
+    assert tag_jobs([(doc_id, "1")]) == {(doc_id, "1")}  # inference: mentions kept, text dropped
+    assert sent[-1] == ("worker.tasks.write_note", doc_id, "1")
+    assert get_redis().hget(work_key, "text") is None
+    assert state.get_status(doc_id)["1"]["stage"] == "writing"
+
+    write_note.run(doc_id, "1")  # I/O: write back
+    record = state.get_status(doc_id)["1"]
     assert record["status"] == "done" and record["mentions"] == 1
     assert sorted(r.split("/")[0] for r in record["resources"]) == ["Condition", "Device", "Provenance"]
-    retract_note.run(document["id"], "2")
-    record = state.get_status(document["id"])["2"]
+    conditions = [r for r in record["resources"] if r.startswith("Condition/")]
+    assert not get_redis().exists(work_key)
+
+    sends = len(sent)
+    write_note.run(doc_id, "1")  # delivered again after the note was finished: nothing to do
+    assert len(sent) == sends and state.get_status(doc_id)["1"]["status"] == "done"
+    state.set_status(doc_id, "1", "processing", stage="writing")
+    write_note.run(doc_id, "1")  # its input gone before the note was finished: the job starts over
+    assert sent[-1] == ("worker.tasks.process_note", doc_id, "1")
+    process_note.run(doc_id, "1")
+    tag_jobs([(doc_id, "1")])
+    write_note.run(doc_id, "1")
+    record = state.get_status(doc_id)["1"]
+    assert record["status"] == "done" and record["resources"] == [] and conditions[0] in record["kept"]
+
+    retract_note.run(doc_id, "2")
+    record = state.get_status(doc_id)["2"]
     assert record["status"] == "done" and record["retracted"] is True
-    assert record["retired"] == [r for r in state.get_status(document["id"])["1"]["resources"] if "Condition" in r]
+    assert record["retired"] == conditions
 
 
 # --------------------------------------------------------------------------------------------------
