@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     ehr_scope: str | None = Field(default=None, description="OAuth2 scope to request.")
     ehr_retry_attempts: int = Field(default=3, ge=1, description="Attempts per EHR request (429, 5xx, network).")
     ehr_retry_max_delay: float = Field(default=10.0, description="Longest wait between attempts, in seconds.")
+    ehr_max_transaction_entries: int | None = Field(
+        default=None,
+        ge=2,
+        description="Largest transaction the EHR accepts (Medplum: 8 with conditional creates); larger write-backs "
+        "go as consecutive parts (unset: always one transaction).",
+    )
     ehr_breaker_threshold: int = Field(default=5, ge=1, description="Consecutive failures that open the breaker.")
     ehr_breaker_cooldown: float = Field(default=30.0, description="Seconds the breaker stays open.")
     writeback_dir: Path | None = Field(

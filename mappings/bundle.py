@@ -376,7 +376,11 @@ def plan_transaction(
         device_value, device = device_resource(model, namespace)
         device_url = _full_url(namespace, device_value)
         entries.append(_entry(device_url, device, namespace, device_value))
-        targets: list[dict[str, str]] = []
+        # A rerun after a write that stopped part-way: what that run already wrote for this version is kept,
+        # and the Provenance (written last) must point at it too.
+        targets: list[dict[str, str]] = [
+            {"reference": kept.reference} for kept in plan.kept if kept.document_version == context.version_id
+        ]
         for item in created:
             url = _full_url(namespace, item.identifier_value)
             entries.append(_entry(url, item.resource, namespace, item.identifier_value))

@@ -85,6 +85,8 @@ def app_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, key_prefix: str) ->
         "FHIR_NER_KEY_PREFIX": key_prefix,
         "FHIR_NER_SUBSCRIPTION_TOKENS": "test-token-old,test-token",
         "FHIR_NER_IDENTIFIER_NAMESPACE": "urn:fhir-ner-adapter:test",
+        # The test EHR is Medplum, which refuses transactions of more than 8 entries with conditional creates.
+        "FHIR_NER_EHR_MAX_TRANSACTION_ENTRIES": "8",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -98,17 +100,19 @@ def app_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, key_prefix: str) ->
 
 
 class WorkerProcess:
-    """A real ``fhir-ner worker`` process on the test's queue."""
+    """A real ``fhir-ner worker`` process on the test's queues (both, unless ``queues`` says otherwise)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, queues: str = "io,inference") -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
+        self.queues = queues
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         log = self.log_path.open("ab")
+        offset = self.log_path.stat().st_size
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "adapter.cli", "worker", "--pool", "solo", "--loglevel", "INFO"],
+            [sys.executable, "-m", "adapter.cli", "worker", "--queues", self.queues, "--loglevel", "INFO"],
             env=self.env,
             cwd=REPO_ROOT,
             stdout=log,
@@ -116,7 +120,7 @@ class WorkerProcess:
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if b"ready." in self.log_path.read_bytes():
+            if b"ready." in self.log_path.read_bytes()[offset:]:
                 return self
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited: {self.log_path.read_text()[-2000:]}")
@@ -124,13 +128,20 @@ class WorkerProcess:
         raise RuntimeError(f"worker not ready: {self.log_path.read_text()[-2000:]}")
 
     def stop(self) -> None:
+        """Warm shutdown (SIGTERM): the running task finishes, prefetched messages go back to the queue."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown at all; what it held stays unacknowledged in Redis."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,6 +85,48 @@ def check_transaction_response(bundle: dict[str, Any], response: dict[str, Any])
     return outcome
 
 
+def _resolve_references(node: Any, resolved: dict[str, str]) -> Any:
+    """A copy of ``node`` with every ``reference`` to an already written entry's fullUrl replaced by its id."""
+    if isinstance(node, dict):
+        return {
+            key: resolved.get(value, value)
+            if key == "reference" and isinstance(value, str)
+            else _resolve_references(value, resolved)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_resolve_references(item, resolved) for item in node]
+    return node
+
+
+def write_in_parts(
+    post: Callable[[dict[str, Any]], dict[str, Any]], bundle: dict[str, Any], max_entries: int | None
+) -> dict[str, Any]:
+    """POST ``bundle`` as one transaction, or, over ``max_entries``, as consecutive transactions in order.
+
+    Some EHRs cap transactions (Medplum: 8 entries when any create is conditional). Entries keep their order
+    (the Device first, the resources, then the Provenance that points at them), and a part's references to
+    entries written by an earlier part are rewritten to the ids the EHR gave them. Every create is
+    conditional on its identifier, so if a part fails, running the job again completes the write without
+    duplicates.
+    """
+    entries = list(bundle.get("entry") or [])
+    if max_entries is None or len(entries) <= max_entries:
+        return post(bundle)
+    resolved: dict[str, str] = {}
+    answered: list[dict[str, Any]] = []
+    for start in range(0, len(entries), max_entries):
+        part_entries = [_resolve_references(entry, resolved) for entry in entries[start : start + max_entries]]
+        response = post({**bundle, "entry": part_entries})
+        check_transaction_response({"entry": part_entries}, response)
+        for sent, got in zip(part_entries, response.get("entry") or [], strict=True):
+            location = _location(got.get("response") or {})
+            if sent.get("fullUrl") and location:
+                resolved[str(sent["fullUrl"])] = location
+        answered.extend(response.get("entry") or [])
+    return {"resourceType": "Bundle", "type": "transaction-response", "entry": answered}
+
+
 def token_provider(settings: Settings) -> TokenProvider:
     """The configured way to authenticate to the EHR; a missing secret is a clear configuration error."""
     if settings.ehr_auth == "bearer":
@@ -126,8 +168,10 @@ class EhrClient:
         auth: TokenProvider | None = None,
         retry: RetryPolicy | None = None,
         breaker: CircuitBreaker | None = None,
+        max_transaction_entries: int | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
+        self.max_transaction_entries = max_transaction_entries
         self._client = httpx.Client(headers={"Accept": FHIR_JSON, "Content-Type": FHIR_JSON}, timeout=timeout)
         self.auth: TokenProvider = auth or (StaticBearer(token) if token else NoAuth())
         self.retry = retry or RetryPolicy(attempts=1)
@@ -149,6 +193,7 @@ class EhrClient:
                 threshold=settings.ehr_breaker_threshold,
                 cooldown=settings.ehr_breaker_cooldown,
             ),
+            max_transaction_entries=settings.ehr_max_transaction_entries,
         )
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -220,8 +265,12 @@ class EhrClient:
         return response.content
 
     def write(self, bundle: dict[str, Any], name: str) -> dict[str, Any]:
-        """POST a transaction Bundle to the base URL and return the transaction-response."""
-        return self._request("POST", "", bundle)
+        """POST a transaction Bundle to the base URL and return the transaction-response.
+
+        An EHR that caps transaction size (``FHIR_NER_EHR_MAX_TRANSACTION_ENTRIES``) gets consecutive parts
+        (:func:`write_in_parts`); the answer is then one transaction-response covering every entry.
+        """
+        return write_in_parts(lambda part: self._request("POST", "", part), bundle, self.max_transaction_entries)
 
     def search(self, resource_type: str, params: dict[str, str], max_pages: int = 100) -> list[dict[str, Any]]:
         """All matches of a search, following ``next`` links (which must stay inside the base URL)."""

@@ -291,7 +291,7 @@ def start_note(document_id: str, version_id: str) -> dict[str, Any] | Handoff:
     item = read_note(document)
     work_store().put_input(document_id, version_id, item)
     _send(TAG_NOTES, document_id, version_id)
-    return Handoff("tagging")
+    return Handoff("waiting for the model")
 
 
 def finish_note(document_id: str, version_id: str) -> dict[str, Any] | Handoff:
@@ -394,8 +394,10 @@ def tag_jobs(jobs: list[tuple[str, str]]) -> set[tuple[str, str]]:
     done: set[tuple[str, str]] = set()
     ready: list[tuple[tuple[str, str], TaggingInput]] = []
     for job, item in zip(unique, items, strict=True):
-        if item is None:  # the input expired or Redis lost it: read the note again
-            _send(PROCESS_NOTE, *job)
+        if item is None:
+            # Tagged already (this message was delivered twice): hand on again; the write is idempotent.
+            # Otherwise the input expired or Redis lost it: read the note again.
+            _send(WRITE_NOTE if store.has_output(*job) else PROCESS_NOTE, *job)
             done.add(job)
         else:
             ready.append((job, item))

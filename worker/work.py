@@ -124,5 +124,8 @@ class WorkStore:
             ModelInfo(name, revision),
         )
 
+    def has_output(self, document_id: str, version_id: str) -> bool:
+        return bool(self.client.hexists(self._key(document_id, version_id), "mentions"))
+
     def discard(self, document_id: str, version_id: str) -> None:
         self.client.delete(self._key(document_id, version_id))

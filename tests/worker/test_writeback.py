@@ -388,7 +388,11 @@ def test_the_three_stages_hand_on_by_id_and_record_the_outcome_in_the_note_statu
 
     process_note.run(doc_id, "1")  # I/O: read the note, keep its text, queue it for the model
     assert sent == [("worker.tasks.tag_notes", doc_id, "1")]
-    assert state.get_status(doc_id)["1"] | {"updated": 0} == {"status": "processing", "stage": "tagging", "updated": 0}
+    assert state.get_status(doc_id)["1"] | {"updated": 0} == {
+        "status": "processing",
+        "stage": "waiting for the model",
+        "updated": 0,
+    }
     work_key = f"{app_env['FHIR_NER_KEY_PREFIX']}:work:{doc_id}:1"
     assert get_redis().hget(work_key, "text") == "Neumonía.".encode()
 
