@@ -158,10 +158,42 @@ function assertValid(resource) {
 // Repository: MemoryRepository + validation, sequential version ids, server-assigned lastUpdated,
 // rollback for transactions, non-mutating _history.
 // --------------------------------------------------------------------------------------------------
+// Token keys ("system|value") of a resource's identifiers and tags, for the search index below.
+function tokenKeys(resource) {
+  const keys = [];
+  for (const identifier of resource.identifier ?? []) keys.push(`identifier:${identifier.system ?? ''}|${identifier.value ?? ''}`);
+  for (const tag of resource.meta?.tag ?? []) keys.push(`_tag:${tag.system ?? ''}|${tag.code ?? ''}`);
+  return keys;
+}
+
 class TestRepository extends MemoryRepository {
   constructor() {
     super();
     this.txDepth = 0;
+    // resourceType -> token key -> Set(id). MemoryRepository scans every resource of a type (FHIRPath on
+    // each) per search, and each conditional create is a search: without an index a load test of a few
+    // hundred notes spends minutes in the test server. Only exact `identifier=system|value` and
+    // `_tag=system|code` searches use it; every other search is MemoryRepository's own.
+    this.tokenIndex = new Map();
+  }
+
+  indexResource(resourceType, id) {
+    const byKey = this.tokenIndex.get(resourceType) ?? new Map();
+    this.tokenIndex.set(resourceType, byKey);
+    for (const ids of byKey.values()) ids.delete(id);
+    const current = this.resources.get(resourceType)?.get(id);
+    if (!current) return;
+    for (const key of tokenKeys(current)) {
+      if (!byKey.has(key)) byKey.set(key, new Set());
+      byKey.get(key).add(id);
+    }
+  }
+
+  rebuildIndex() {
+    this.tokenIndex = new Map();
+    for (const [resourceType, byId] of this.resources) {
+      for (const id of byId.keys()) this.indexResource(resourceType, id);
+    }
   }
 
   async createResource(resource, options) {
@@ -170,7 +202,57 @@ class TestRepository extends MemoryRepository {
     copy.id = copy.id || this.generateId();
     const versions = this.history.get(copy.resourceType)?.get(copy.id) ?? [];
     copy.meta = { ...copy.meta, versionId: String(versions.length + 1), lastUpdated: new Date().toISOString() };
-    return super.createResource(copy, options);
+    const created = await super.createResource(copy, options);
+    this.indexResource(created.resourceType, created.id);
+    return created;
+  }
+
+  async updateResource(resource, options) {
+    const updated = await super.updateResource(resource, options);
+    this.indexResource(updated.resourceType, updated.id);
+    return updated;
+  }
+
+  async deleteResource(resourceType, id) {
+    await super.deleteResource(resourceType, id);
+    this.indexResource(resourceType, id);
+  }
+
+  clear() {
+    super.clear();
+    this.tokenIndex = new Map();
+  }
+
+  async search(request) {
+    const filters = request.filters ?? [];
+    const indexed =
+      filters.length > 0 &&
+      !request.include?.length &&
+      !request.revInclude?.length &&
+      filters.every(
+        (f) =>
+          (f.code === 'identifier' || f.code === '_tag') &&
+          (f.operator === 'eq' || f.operator === undefined) &&
+          typeof f.value === 'string' &&
+          f.value.includes('|') &&
+          !f.value.includes(',')
+      );
+    if (!indexed) return super.search(request);
+    const byKey = this.tokenIndex.get(request.resourceType) ?? new Map();
+    let ids;
+    for (const f of filters) {
+      const found = byKey.get(`${f.code}:${f.value}`) ?? new Set();
+      ids = ids === undefined ? new Set(found) : new Set([...ids].filter((id) => found.has(id)));
+    }
+    const byId = this.resources.get(request.resourceType) ?? new Map();
+    let entries = [...ids]
+      .map((id) => byId.get(id))
+      .filter(Boolean)
+      .map((resource) => ({ resource: JSON.parse(JSON.stringify(resource)) }));
+    const total = entries.length;
+    if (request.offset !== undefined) entries = entries.slice(request.offset);
+    if (request.count !== undefined) entries = entries.slice(0, request.count);
+    return { resourceType: 'Bundle', type: 'searchset', entry: entries.length ? entries : undefined, total };
   }
 
   async readHistory(resourceType, id) {
@@ -197,6 +279,7 @@ class TestRepository extends MemoryRepository {
     this.history.clear();
     for (const [k, v] of snap.resources) this.resources.set(k, v);
     for (const [k, v] of snap.history) this.history.set(k, v);
+    this.rebuildIndex();
   }
 
   async withTransaction(callback) {

@@ -462,3 +462,77 @@ def test_extract_prints_the_transaction_bundle_of_a_note(
     )
     bad = CliRunner().invoke(main, ["extract", str(note), "--subject", "Encounter/1", "--model", str(tiny_tagger_path)])
     assert bad.exit_code == 1 and "expected Patient/ID" in bad.output
+
+
+# --------------------------------------------------------------------------------------------------
+# EHRs that cap transactions: the write-back goes in consecutive parts
+# --------------------------------------------------------------------------------------------------
+def test_a_large_write_back_goes_in_parts_to_an_ehr_that_caps_transactions(
+    writeback_env: FhirTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapter.settings import get_settings
+    from worker.tasks import process_document
+
+    text = " ".join(["Neumonía con fiebre y tos; radiografía de tórax."] * 3)  # 12 mentions, 14 entries
+    document = note_document(writeback_env, text)
+    monkeypatch.delenv("FHIR_NER_EHR_MAX_TRANSACTION_ENTRIES", raising=False)
+    get_settings.cache_clear()
+    with pytest.raises(EhrError, match="HTTP 400"):  # Medplum: "requires strict isolation but has too many entries"
+        process_document(document, "1")
+    assert derived(writeback_env, document["id"]) == {}  # the refused transaction wrote nothing
+
+    monkeypatch.setenv("FHIR_NER_EHR_MAX_TRANSACTION_ENTRIES", "8")
+    get_settings.cache_clear()
+    writeback_env.clear_requests_log()
+    outcome = process_document(document, "1")
+    assert sum(1 for r in writeback_env.requests_log() if r["method"] == "POST") == 2
+    assert len(outcome["resources"]) == 14  # the Device, 12 resources, the Provenance
+    held = derived(writeback_env, document["id"])
+    provenance = search(writeback_env, f"Provenance?entity=DocumentReference/{document['id']}/_history/1")
+    assert len(provenance) == 1
+    targets = sorted(t["reference"] for t in provenance[0]["target"])
+    assert targets == sorted(held) and len(targets) == 12  # the second part points at the first part's ids
+    assert provenance[0]["agent"][0]["who"]["reference"].startswith("Device/")
+
+
+def test_write_in_parts_resolves_references_to_earlier_parts() -> None:
+    from worker.ehr import write_in_parts
+
+    entries = [
+        {"fullUrl": f"urn:uuid:{n}", "resource": {"resourceType": "Condition"}, "request": {"method": "POST"}}
+        for n in range(5)
+    ]
+    entries.append(
+        {
+            "fullUrl": "urn:uuid:p",
+            "resource": {"resourceType": "Provenance", "target": [{"reference": f"urn:uuid:{n}"} for n in range(5)]},
+            "request": {"method": "POST"},
+        }
+    )
+    posted: list[dict[str, Any]] = []
+
+    def post(part: dict[str, Any]) -> dict[str, Any]:
+        posted.append(part)
+        offset = sum(len(p["entry"]) for p in posted[:-1])
+        return {
+            "resourceType": "Bundle",
+            "type": "transaction-response",
+            "entry": [
+                {"response": {"status": "201 Created", "location": f"Condition/c{offset + i}/_history/1"}}
+                for i in range(len(part["entry"]))
+            ],
+        }
+
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    response = write_in_parts(post, bundle, 4)
+    assert [len(p["entry"]) for p in posted] == [4, 2]
+    assert [t["reference"] for t in posted[1]["entry"][1]["resource"]["target"]] == [
+        "Condition/c0",
+        "Condition/c1",
+        "Condition/c2",
+        "Condition/c3",
+        "urn:uuid:4",  # in the same part: the EHR resolves it
+    ]
+    assert len(response["entry"]) == 6 and response["type"] == "transaction-response"
+    assert entries[5]["resource"]["target"][0] == {"reference": "urn:uuid:0"}  # the plan itself is unchanged
+    assert write_in_parts(post, bundle, None) is not None and len(posted[-1]["entry"]) == 6
