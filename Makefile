@@ -43,7 +43,7 @@ dockerlint: install
 	$(BIN)/hadolint docker/Dockerfile.api docker/Dockerfile.worker
 
 unit: install node redis
-	$(BIN)/pytest -q -m "not load" $(PYTEST_ARGS)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck dockerlint unit
 

@@ -13,7 +13,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from adapter.settings import Settings
-from worker.ehr_auth import ClientCredentials, NoAuth, SmartBackendServices, StaticBearer, TokenProvider
+from worker.ehr_auth import ClientCredentials, EhrAuthError, NoAuth, SmartBackendServices, StaticBearer, TokenProvider
 from worker.resilience import CircuitBreaker, CircuitOpenError, RetryPolicy
 
 FHIR_JSON = "application/fhir+json"
@@ -209,7 +209,10 @@ class EhrClient:
                 except CircuitOpenError as error:
                     raise EhrError(str(error)) from None
             headers = dict(kwargs.pop("headers", None) or {})
-            token = self.auth.token()
+            try:
+                token = self.auth.token()
+            except EhrAuthError as error:  # token endpoint down: retry the job later; refused: final
+                raise EhrError(str(error), error.status_code) from None
             if token:
                 headers["Authorization"] = f"Bearer {token}"
             try:

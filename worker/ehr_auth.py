@@ -19,7 +19,15 @@ REFRESH_MARGIN_SECONDS = 30.0
 
 
 class EhrAuthError(RuntimeError):
-    """The authorisation server refused us or answered nonsense; the message names no secret."""
+    """The authorisation server refused us or answered nonsense; the message names no secret.
+
+    ``status_code`` is the token endpoint's answer (None: unreachable): the EHR client turns an outage of the
+    token endpoint (unreachable, 429, 5xx) into a retryable error, and a refusal (401, 400) into a final one.
+    """
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class TokenProvider(Protocol):
@@ -86,7 +94,7 @@ class _CachedTokenProvider:
             raise EhrAuthError(f"token endpoint unreachable: {type(error).__name__}") from None
         self.fetches += 1
         if response.status_code != 200:
-            raise EhrAuthError(f"token endpoint answered HTTP {response.status_code}")
+            raise EhrAuthError(f"token endpoint answered HTTP {response.status_code}", response.status_code)
         try:
             body: dict[str, Any] = response.json()
             access_token = str(body["access_token"])

@@ -131,3 +131,22 @@ def test_smart_backend_services_with_the_wrong_key_is_refused(token_server: Toke
         SmartBackendServices(token_server.url, "adapter", _pem(other)).token()
     with pytest.raises(ValueError, match="RS384 or ES384"):
         SmartBackendServices(token_server.url, "adapter", _pem(other), algorithm="HS256")
+
+
+def test_a_token_endpoint_outage_is_retryable_and_a_refusal_is_not(token_server: TokenServer) -> None:
+    from worker.ehr import EhrClient, EhrError
+
+    token_server.fail_with = 503
+    client = EhrClient("http://127.0.0.1:9/fhir", auth=ClientCredentials(token_server.url, "adapter", "s3cret"))
+    with pytest.raises(EhrError, match="HTTP 503") as outage:
+        client.read("Patient/1")
+    assert outage.value.transient  # the job is retried later, not dead-lettered at once
+    token_server.fail_with = None
+    refused = EhrClient("http://127.0.0.1:9/fhir", auth=ClientCredentials(token_server.url, "adapter", "wrong"))
+    with pytest.raises(EhrError, match="HTTP 401") as refusal:
+        refused.read("Patient/1")
+    assert not refusal.value.transient
+    unreachable = EhrClient("http://127.0.0.1:9/fhir", auth=ClientCredentials("http://127.0.0.1:9/token", "a", "b"))
+    with pytest.raises(EhrError, match="unreachable") as down:
+        unreachable.read("Patient/1")
+    assert down.value.transient
