@@ -54,8 +54,8 @@ def worker(queues: str, pool: str | None, concurrency: int | None, loglevel: str
     from celery.signals import setup_logging
 
     from adapter.logging_config import configure_logging
-    from adapter.settings import get_settings
     from worker.celery_app import INFERENCE_QUEUE, QUEUES, get_celery_app, queue_name
+    from worker.runtime import inference_max_notes
 
     kinds = [kind.strip() for kind in queues.split(",") if kind.strip()]
     unknown = sorted(set(kinds) - set(QUEUES))
@@ -65,7 +65,7 @@ def worker(queues: str, pool: str | None, concurrency: int | None, loglevel: str
     pool = pool or ("solo" if serves_model else "threads")
     concurrency = concurrency or (1 if serves_model else 8)
     # The inference worker holds one batch of messages (unacknowledged until tagged) and no more.
-    prefetch = get_settings().inference_max_notes if serves_model else 1
+    prefetch = inference_max_notes() if serves_model else 1
     # Our JSON handler instead of Celery's own log setup (connecting to the signal tells Celery to skip it).
     setup_logging.connect(lambda **_: configure_logging(loglevel), weak=False)
     app = get_celery_app()

@@ -80,8 +80,11 @@ class Settings(BaseSettings):
     inference_batch_size: int = Field(
         default=8, ge=1, description="Windows per forward pass (halved on out-of-memory, for that worker's life)."
     )
-    inference_max_notes: int = Field(
-        default=16, ge=1, description="The inference worker tags up to this many waiting notes in one pass..."
+    inference_max_notes: int | None = Field(
+        default=None,
+        ge=1,
+        description="The inference worker tags up to this many waiting notes in one pass (default: 32 on a GPU, "
+        "1 on a CPU, where batching gains nothing and only delays the first notes of a batch)...",
     )
     inference_max_wait_ms: int = Field(
         default=50, ge=1, description="...or whatever has arrived after waiting this long for more."

@@ -35,7 +35,7 @@ from mappings.registry import retirable_types
 from worker.dlq import DeadLetter, DeadLetterStore
 from worker.ehr import EhrClient, EhrError, FolderWriter, ResultWriter, check_transaction_response
 from worker.inference import tag_texts
-from worker.runtime import ModelNotConfiguredError, get_pipeline, get_profile
+from worker.runtime import ModelNotConfiguredError, get_pipeline, get_profile, inference_max_notes
 from worker.work import TaggingInput, WorkStore
 
 if TYPE_CHECKING:
@@ -343,7 +343,7 @@ class NoteBatches(Batches):  # type: ignore[misc]
 
     @property
     def flush_every(self) -> int:  # type: ignore[override]
-        return get_settings().inference_max_notes
+        return inference_max_notes()
 
     @property
     def flush_interval(self) -> float:  # type: ignore[override]

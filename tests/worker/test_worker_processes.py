@@ -42,6 +42,7 @@ def test_waiting_notes_are_tagged_in_one_batch_and_both_pools_report_metrics(
         "FHIR_NER_EHR_BASE_URL": ehr.base_url,
         "FHIR_NER_TERMINOLOGY": "off",
         "FHIR_NER_MODEL_PATH": str(tiny_tagger_path),
+        "FHIR_NER_INFERENCE_MAX_NOTES": "16",  # batching is off by default on a CPU
     }
     monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", ehr.base_url)
     reset_dependencies()
