@@ -365,7 +365,7 @@ def dlq_retry(letter_id: str | None, retry_all: bool) -> None:
     """Send a dead-lettered job (or all of them) back to its queue."""
     from adapter.deps import get_note_state
     from worker.celery_app import get_celery_app
-    from worker.tasks import dead_letter_store
+    from worker.tasks import NOTE_TASKS, dead_letter_store
 
     if bool(letter_id) == retry_all:
         raise CliError("give one job id, or --all")
@@ -379,7 +379,7 @@ def dlq_retry(letter_id: str | None, retry_all: bool) -> None:
             continue
         app.send_task(letter.task, args=letter.args)
         store.remove(letter.id)
-        if len(letter.args) == 2:
+        if letter.task in NOTE_TASKS:
             get_note_state().set_status(str(letter.args[0]), str(letter.args[1]), "queued", reason="retried from dlq")
         click.echo(f"requeued {letter.id}")
 

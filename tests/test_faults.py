@@ -152,7 +152,6 @@ def test_an_ehr_down_past_the_retries_dead_letters_the_job_and_dlq_retry_finishe
     workers: list[WorkerProcess],
     tmp_path: Path,
     tiny_tagger_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from adapter.app import create_app
     from adapter.cli import main

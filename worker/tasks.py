@@ -194,6 +194,28 @@ def dead_letter(task_name: str, document_id: str, version_id: str, reason: str, 
     )
 
 
+def dead_letter_recovery(task: Any, args: list[Any], error: Exception) -> None:
+    """A recovery job (resolve a note, fetch missed events) out of retries: kept, never dropped."""
+    from worker.metrics import DEAD_LETTERS
+
+    short_name = task.name.rsplit(".", 1)[-1]
+    letter_id = ":".join([short_name, *(str(a) for a in args)])
+    dead_letter_store().add(
+        DeadLetter(id=letter_id, task=task.name, args=args, error=str(error), attempts=int(task.request.retries) + 1)
+    )
+    DEAD_LETTERS.labels(short_name).inc()
+    logger.error("job dead-lettered", extra={"dead_letter": letter_id})
+
+
+def _retry_recovery(task: Any, args: list[Any], error: Exception) -> Any:
+    """Retry a recovery job while the EHR is unavailable; out of retries, dead-letter it."""
+    settings = get_settings()
+    if task.request.retries < settings.task_max_retries:
+        return task.retry(countdown=retry_delay(task.request.retries), max_retries=settings.task_max_retries)
+    dead_letter_recovery(task, args, error)
+    return error
+
+
 @dataclass(frozen=True)
 class Handoff:
     """A stage finished and queued the next one; the note is still being processed."""
@@ -314,6 +336,8 @@ def finish_note(document_id: str, version_id: str) -> dict[str, Any] | Handoff:
 PROCESS_NOTE = "worker.tasks.process_note"
 TAG_NOTES = "worker.tasks.tag_notes"
 WRITE_NOTE = "worker.tasks.write_note"
+RETRACT_NOTE = "worker.tasks.retract_note"
+NOTE_TASKS = (PROCESS_NOTE, TAG_NOTES, WRITE_NOTE, RETRACT_NOTE)  # args: (document id, version)
 _IO_TASK = {"bind": True, "acks_late": True, "reject_on_worker_lost": True}
 
 
@@ -327,7 +351,7 @@ def write_note(self: Any, document_id: str, version_id: str) -> dict[str, Any]:
     return _finish(self, document_id, version_id, lambda: finish_note(document_id, version_id))
 
 
-@shared_task(name="worker.tasks.retract_note", **_IO_TASK)
+@shared_task(name=RETRACT_NOTE, **_IO_TASK)
 def retract_note(self: Any, document_id: str, version_id: str) -> dict[str, Any]:
     """The note became entered-in-error (version ``version_id``): retire everything derived from it."""
     return _finish(self, document_id, version_id, lambda: retract_document(document_id, version_id))
@@ -437,9 +461,7 @@ def resolve_note(self: Any, document_id: str, subscription: str | None = None) -
     try:
         return run_resolve_note(document_id, subscription)
     except EhrUnavailableError as error:
-        raise self.retry(
-            countdown=retry_delay(self.request.retries), exc=error, max_retries=get_settings().task_max_retries
-        ) from None
+        raise _retry_recovery(self, [document_id, subscription], error) from None
 
 
 @shared_task(name="worker.tasks.recover_events", **_IO_TASK)
@@ -451,9 +473,7 @@ def recover_events(
     try:
         return run_recover_events(subscription, from_event, to_event, since)
     except EhrUnavailableError as error:
-        raise self.retry(
-            countdown=retry_delay(self.request.retries), exc=error, max_retries=get_settings().task_max_retries
-        ) from None
+        raise _retry_recovery(self, [subscription, from_event, to_event, since], error) from None
 
 
 @worker_init.connect

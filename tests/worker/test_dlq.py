@@ -79,3 +79,27 @@ def test_a_refused_job_is_dead_lettered_and_dlq_retry_completes_it(
     missing = runner.invoke(main, ["dlq", "show", "nope"])
     assert missing.exit_code == 1 and "no dead-lettered job" in missing.output
     assert runner.invoke(main, ["dlq", "retry"]).exit_code == 1
+
+
+def test_a_recovery_job_out_of_retries_is_dead_lettered_not_dropped(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapter.deps import get_note_state, reset_dependencies
+    from worker.celery_app import get_celery_app
+    from worker.tasks import dead_letter_store, resolve_note
+
+    monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", "http://127.0.0.1:9/fhir")  # nothing listens there
+    monkeypatch.setenv("FHIR_NER_EHR_RETRY_ATTEMPTS", "1")
+    monkeypatch.setenv("FHIR_NER_TASK_MAX_RETRIES", "2")
+    monkeypatch.setenv("FHIR_NER_TASK_RETRY_MAX_DELAY", "0")
+    reset_dependencies()
+    get_celery_app()
+    result = resolve_note.apply(args=["doc-1", "Subscription/s1"])  # eager: the retries run in place
+    assert result.failed()
+    letter = dead_letter_store().get("resolve_note:doc-1:Subscription/s1")
+    assert letter is not None and letter.task == "worker.tasks.resolve_note"
+    assert letter.args == ["doc-1", "Subscription/s1"] and letter.attempts == 3
+    assert letter.error == "GET DocumentReference/doc-1: ConnectError"
+    requeued = CliRunner().invoke(main, ["dlq", "retry", letter.id])
+    assert requeued.exit_code == 0, requeued.output
+    assert get_note_state().get_status("doc-1") == {}  # a recovery job has no note version to mark

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import faults
 import httpx
 import pytest
 from ehr.harness import FhirTestServer
@@ -96,18 +97,9 @@ def put(ehr: FhirTestServer, resource: dict[str, Any]) -> dict[str, Any]:
 
 
 def note_document(ehr: FhirTestServer, text: str) -> dict[str, Any]:
+    """A note about a new patient, created in the EHR."""
     patient = create(ehr, {"resourceType": "Patient", "name": [{"family": "Prueba"}]})
-    return create(
-        ehr,
-        {
-            "resourceType": "DocumentReference",
-            "status": "current",
-            "docStatus": "final",
-            "subject": {"reference": f"Patient/{patient['id']}"},
-            "date": "2026-11-20T09:30:00Z",
-            "content": [{"attachment": {"contentType": "text/plain", "language": "es", "data": encode(text)}}],
-        },
-    )
+    return faults.note_document(ehr, patient["id"], text)
 
 
 def encode(text: str) -> str:
