@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from adapter.logging_config import request_id_from, request_id_var
 from adapter.outcomes import outcome_response
 from adapter.routers import health, notify
 from adapter.watch import watch_forever
@@ -34,6 +35,18 @@ def create_app() -> FastAPI:
         description="Receives FHIR Subscription notifications about clinical notes and queues them for NER.",
         lifespan=_lifespan,
     )
+    @app.middleware("http")
+    async def _request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Every log line of a request carries its id; the response returns it (``X-Request-ID``)."""
+        request_id = request_id_from(request.headers.get("x-request-id"))
+        token = request_id_var.set(request_id)
+        try:
+            response = await call_next(request)
+        finally:
+            request_id_var.reset(token)
+        response.headers["X-Request-ID"] = request_id
+        return response
+
     app.include_router(health.router)
     app.include_router(notify.router)
 

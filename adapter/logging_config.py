@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import uuid
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
 # Attributes every LogRecord has; anything else was passed through ``extra=`` and is emitted as a field.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+
+
+# The id of the HTTP request being answered (API) — set by the request-id middleware, read by the formatter.
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id_from(header: str | None) -> str:
+    """The caller's ``X-Request-ID`` when it is a short plain token (it reaches our logs), else a new one."""
+    if header and _REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,6 +35,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = request_id_var.get()
+        if request_id is not None:
+            entry["request_id"] = request_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

@@ -226,7 +226,12 @@ async def _receive(request: Request, put_id: str | None = None) -> Response:
         _count(outcome)
         logger.info(
             "notification accepted",
-            extra={"shape": notification.shape, "type": notification.notification_type, "queued": len(outcome.queued)},
+            extra={
+                "shape": notification.shape,
+                "type": notification.notification_type,
+                "queued": len(outcome.queued),
+                "document_versions": [f"{q['document']}/{q['version']}" for q in outcome.queued],
+            },
         )
         return _answer(outcome)
     except _RefusalError as refusal:
