@@ -304,9 +304,16 @@ def load_document(document_id: str, version_id: str) -> dict[str, Any]:
         client.close()
 
 
+def is_done(document_id: str, version_id: str) -> bool:
+    return get_note_state().get_status(document_id).get(version_id, {}).get("status") == "done"
+
+
 def start_note(document_id: str, version_id: str) -> dict[str, Any] | Handoff:
     """I/O stage one: read the note, keep its text for the inference workers, queue it for tagging."""
-    get_note_state().set_status(document_id, version_id, "processing", stage="reading")
+    state = get_note_state()
+    if is_done(document_id, version_id):  # delivered again after the note was finished (an acknowledgement lost)
+        return ALREADY_DONE
+    state.set_status(document_id, version_id, "processing", stage="reading")
     document = load_document(document_id, version_id)
     if is_retracted(document):
         return retract_document(str(document.get("id") or document_id), version_id)
@@ -321,7 +328,7 @@ def finish_note(document_id: str, version_id: str) -> dict[str, Any] | Handoff:
     store = work_store()
     output = store.get_output(document_id, version_id)
     if output is None:
-        if get_note_state().get_status(document_id).get(version_id, {}).get("status") == "done":
+        if is_done(document_id, version_id):
             return ALREADY_DONE
         logger.warning(
             "tagging output missing, note restarted", extra={"document_version": f"{document_id}/{version_id}"}
@@ -419,9 +426,10 @@ def tag_jobs(jobs: list[tuple[str, str]]) -> set[tuple[str, str]]:
     ready: list[tuple[tuple[str, str], TaggingInput]] = []
     for job, item in zip(unique, items, strict=True):
         if item is None:
-            # Tagged already (this message was delivered twice): hand on again; the write is idempotent.
-            # Otherwise the input expired or Redis lost it: read the note again.
-            _send(WRITE_NOTE if store.has_output(*job) else PROCESS_NOTE, *job)
+            # Delivered twice: finished already (nothing to do), or tagged already (hand on again; the write
+            # is idempotent). Otherwise the input expired or Redis lost it: read the note again.
+            if not is_done(*job):
+                _send(WRITE_NOTE if store.has_output(*job) else PROCESS_NOTE, *job)
             done.add(job)
         else:
             ready.append((job, item))

@@ -401,7 +401,9 @@ def test_the_three_stages_hand_on_by_id_and_record_the_outcome_in_the_note_statu
     assert not get_redis().exists(work_key)
 
     sends = len(sent)
-    write_note.run(doc_id, "1")  # delivered again after the note was finished: nothing to do
+    for stage in (write_note.run, process_note.run):  # delivered again after the note was finished: nothing to do
+        stage(doc_id, "1")
+    assert tag_jobs([(doc_id, "1")]) == {(doc_id, "1")}
     assert len(sent) == sends and state.get_status(doc_id)["1"]["status"] == "done"
     state.set_status(doc_id, "1", "processing", stage="writing")
     write_note.run(doc_id, "1")  # its input gone before the note was finished: the job starts over
