@@ -24,6 +24,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_init, worker_ready
 from celery_batches import Batches
+from kombu.exceptions import OperationalError
 
 from adapter.deps import get_note_state, get_redis
 from adapter.documents import attachment_text, decode_attachment_data, find_text_attachment
@@ -232,7 +233,7 @@ def retry_delay(retries: int) -> float:
     return cap * (0.5 + 0.5 * random.random())  # noqa: S311 - jitter, not crypto
 
 
-def requeue_when_redis_fails(error: redis.RedisError) -> Reject:
+def requeue_when_redis_fails(error: Exception) -> Reject:
     """Redis (broker and state) is unreachable: give the message back instead of failing it.
 
     A failed task's message is acknowledged and gone; a rejected one goes back on its queue, or, if Redis
@@ -244,18 +245,34 @@ def requeue_when_redis_fails(error: redis.RedisError) -> Reject:
     return Reject(f"Redis unavailable: {type(error).__name__}", requeue=True)
 
 
+# Redis unreachable, as redis-py (state) or kombu (publishing the next stage, a retry) reports it.
+BROKER_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OperationalError)
+
+
 def _finish(
     self: Any, document_id: str, version_id: str, job: Callable[[], dict[str, Any] | Handoff]
 ) -> dict[str, Any]:
-    """Run one stage of a note version's job and record its outcome; transient EHR errors are retried."""
+    """Run one stage of a note version's job and record its outcome; transient EHR errors are retried.
+
+    If Redis fails at any point (the stage, the retry, the dead-lettering), the message is given back.
+    """
+    try:
+        return _run_stage(self, document_id, version_id, job)
+    except BROKER_ERRORS as error:
+        raise requeue_when_redis_fails(error) from None
+
+
+def _run_stage(
+    self: Any, document_id: str, version_id: str, job: Callable[[], dict[str, Any] | Handoff]
+) -> dict[str, Any]:
     from worker.metrics import NOTES
 
     settings = get_settings()
     state = get_note_state()
     try:
         result = job()
-    except redis.RedisError as error:
-        raise requeue_when_redis_fails(error) from None
+    except BROKER_ERRORS:
+        raise
     except EhrError as error:
         if error.transient and self.request.retries < settings.task_max_retries:
             state.set_status(document_id, version_id, "queued", reason=f"retrying: {error}")
@@ -403,21 +420,24 @@ def tag_notes(requests: list[Any]) -> list[str]:
     """Inference stage: tag the waiting notes in one pass; returns the ids of the messages dealt with."""
     jobs = [(str(r.args[0]), str(r.args[1])) for r in requests]
     try:
-        done = tag_jobs(jobs)
-    except redis.RedisError as error:
+        try:
+            done = tag_jobs(jobs)
+        except BROKER_ERRORS:
+            raise
+        except Exception as error:  # a defect, not an outage: keep the jobs in the dead-letter store, don't loop
+            logger.exception("inference batch failed")
+            for job in dict.fromkeys(jobs):
+                dead_letter(TAG_NOTES, *job, f"{type(error).__name__}: {error}", 1)
+            done = set(jobs)
+    except BROKER_ERRORS as error:  # nothing acknowledged: the messages go back and the batch runs again
         requeue_when_redis_fails(error)
         return []
-    except Exception as error:  # a defect, not an outage: keep the jobs in the dead-letter store, don't loop
-        logger.exception("inference batch failed")
-        for job in dict.fromkeys(jobs):
-            dead_letter(TAG_NOTES, *job, f"{type(error).__name__}: {error}", 1)
-        done = set(jobs)
     return [r.id for r, job in zip(requests, jobs, strict=True) if job in done]
 
 
 def tag_jobs(jobs: list[tuple[str, str]]) -> set[tuple[str, str]]:
     """Tag the notes of ``jobs`` together and queue their write-back; returns the jobs dealt with (handed on,
-    restarted or dead-lettered). Redis errors propagate: nothing is acknowledged and the batch runs again."""
+    restarted or dead-lettered). Broker errors propagate: nothing is acknowledged and the batch runs again."""
     state = get_note_state()
     store = work_store()
     unique = list(dict.fromkeys(jobs))
@@ -439,7 +459,7 @@ def tag_jobs(jobs: list[tuple[str, str]]) -> set[tuple[str, str]]:
         state.set_status(*job, "processing", stage="tagging")
     try:
         found, model = tag_texts(get_pipeline(), [item.text for _, item in ready], [item.language for _, item in ready])
-    except redis.RedisError:
+    except BROKER_ERRORS:
         raise
     except Exception as error:
         if len(ready) > 1 and not isinstance(error, ModelNotConfiguredError):
