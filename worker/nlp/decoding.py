@@ -109,8 +109,13 @@ def refine_span(text: str, start: int, end: int) -> tuple[int, int] | None:
     return start, end
 
 
-def decode_spans(text: str, offsets: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> list[TaggedSpan]:
+def decode_spans(
+    text: str, offsets: np.ndarray, probs: np.ndarray, labels: Sequence[str], min_score: float = 0.0
+) -> list[TaggedSpan]:
     """BIO (one O/B/I sequence per label) to character spans. An I without a B opens a span.
+
+    A span's score is the mean probability of its tokens not being O for its label; spans scoring below
+    ``min_score`` are dropped.
 
     ``offsets`` is [n_tokens, 2] character offsets; ``probs`` is [n_tokens, n_labels, 3].
     """
@@ -128,6 +133,8 @@ def decode_spans(text: str, offsets: np.ndarray, probs: np.ndarray, labels: Sequ
             if refined is None:
                 return
             score = float(inside[real, label_index].mean())
+            if score < min_score:
+                return
             spans.append(TaggedSpan(label, refined[0], refined[1], round(score, 4)))
 
         for token, tag in enumerate(tags[:, label_index]):

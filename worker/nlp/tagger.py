@@ -53,6 +53,9 @@ class TaggerConfig:
     # Which encoder weights the checkpoint carries: "all", "none", or the trained layer indices.
     encoder_weights: str | list[int] = "all"
     model_revision: str = ""
+    # Spans whose confidence (mean inside-probability) is lower are dropped. `fhir-ner train` calibrates it
+    # on the validation notes: the tagger over-predicts, and this trades recall for precision where F1 gains.
+    min_span_score: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -255,7 +258,9 @@ class TaggerPipeline:
             window_probs = probs_by_window[cursor : cursor + len(plan)]
             cursor += len(plan)
             merged = merge_windows(len(ids), plan, window_probs)
-            results.append(decode_spans(text, offsets, merged, self.tagger.labels))
+            results.append(
+                decode_spans(text, offsets, merged, self.tagger.labels, min_score=self.tagger.config.min_span_score)
+            )
             self.stats["tokens"] += len(ids)
         self.stats["windows"] += len(windows)
         self.stats["seconds"] += time.perf_counter() - started

@@ -41,7 +41,7 @@ from torch import nn
 from worker.nlp.corpus import Document, Span, load_documents, split_by_name
 from worker.nlp.decoding import decode_spans, merge_windows, plan_windows, spans_to_tags
 from worker.nlp.encoders import DEFAULT_ENCODER, special_affixes
-from worker.nlp.metrics import EvaluationReport, evaluate, format_report, report_to_json
+from worker.nlp.metrics import EvaluationReport, calibrate_min_score, evaluate, format_report, report_to_json
 from worker.nlp.tagger import CONFIG_FILE, DEFAULT_LABELS, WEIGHTS_FILE, ClinicalTagger, TaggerPipeline
 
 __all__ = [
@@ -356,7 +356,7 @@ def _data_fingerprint(data_dirs: Sequence[Path]) -> str:
 
 
 def _to_spans(key: str, tagged: Iterable[Any]) -> list[Span]:
-    return [Span(key, s.label, s.start, s.end) for s in tagged]
+    return [Span(key, s.label, s.start, s.end, score=s.score) for s in tagged]
 
 
 def _gold(notes: Sequence[_Note]) -> list[Span]:
@@ -393,6 +393,27 @@ def evaluate_checkpoint(
     pred = [span for d, spans in zip(docs, predicted, strict=True) for span in _to_spans(d.doc_id, spans)]
     gold = [Span(d.doc_id, s.label, s.start, s.end) for d in docs for s in d.spans]
     return evaluate(gold, pred, labels or tagger.labels)
+
+
+def calibrate_checkpoint(
+    checkpoint: Path, docs: Sequence[Document], batch_size: int = 8
+) -> tuple[float, EvaluationReport]:
+    """Choose the checkpoint's ``min_span_score`` on validation notes and save it in its config.
+
+    The notes are tagged once with no threshold (production inference path); the threshold that maximises
+    overlap F1 + strict F1 on them is written to ``tagger_config.json``. Returns it with its report.
+    """
+    tagger = ClinicalTagger.from_pretrained(checkpoint)
+    tagger.config.min_span_score = 0.0
+    predicted = TaggerPipeline(tagger, batch_size=batch_size).predict([d.text for d in docs])
+    scored = [span for d, spans in zip(docs, predicted, strict=True) for span in _to_spans(d.doc_id, spans)]
+    gold = [Span(d.doc_id, s.label, s.start, s.end) for d in docs for s in d.spans]
+    threshold, report = calibrate_min_score(gold, scored, tagger.labels)
+    config_file = Path(checkpoint) / CONFIG_FILE
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["min_span_score"] = threshold
+    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return threshold, report
 
 
 # --------------------------------------------------------------------------- validation (pipeline-identical)
@@ -812,8 +833,11 @@ def train(
     if not (output / WEIGHTS_FILE).is_file():
         raise RuntimeError(f"training ended without a checkpoint in {output}")
     if val_docs:
-        final = evaluate_checkpoint(output, val_docs)
-        _say("validation (saved checkpoint, TaggerPipeline):\n" + format_report(final), progress)
+        threshold, final = calibrate_checkpoint(output, val_docs)
+        _say(
+            f"validation (saved checkpoint, TaggerPipeline, spans scoring >= {threshold}):\n" + format_report(final),
+            progress,
+        )
         scores = report_to_json(final)
     else:
         scores = {"overall": {"overlap_f1": math.nan, "strict_f1": math.nan}, "per_label": {}}

@@ -140,3 +140,15 @@ def test_nested_spans_of_one_label_keep_the_outer_and_other_labels_overlap() -> 
     tags = spans_to_tags(offsets, [("DISEASE", 0, 20), ("DISEASE", 6, 14), ("SYMPTOM", 0, 14)], LABELS)
     assert tags[:, 0].tolist() == [TAG_B, TAG_I, TAG_I]
     assert tags[:, 1].tolist() == [TAG_B, TAG_I, TAG_O]
+
+
+def test_spans_below_the_minimum_score_are_dropped() -> None:
+    text = "fiebre tos"
+    offsets = np.array([[0, 6], [7, 10]])
+    probs = np.full((2, 3, 3), 0.0, dtype=np.float32)
+    probs[:, :, TAG_O] = 1.0
+    probs[0, 1] = [0.1, 0.9, 0.0]  # SYMPTOM "fiebre", score 0.9
+    probs[1, 1] = [0.4, 0.6, 0.0]  # SYMPTOM "tos", score 0.6
+    assert [text[s.start : s.end] for s in decode_spans(text, offsets, probs, LABELS)] == ["fiebre", "tos"]
+    kept = decode_spans(text, offsets, probs, LABELS, min_score=0.7)
+    assert [(text[s.start : s.end], s.score) for s in kept] == [("fiebre", 0.9)]

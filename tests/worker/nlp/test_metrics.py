@@ -186,3 +186,21 @@ def test_real_spaccc_gold_vs_gold_is_perfect(tmp_path: Path) -> None:
         assert row.strict_f1 == 1.0 and row.overlap_f1 == 1.0
         assert row.fp == row.fn == 0
     assert r.overall.n_gold == len(spans) == 28222
+
+
+def test_calibration_picks_the_threshold_that_drops_the_false_positives() -> None:
+    from worker.nlp.metrics import calibrate_min_score
+
+    gold = [S(0, 5), S(10, 15)]
+    scored = [
+        Span("d1", "DISEASE", 0, 5, score=0.9),
+        Span("d1", "DISEASE", 10, 15, score=0.8),
+        Span("d1", "DISEASE", 20, 25, score=0.55),  # wrong
+        Span("d1", "DISEASE", 30, 35, score=0.6),  # wrong
+    ]
+    threshold, report = calibrate_min_score(gold, scored, ["DISEASE"], candidates=(0.5, 0.58, 0.65, 0.85))
+    # 0.5 keeps all four (strict P 0.5, R 1); 0.58 drops one (P 2/3); 0.65 drops both (P 1, R 1); 0.85 loses a hit.
+    assert threshold == 0.65
+    assert report.overall.strict_precision == 1.0 and report.overall.strict_recall == 1.0
+    no_noise, _ = calibrate_min_score(gold, scored[:2], ["DISEASE"], candidates=(0.5, 0.85))
+    assert no_noise == 0.0  # nothing to gain: no threshold (ties go to the lowest)

@@ -101,6 +101,10 @@ def test_train_loss_falls_and_checkpoint_round_trips(tiny_encoder: Path, tmp_pat
 
     loaded = ClinicalTagger.from_pretrained(output)
     assert loaded.config.model_revision == "tiny-test"
+    # Calibrated on the validation notes: no threshold, or one of the candidates, and the scores reported with it.
+    from worker.nlp.metrics import SCORE_THRESHOLDS
+
+    assert loaded.config.min_span_score in (0.0, *SCORE_THRESHOLDS)
     if frozen_layers:
         assert loaded.config.encoder_weights == [1]
     first = TaggerPipeline(loaded).predict(SAMPLE_NOTES)
