@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -101,6 +102,15 @@ def duplicate_identifiers(ehr: FhirTestServer, namespace: str) -> list[str]:
                 if identifier.get("system") == namespace:
                     seen[identifier["value"]] += 1
     return [value for value, count in seen.items() if count > 1]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text exposition."""
+    selector = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    pattern = re.escape(name) + (r"\{" + re.escape(selector) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
+    found = re.search(rf"^{pattern}$", text, re.MULTILINE)
+    assert found is not None, f"{name} {labels} not in metrics"
+    return float(found.group(1))
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from conftest import WorkerProcess
@@ -19,6 +20,8 @@ from faults import (
     create,
     derived_by_document,
     duplicate_identifiers,
+    free_port,
+    metric,
     note_document,
     notify,
     statuses,
@@ -164,7 +167,10 @@ def test_an_ehr_down_past_the_retries_dead_letters_the_job_and_dlq_retry_finishe
         "FHIR_NER_TASK_RETRY_MAX_DELAY": "0.5",
         "FHIR_NER_EHR_BREAKER_COOLDOWN": "0.5",
     }
-    start_worker(workers, env, tiny_tagger_path, tmp_path / "worker.log")
+    metrics_port = free_port()
+    start_worker(
+        workers, {**env, "FHIR_NER_WORKER_METRICS_PORT": str(metrics_port)}, tiny_tagger_path, tmp_path / "w.log"
+    )
     patient = create(ehr, {"resourceType": "Patient", "name": [{"family": "Prueba"}]})
     documents = [note_document(ehr, patient["id"], text) for text in SAMPLE_NOTES[:2]]
     ehr.fail_next(100_000, 503)  # down
@@ -190,6 +196,11 @@ def test_an_ehr_down_past_the_retries_dead_letters_the_job_and_dlq_retry_finishe
             )
         records = {d["id"]: statuses(client, d["id"])["1"] for d in documents}
         assert CliRunner().invoke(main, ["dlq", "list"]).output.count("write_note:") == 0
+    exposed = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    assert metric(exposed, "fhir_ner_worker_retries_total", task="write_note") == 2 * 2  # two notes, two retries
+    assert metric(exposed, "fhir_ner_worker_dead_letters_total", task="write_note") == 2
+    assert metric(exposed, "fhir_ner_worker_notes_total", outcome="dead-lettered") == 2
+    assert metric(exposed, "fhir_ner_worker_notes_total", outcome="done") == 2
     one_set_each(ehr, {document_id: present_mentions(record) for document_id, record in records.items()})
 
 

@@ -11,20 +11,11 @@ import pytest
 from conftest import WorkerProcess
 from ehr.harness import FhirTestServer
 from fastapi.testclient import TestClient
-from faults import free_port, note_document, notify, statuses, wait_until
+from faults import free_port, metric, note_document, notify, statuses, wait_until
 from test_end_to_end import create
 from tiny_models import SAMPLE_NOTES
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus text exposition."""
-    selector = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-    pattern = re.escape(name) + (r"\{" + re.escape(selector) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
-    found = re.search(rf"^{pattern}$", text, re.MULTILINE)
-    assert found is not None, f"{name} {labels} not in metrics"
-    return float(found.group(1))
 
 
 def test_waiting_notes_are_tagged_in_one_batch_and_both_pools_report_metrics(
