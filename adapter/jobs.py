@@ -113,7 +113,7 @@ def _broker_is_state_redis(broker_url: str) -> bool:
 
 
 class CeleryJobQueue:
-    """Celery task messages on the notes queue."""
+    """Celery task messages, routed to their queue (the receiver's jobs all go to the I/O queue)."""
 
     def envelope(self, job: Job) -> Envelope | None:
         return celery_envelope(job.task, list(job.args))
