@@ -60,11 +60,15 @@ def inference_max_notes() -> int:
     the last. On a GPU one window leaves most of the device idle.
     """
     configured = get_settings().inference_max_notes
-    if configured is not None:
-        return configured
+    return configured if configured is not None else (32 if _has_cuda() else 1)
+
+
+@lru_cache(maxsize=1)
+def _has_cuda() -> bool:
+    """Asked once per process: the batch size is read for every message the inference worker receives."""
     import torch
 
-    return 32 if torch.cuda.is_available() else 1
+    return bool(torch.cuda.is_available())
 
 
 def reset_pipeline() -> None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 from celery import shared_task
@@ -178,42 +178,45 @@ def work_store() -> WorkStore:
     return WorkStore(get_redis(), get_settings().key_prefix)
 
 
-def dead_letter(task_name: str, document_id: str, version_id: str, reason: str, attempts: int) -> None:
-    """Out of retries (or not retryable): keep the job with its last error instead of dropping it."""
-    from worker.metrics import DEAD_LETTERS, NOTES
+def _store_dead_letter(task_name: str, args: list[Any], reason: str, attempts: int) -> str:
+    """Keep a job that is out of retries (or not retryable) with its last error; returns its letter id."""
+    from worker.metrics import DEAD_LETTERS
 
     short_name = task_name.rsplit(".", 1)[-1]
-    letter_id = f"{short_name}:{document_id}:{version_id}"
-    dead_letter_store().add(
-        DeadLetter(id=letter_id, task=task_name, args=[document_id, version_id], error=reason, attempts=attempts)
-    )
-    get_note_state().set_status(document_id, version_id, "dead-lettered", reason=reason, dead_letter=letter_id)
+    letter_id = ":".join([short_name, *(str(a) for a in args)])
+    dead_letter_store().add(DeadLetter(id=letter_id, task=task_name, args=args, error=reason, attempts=attempts))
     DEAD_LETTERS.labels(short_name).inc()
+    return letter_id
+
+
+def dead_letter(task_name: str, document_id: str, version_id: str, reason: str, attempts: int) -> None:
+    """A note version's job dead-lettered: kept, and the note's status says so."""
+    from worker.metrics import NOTES
+
+    letter_id = _store_dead_letter(task_name, [document_id, version_id], reason, attempts)
+    get_note_state().set_status(document_id, version_id, "dead-lettered", reason=reason, dead_letter=letter_id)
     NOTES.labels("dead-lettered").inc()
     logger.error(
         "job dead-lettered", extra={"document_version": f"{document_id}/{version_id}", "dead_letter": letter_id}
     )
 
 
-def dead_letter_recovery(task: Any, args: list[Any], error: Exception) -> None:
-    """A recovery job (resolve a note, fetch missed events) out of retries: kept, never dropped."""
-    from worker.metrics import DEAD_LETTERS
+def _has_retries_left(task: Any) -> bool:
+    return bool(task.request.retries < get_settings().task_max_retries)
 
-    short_name = task.name.rsplit(".", 1)[-1]
-    letter_id = ":".join([short_name, *(str(a) for a in args)])
-    dead_letter_store().add(
-        DeadLetter(id=letter_id, task=task.name, args=args, error=str(error), attempts=int(task.request.retries) + 1)
-    )
-    DEAD_LETTERS.labels(short_name).inc()
+
+def _retry(task: Any) -> NoReturn:
+    """Send ``task`` again later (exponential backoff with jitter); Celery's ``retry`` raises."""
+    raise task.retry(countdown=retry_delay(task.request.retries), max_retries=get_settings().task_max_retries)
+
+
+def _retry_recovery(task: Any, args: list[Any], error: Exception) -> Exception:
+    """Retry a recovery job (resolve a note, fetch missed events) while the EHR is unavailable; out of
+    retries, dead-letter it: kept, never dropped."""
+    if _has_retries_left(task):
+        _retry(task)
+    letter_id = _store_dead_letter(task.name, args, str(error), int(task.request.retries) + 1)
     logger.error("job dead-lettered", extra={"dead_letter": letter_id})
-
-
-def _retry_recovery(task: Any, args: list[Any], error: Exception) -> Any:
-    """Retry a recovery job while the EHR is unavailable; out of retries, dead-letter it."""
-    settings = get_settings()
-    if task.request.retries < settings.task_max_retries:
-        return task.retry(countdown=retry_delay(task.request.retries), max_retries=settings.task_max_retries)
-    dead_letter_recovery(task, args, error)
     return error
 
 
@@ -233,8 +236,8 @@ def retry_delay(retries: int) -> float:
     return cap * (0.5 + 0.5 * random.random())  # noqa: S311 - jitter, not crypto
 
 
-def requeue_when_redis_fails(error: Exception) -> Reject:
-    """Redis (broker and state) is unreachable: give the message back instead of failing it.
+def wait_for_redis(error: Exception) -> None:
+    """Redis (broker and state) is unreachable: pause a moment before the message is given back.
 
     A failed task's message is acknowledged and gone; a rejected one goes back on its queue, or, if Redis
     cannot even take it back, stays among the unacknowledged messages that are delivered again after the
@@ -242,7 +245,6 @@ def requeue_when_redis_fails(error: Exception) -> Reject:
     """
     time.sleep(1.0)
     logger.warning("Redis unavailable, job given back to the queue (%s)", type(error).__name__)
-    return Reject(f"Redis unavailable: {type(error).__name__}", requeue=True)
 
 
 # Redis unreachable, as redis-py (state) or kombu (publishing the next stage, a retry) reports it.
@@ -259,7 +261,8 @@ def _finish(
     try:
         return _run_stage(self, document_id, version_id, job)
     except BROKER_ERRORS as error:
-        raise requeue_when_redis_fails(error) from None
+        wait_for_redis(error)
+        raise Reject(f"Redis unavailable: {type(error).__name__}", requeue=True) from None
 
 
 def _run_stage(
@@ -267,18 +270,15 @@ def _run_stage(
 ) -> dict[str, Any]:
     from worker.metrics import NOTES
 
-    settings = get_settings()
     state = get_note_state()
     try:
         result = job()
     except BROKER_ERRORS:
         raise
     except EhrError as error:
-        if error.transient and self.request.retries < settings.task_max_retries:
+        if error.transient and _has_retries_left(self):
             state.set_status(document_id, version_id, "queued", reason=f"retrying: {error}")
-            raise self.retry(
-                countdown=retry_delay(self.request.retries), max_retries=settings.task_max_retries
-            ) from None
+            _retry(self)
         dead_letter(self.name, document_id, version_id, str(error), int(self.request.retries or 0) + 1)
         raise
     except Exception as error:
@@ -420,19 +420,24 @@ def tag_notes(requests: list[Any]) -> list[str]:
     """Inference stage: tag the waiting notes in one pass; returns the ids of the messages dealt with."""
     jobs = [(str(r.args[0]), str(r.args[1])) for r in requests]
     try:
-        try:
-            done = tag_jobs(jobs)
-        except BROKER_ERRORS:
-            raise
-        except Exception as error:  # a defect, not an outage: keep the jobs in the dead-letter store, don't loop
-            logger.exception("inference batch failed")
-            for job in dict.fromkeys(jobs):
-                dead_letter(TAG_NOTES, *job, f"{type(error).__name__}: {error}", 1)
-            done = set(jobs)
+        done = _tag_or_dead_letter(jobs)
     except BROKER_ERRORS as error:  # nothing acknowledged: the messages go back and the batch runs again
-        requeue_when_redis_fails(error)
+        wait_for_redis(error)
         return []
     return [r.id for r, job in zip(requests, jobs, strict=True) if job in done]
+
+
+def _tag_or_dead_letter(jobs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """:func:`tag_jobs`, with a defect (not an outage) dead-lettering the batch rather than looping on it."""
+    try:
+        return tag_jobs(jobs)
+    except BROKER_ERRORS:
+        raise
+    except Exception as error:
+        logger.exception("inference batch failed")
+        for job in dict.fromkeys(jobs):
+            dead_letter(TAG_NOTES, *job, f"{type(error).__name__}: {error}", 1)
+        return set(jobs)
 
 
 def tag_jobs(jobs: list[tuple[str, str]]) -> set[tuple[str, str]]:

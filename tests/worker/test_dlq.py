@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import time
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from conftest import WorkerProcess
 from ehr.harness import FhirTestServer
 from fastapi.testclient import TestClient
+from faults import note_document
 from test_end_to_end import AUTH, backport_notification, create, search, wait_for_status
 from tiny_models import SAMPLE_NOTES
 
@@ -29,23 +28,7 @@ def test_a_refused_job_is_dead_lettered_and_dlq_retry_completes_it(
 
     reset_dependencies()
     patient = create(ehr, {"resourceType": "Patient", "name": [{"family": "Prueba"}]})
-    document: dict[str, Any] = create(
-        ehr,
-        {
-            "resourceType": "DocumentReference",
-            "status": "current",
-            "docStatus": "final",
-            "subject": {"reference": f"Patient/{patient['id']}"},
-            "content": [
-                {
-                    "attachment": {
-                        "contentType": "text/plain",
-                        "data": base64.b64encode(SAMPLE_NOTES[1].encode()).decode(),
-                    }
-                }
-            ],
-        },
-    )
+    document = note_document(ehr, patient["id"], SAMPLE_NOTES[1], language="en")
     version = document["meta"]["versionId"]
     worker_process.start()
     ehr.fail_next(1, 400)  # the EHR refuses the worker's first request: not retryable

@@ -530,3 +530,34 @@ def test_write_in_parts_resolves_references_to_earlier_parts() -> None:
     assert len(response["entry"]) == 6 and response["type"] == "transaction-response"
     assert entries[5]["resource"]["target"][0] == {"reference": "urn:uuid:0"}  # the plan itself is unchanged
     assert write_in_parts(post, bundle, None) is not None and len(posted[-1]["entry"]) == 6
+
+
+def test_a_note_that_breaks_the_model_is_dead_lettered_alone_and_its_batch_goes_on(
+    writeback_env: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapter.deps import get_note_state, reset_dependencies
+    from worker.tasks import dead_letter_store, tag_jobs, work_store
+    from worker.work import TaggingInput
+
+    def tag_unless_poisoned(
+        pipeline: Any, texts: list[str], languages: list[str | None]
+    ) -> tuple[list[list[Mention]], ModelInfo]:
+        if any("\\x00" in text for text in texts):
+            raise ValueError("the model cannot read this note")
+        return stub_tag_texts(pipeline, texts, languages)
+
+    sent: list[tuple[str, str, str]] = []
+    monkeypatch.setattr("worker.tasks.tag_texts", tag_unless_poisoned)
+    monkeypatch.setattr("worker.tasks.get_pipeline", lambda: None)
+    monkeypatch.setattr("worker.tasks._send", lambda task, doc, version: sent.append((task, doc, version)))
+    reset_dependencies()
+    document = {"resourceType": "DocumentReference", "id": "x"}
+    for doc_id, text in (("good-1", "Neumonía."), ("bad", "Neumonía\\x00"), ("good-2", "Fiebre y tos.")):
+        work_store().put_input(doc_id, "1", TaggingInput({**document, "id": doc_id}, 0, text, "es"))
+    jobs = [("good-1", "1"), ("bad", "1"), ("good-2", "1")]
+    assert tag_jobs(jobs) == set(jobs)  # every message is dealt with: none loops back to the queue
+    assert sorted(sent) == [("worker.tasks.write_note", "good-1", "1"), ("worker.tasks.write_note", "good-2", "1")]
+    assert work_store().get_output("good-2", "1").mentions[0].text == "Fiebre"  # type: ignore[union-attr]
+    letter = dead_letter_store().get("tag_notes:bad:1")
+    assert letter is not None and letter.error == "ValueError: the model cannot read this note"
+    assert get_note_state().get_status("bad")["1"]["status"] == "dead-lettered"
