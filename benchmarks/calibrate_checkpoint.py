@@ -31,37 +31,27 @@ def main() -> None:
 
     from worker.nlp.corpus import Span
     from worker.nlp.metrics import calibrate_min_score, evaluate, report_to_json
-    from worker.nlp.tagger import CONFIG_FILE, ClinicalTagger, TaggerPipeline
-    from worker.nlp.training import _to_spans, load_corpora
+    from worker.nlp.training import load_corpora, predict_checkpoint, save_min_span_score
 
     _, val, _ = load_corpora([args.data / name for name in CORPORA], val_fraction=args.val_fraction, seed=args.seed)
-    tagger = ClinicalTagger.from_pretrained(args.checkpoint)
-    tagger.config.min_span_score = 0.0
-    predicted = TaggerPipeline(tagger).predict([d.text for d in val])
-    gold = {d.doc_id: [Span(d.doc_id, s.label, s.start, s.end) for s in d.spans] for d in val}
-    scored = {d.doc_id: _to_spans(d.doc_id, spans) for d, spans in zip(val, predicted, strict=True)}
-    labels = tagger.labels
+    all_gold, all_scored, labels = predict_checkpoint(args.checkpoint, val, min_span_score=0.0)
 
-    def pool(ids: list[str], table: dict[str, list[Span]]) -> list[Span]:
-        return [span for doc_id in ids for span in table[doc_id]]
+    def of(ids: list[str], spans: list[Span]) -> list[Span]:
+        wanted = set(ids)
+        return [span for span in spans if span.doc_id in wanted]
 
-    ids = sorted(gold)
+    ids = sorted(d.doc_id for d in val)
     halves = [ids[0::2], ids[1::2]]
     folds = []
     for chosen_on, scored_on in (halves, halves[::-1]):
-        threshold, _ = calibrate_min_score(pool(chosen_on, gold), pool(chosen_on, scored), labels)
-        kept = [s for s in pool(scored_on, scored) if (s.score or 0.0) >= threshold]
-        report = evaluate(pool(scored_on, gold), kept, labels)
-        folds.append({"threshold": threshold, **report_to_json(report)["overall"]})
-    before = evaluate(pool(ids, gold), pool(ids, scored), labels)
-    threshold, after = calibrate_min_score(pool(ids, gold), pool(ids, scored), labels)
-
-    config_file = args.checkpoint / CONFIG_FILE
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["min_span_score"] = threshold
-    if args.revision_suffix and not config["model_revision"].endswith(args.revision_suffix):
-        config["model_revision"] += args.revision_suffix
-    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        threshold, _ = calibrate_min_score(of(chosen_on, all_gold), of(chosen_on, all_scored), labels)
+        kept = [s for s in of(scored_on, all_scored) if (s.score or 0.0) >= threshold]
+        folds.append(
+            {"threshold": threshold, **report_to_json(evaluate(of(scored_on, all_gold), kept, labels))["overall"]}
+        )
+    before = evaluate(all_gold, all_scored, labels)
+    threshold, after = calibrate_min_score(all_gold, all_scored, labels)
+    config = save_min_span_score(args.checkpoint, threshold, args.revision_suffix)
     print(
         json.dumps(
             {

@@ -383,16 +383,37 @@ def export_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def predict_checkpoint(
+    checkpoint: Path, docs: Sequence[Document], batch_size: int = 8, min_span_score: float | None = None
+) -> tuple[list[Span], list[Span], list[str]]:
+    """Gold spans, predicted spans (with scores) and labels of a saved checkpoint on notes, through the
+    production inference path (TaggerPipeline); ``min_span_score`` overrides the checkpoint's threshold."""
+    tagger = ClinicalTagger.from_pretrained(checkpoint)
+    if min_span_score is not None:
+        tagger.config.min_span_score = min_span_score
+    predicted = TaggerPipeline(tagger, batch_size=batch_size).predict([d.text for d in docs])
+    pred = [span for d, spans in zip(docs, predicted, strict=True) for span in _to_spans(d.doc_id, spans)]
+    gold = [Span(d.doc_id, s.label, s.start, s.end) for d in docs for s in d.spans]
+    return gold, pred, tagger.labels
+
+
 def evaluate_checkpoint(
     checkpoint: Path, docs: Sequence[Document], batch_size: int = 8, labels: Sequence[str] | None = None
 ) -> EvaluationReport:
     """Score a saved checkpoint on notes with the production inference path (TaggerPipeline)."""
-    tagger = ClinicalTagger.from_pretrained(checkpoint)
-    pipeline = TaggerPipeline(tagger, batch_size=batch_size)
-    predicted = pipeline.predict([d.text for d in docs])
-    pred = [span for d, spans in zip(docs, predicted, strict=True) for span in _to_spans(d.doc_id, spans)]
-    gold = [Span(d.doc_id, s.label, s.start, s.end) for d in docs for s in d.spans]
-    return evaluate(gold, pred, labels or tagger.labels)
+    gold, pred, tagger_labels = predict_checkpoint(checkpoint, docs, batch_size)
+    return evaluate(gold, pred, labels or tagger_labels)
+
+
+def save_min_span_score(checkpoint: Path, threshold: float, revision_suffix: str | None = None) -> dict[str, Any]:
+    """Write the span-score threshold (and optionally a revision suffix: outputs change) into the config."""
+    config_file = Path(checkpoint) / CONFIG_FILE
+    config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
+    config["min_span_score"] = threshold
+    if revision_suffix and not str(config.get("model_revision", "")).endswith(revision_suffix):
+        config["model_revision"] = f"{config.get('model_revision', '')}{revision_suffix}"
+    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return config
 
 
 def calibrate_checkpoint(
@@ -403,16 +424,9 @@ def calibrate_checkpoint(
     The notes are tagged once with no threshold (production inference path); the threshold that maximises
     overlap F1 + strict F1 on them is written to ``tagger_config.json``. Returns it with its report.
     """
-    tagger = ClinicalTagger.from_pretrained(checkpoint)
-    tagger.config.min_span_score = 0.0
-    predicted = TaggerPipeline(tagger, batch_size=batch_size).predict([d.text for d in docs])
-    scored = [span for d, spans in zip(docs, predicted, strict=True) for span in _to_spans(d.doc_id, spans)]
-    gold = [Span(d.doc_id, s.label, s.start, s.end) for d in docs for s in d.spans]
-    threshold, report = calibrate_min_score(gold, scored, tagger.labels)
-    config_file = Path(checkpoint) / CONFIG_FILE
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["min_span_score"] = threshold
-    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    gold, scored, labels = predict_checkpoint(checkpoint, docs, batch_size, min_span_score=0.0)
+    threshold, report = calibrate_min_score(gold, scored, labels)
+    save_min_span_score(checkpoint, threshold)
     return threshold, report
 
 
