@@ -13,10 +13,11 @@ from typing import Any
 
 import redis
 
+from adapter.state import NOTE_TTL_SECONDS
 from mappings.bundle import ModelInfo
 from mappings.mentions import Mention
 
-WORK_TTL_SECONDS = 14 * 24 * 3600
+WORK_TTL_SECONDS = NOTE_TTL_SECONDS  # as long as the note itself is kept for the workers
 
 
 @dataclass
