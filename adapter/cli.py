@@ -285,6 +285,12 @@ def extract(
     type=click.IntRange(0, 100),
     help="Encoder layers kept frozen and cached (default: 10 on CPU, 0 on GPU).",
 )
+@click.option(
+    "--init-from",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Warm start from a tagger checkpoint on the same encoder (e.g. worker/models/default).",
+)
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="CPU threads for PyTorch.")
 @click.option("--curve", is_flag=True, help="Also the data-efficiency curve (10/25/50/100% of notes): CSV + PNG.")
 def train(
@@ -295,6 +301,7 @@ def train(
     epochs: int,
     seed: int,
     frozen_layers: int | None,
+    init_from: Path | None,
     threads: int | None,
     curve: bool,
 ) -> None:
@@ -312,6 +319,7 @@ def train(
             seed=seed,
             curve=curve,
             frozen_layers=frozen_layers,
+            init_from=init_from,
             threads=threads,
         )
     except (EncoderNotFoundError, ValueError, OSError) as error:

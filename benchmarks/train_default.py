@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--frozen-layers", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init-from", type=Path, default=None, help="warm start from this checkpoint")
+    parser.add_argument("--encoder-lr", type=float, default=3e-4)
+    parser.add_argument("--head-lr", type=float, default=3e-3)
+    parser.add_argument("--stage", default="run", help="work sub-folder (one per stage of a staged recipe)")
+    parser.add_argument("--no-export", action="store_true", help="keep the checkpoint in the work folder")
     parser.add_argument("--smoke", action="store_true", help="40 training windows, 1 epoch, no export")
     parser.add_argument("--curve", action="store_true", help="also the data-efficiency curve (4 more runs)")
     args = parser.parse_args(argv)
@@ -60,12 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         epochs=1 if args.smoke else args.epochs,
         frozen_layers=args.frozen_layers,
         seed=0,
-        encoder_lr=3e-4,
-        head_lr=3e-3,
+        encoder_lr=args.encoder_lr,
+        head_lr=args.head_lr,
+        init_from=str(args.init_from or ""),
         batch_tokens=2048,
     )
     config.model_revision = _revision(config)
-    work = args.work / ("smoke" if args.smoke else "run")
+    work = args.work / ("smoke" if args.smoke else args.stage)
     result = train(
         [args.data / name for name in CORPORA],
         work / "best",
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     (work / "scores.json").write_text(json.dumps(result.scores, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=1))
-    if not args.smoke:
+    if not (args.smoke or args.no_export):
         export_checkpoint(work / "best", args.output)
         print(f"exported to {args.output}")
     return 0

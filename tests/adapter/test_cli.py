@@ -131,6 +131,29 @@ def test_train_writes_a_checkpoint_that_predict_can_use(tiny_encoder: Path, tmp_
     missing = runner.invoke(main, ["train", "--data", str(tmp_path / "nowhere"), "--output", str(checkpoint)])
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
+    warm = runner.invoke(
+        main,
+        [
+            *args[:4],
+            str(tmp_path / "warm"),
+            *args[5:],
+            "--epochs",
+            "1",
+            "--val-fraction",
+            "0.3",
+            "--frozen-layers",
+            "0",
+            "--init-from",
+            str(checkpoint),
+        ],
+    )
+    assert warm.exit_code == 0, warm.output
+    assert (
+        json.loads((tmp_path / "warm" / "tagger_config.json").read_text())["extra"]["training"]["init_from"] == "ckpt"
+    )
+    wrong = runner.invoke(main, [*args, "--epochs", "1", "--init-from", str(data)])
+    assert wrong.exit_code == 1 and wrong.output.startswith("Error:") and "not a tagger checkpoint" in wrong.output
+
 
 def test_subscribe_is_listed_and_reports_errors_on_one_line(tmp_path: Path) -> None:
     runner = CliRunner()

@@ -109,10 +109,44 @@ def refine_span(text: str, start: int, end: int) -> tuple[int, int] | None:
     return start, end
 
 
+def best_tag_paths(probs: np.ndarray) -> np.ndarray:
+    """Per label, the most probable O/B/I sequence in which I only follows B or I (Viterbi).
+
+    Taking each token's most probable tag on its own breaks long mentions wherever one token inside them
+    leans towards O, leaving fragments; the best *valid* path keeps such a mention whole when the tokens
+    around it are confident. ``probs`` is [n_tokens, n_labels, 3]; returns [n_tokens, n_labels] tags.
+    """
+    n_tokens, n_labels, _ = probs.shape
+    tags = np.zeros((n_tokens, n_labels), dtype=np.int64)
+    if n_tokens == 0:
+        return tags
+    log_probs = np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0))
+    rows = np.arange(n_labels)
+    back = np.zeros((n_tokens, n_labels, 3), dtype=np.int64)
+    score = log_probs[0].copy()
+    score[:, TAG_I] = -np.inf  # a note cannot start inside a mention
+    for token in range(1, n_tokens):
+        best_any = score.argmax(axis=1)  # O and B may follow anything
+        best_inside = np.where(score[:, TAG_B] >= score[:, TAG_I], TAG_B, TAG_I)  # I follows B or I only
+        from_any = score[rows, best_any]
+        new = np.empty_like(score)
+        new[:, TAG_O] = from_any + log_probs[token, :, TAG_O]
+        new[:, TAG_B] = from_any + log_probs[token, :, TAG_B]
+        new[:, TAG_I] = score[rows, best_inside] + log_probs[token, :, TAG_I]
+        back[token, :, TAG_O] = best_any
+        back[token, :, TAG_B] = best_any
+        back[token, :, TAG_I] = best_inside
+        score = new
+    tags[-1] = score.argmax(axis=1)
+    for token in range(n_tokens - 1, 0, -1):
+        tags[token - 1] = back[token, rows, tags[token]]
+    return tags
+
+
 def decode_spans(
     text: str, offsets: np.ndarray, probs: np.ndarray, labels: Sequence[str], min_score: float = 0.0
 ) -> list[TaggedSpan]:
-    """BIO (one O/B/I sequence per label) to character spans. An I without a B opens a span.
+    """BIO (one O/B/I sequence per label) to character spans, along each label's best valid tag path.
 
     A span's score is the mean probability of its tokens not being O for its label; spans scoring below
     ``min_score`` are dropped.
@@ -120,7 +154,7 @@ def decode_spans(
     ``offsets`` is [n_tokens, 2] character offsets; ``probs`` is [n_tokens, n_labels, 3].
     """
     spans: list[TaggedSpan] = []
-    tags = probs.argmax(axis=-1)
+    tags = best_tag_paths(probs)
     inside = 1.0 - probs[..., TAG_O]
     for label_index, label in enumerate(labels):
         current: list[int] = []

@@ -42,7 +42,7 @@ from worker.nlp.corpus import Document, Span, load_documents, split_by_name
 from worker.nlp.decoding import decode_spans, merge_windows, plan_windows, spans_to_tags
 from worker.nlp.encoders import DEFAULT_ENCODER, special_affixes
 from worker.nlp.metrics import EvaluationReport, calibrate_min_score, evaluate, format_report, report_to_json
-from worker.nlp.tagger import CONFIG_FILE, DEFAULT_LABELS, WEIGHTS_FILE, ClinicalTagger, TaggerPipeline
+from worker.nlp.tagger import CONFIG_FILE, DEFAULT_LABELS, WEIGHTS_FILE, ClinicalTagger, TaggerConfig, TaggerPipeline
 
 __all__ = [
     "CurvePoint",
@@ -88,6 +88,9 @@ class TrainConfig:
     cnn_channels: int = 256
     cnn_kernel_size: int = 5
     dropout: float = 0.1
+    # Warm start: a tagger checkpoint on the same encoder whose head and trained layers seed this run
+    # (for example the shipped default, to continue it on more layers or on a hospital's own notes).
+    init_from: str = ""
     model_revision: str = ""
 
     def fingerprint(self) -> str:
@@ -372,6 +375,36 @@ def _save_half(tagger: ClinicalTagger, folder: Path) -> None:
     save_file(state, str(weights), metadata={"format": "pt"})
 
 
+def _require_checkpoint(folder: Path) -> Path:
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise ValueError(f"--init-from {folder}: not a tagger checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    return folder
+
+
+def warm_start(tagger: ClinicalTagger, checkpoint: Path) -> list[str]:
+    """Load a checkpoint's head and trained encoder layers into a fresh tagger; returns what was loaded.
+
+    The checkpoint must be built on the same encoder, labels and head shape: anything else would train
+    from weights that mean something different, so it is refused with a clear error.
+    """
+    folder = _require_checkpoint(Path(checkpoint))
+    config_file = folder / CONFIG_FILE
+    other = TaggerConfig.from_json(json.loads(config_file.read_text(encoding="utf-8")))
+    mine = tagger.config
+    for name in ("encoder", "labels", "cnn_channels", "cnn_kernel_size"):
+        if getattr(other, name) != getattr(mine, name):
+            raise ValueError(
+                f"--init-from {folder}: its {name} is {getattr(other, name)!r}, this run's is {getattr(mine, name)!r}"
+            )
+    state = load_file(str(folder / WEIGHTS_FILE))
+    own = tagger.state_dict()
+    unexpected = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    if unexpected or not any(k.startswith("head.") for k in state):
+        raise ValueError(f"--init-from {folder}: weights do not fit this tagger ({unexpected[:3]})")
+    tagger.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    return sorted(state)
+
+
 def export_checkpoint(src: Path, dst: Path) -> Path:
     """Copy only what a checkpoint needs (config + weights, and ``encoder/`` when self-contained)."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -652,6 +685,7 @@ def train(
     progress: bool = True,
     *,
     frozen_layers: int | None = None,
+    init_from: Path | None = None,
     patience: int = 2,
     work_dir: Path | None = None,
     threads: int | None = None,
@@ -676,8 +710,11 @@ def train(
         patience=patience,
         seed=seed,
         frozen_layers=frozen_layers,
+        init_from=str(init_from or ""),
         model_revision=model_revision,
     )
+    if cfg.init_from:
+        _require_checkpoint(Path(cfg.init_from))  # before minutes of corpus loading
     device = _device()
     if cfg.frozen_layers is None:
         cfg.frozen_layers = 0 if device.type == "cuda" else 10
@@ -699,6 +736,9 @@ def train(
     tagger = ClinicalTagger.from_encoder(
         cfg.encoder, cfg.labels, cnn_channels=cfg.cnn_channels, cnn_kernel_size=cfg.cnn_kernel_size, dropout=cfg.dropout
     )
+    if cfg.init_from:
+        loaded = warm_start(tagger, Path(cfg.init_from))
+        _say(f"warm start from {cfg.init_from}: {len(loaded)} tensors", progress)
     tagger.to(device)
     prefix, suffix = special_affixes(tagger.tokenizer)
     max_body = int(tagger.config.max_window_tokens or 512) - len(prefix) - len(suffix)
@@ -882,6 +922,7 @@ def _card_facts(cfg: TrainConfig, n_train: int, n_val: int, epoch: int, recipe: 
         "encoder_lr": cfg.encoder_lr,
         "head_lr": cfg.head_lr,
         "frozen_layers": cfg.frozen_layers,
+        "init_from": Path(cfg.init_from).name if cfg.init_from else "",
     }
 
 

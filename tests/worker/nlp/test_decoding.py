@@ -53,7 +53,7 @@ def test_merge_takes_each_token_from_its_most_central_window() -> None:
     assert merged[:, 0].argmax(-1).tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1]
 
 
-def test_i_without_b_opens_a_span_and_types_may_overlap() -> None:
+def test_a_mention_tagged_from_i_is_kept_and_types_may_overlap() -> None:
     text = "dolor torácico agudo"
     offsets = np.array([[0, 5], [6, 14], [15, 20]])
     tags = np.zeros((3, 3), dtype=np.int64)
@@ -64,6 +64,30 @@ def test_i_without_b_opens_a_span_and_types_may_overlap() -> None:
     found = {(s.label, text[s.start : s.end]) for s in spans}
     assert found == {("DISEASE", "dolor torácico agudo"), ("SYMPTOM", "dolor torácico"), ("PROCEDURE", "agudo")}
     assert all(0.9 < s.score <= 1.0 for s in spans)
+
+
+def test_one_token_leaning_o_does_not_split_a_confident_mention() -> None:
+    """Token-wise argmax would give "linfoma" and "Hodgkin" apart; the best valid path keeps one mention."""
+    text = "linfoma de Hodgkin"
+    offsets = np.array([[0, 7], [8, 10], [11, 18]])
+    probs = np.zeros((3, 3, 3), dtype=np.float32)
+    probs[:, :, TAG_O] = 1.0
+    probs[:, 0] = [[0.05, 0.9, 0.05], [0.4, 0.25, 0.35], [0.05, 0.05, 0.9]]  # DISEASE: B, (O?), I
+    assert probs[1, 0].argmax() == TAG_O
+    spans = decode_spans(text, offsets, probs, LABELS)
+    assert [(s.label, text[s.start : s.end]) for s in spans] == [("DISEASE", "linfoma de Hodgkin")]
+    assert spans[0].score == pytest.approx((0.95 + 0.6 + 0.95) / 3, abs=1e-4)
+
+
+def test_a_confident_o_still_ends_a_mention() -> None:
+    text = "fiebre y tos"
+    offsets = np.array([[0, 6], [7, 8], [9, 12]])
+    probs = np.zeros((3, 3, 3), dtype=np.float32)
+    probs[:, :, TAG_O] = 1.0
+    probs[:, 1] = [[0.05, 0.9, 0.05], [0.9, 0.05, 0.05], [0.05, 0.15, 0.8]]  # SYMPTOM: B, O, I
+    spans = decode_spans(text, offsets, probs, LABELS)
+    # "tos" leans I, but I cannot follow O: it opens its own mention as B
+    assert [text[s.start : s.end] for s in spans] == ["fiebre", "tos"]
 
 
 def test_b_after_b_splits_and_o_closes() -> None:

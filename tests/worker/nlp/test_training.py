@@ -22,6 +22,7 @@ from worker.nlp.training import (  # noqa: E402
     data_efficiency_curve,
     load_corpora,
     train,
+    warm_start,
 )
 
 REPO_ROOT = TESTS_DIR.parent
@@ -121,6 +122,39 @@ def test_resume_continues_after_the_last_epoch(tiny_encoder: Path, tmp_path: Pat
     resumed = train([data], output, config=_config(tiny_encoder, 3, 1), progress=False)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == first.history
+
+
+def test_warm_start_continues_from_a_checkpoint_with_more_layers(tiny_encoder: Path, tmp_path: Path) -> None:
+    """Stage 2 (all layers trained) starts from stage 1's head and top layer instead of from scratch."""
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(2)
+    data = _write_brat(tmp_path / "notes")
+    stage1 = train([data], tmp_path / "stage1", config=_config(tiny_encoder, 12, 1), progress=False)
+    saved = load_file(str(tmp_path / "stage1" / "model.safetensors"))
+
+    fresh = ClinicalTagger.from_encoder(str(tiny_encoder), cnn_channels=32, cnn_kernel_size=3)
+    loaded = warm_start(fresh, tmp_path / "stage1")
+    assert any(k.startswith("head.") for k in loaded) and any(k.startswith("encoder.encoder.layer.1.") for k in loaded)
+    own = fresh.state_dict()
+    for key, value in saved.items():
+        torch.testing.assert_close(own[key], value.float())
+
+    config = _config(tiny_encoder, 2, 0)
+    config.init_from = str(tmp_path / "stage1")
+    stage2 = train([data], tmp_path / "stage2", config=config, progress=False)
+    assert stage2.history[0]["loss"] < 0.5 * stage1.history[0]["loss"]
+    assert ClinicalTagger.from_pretrained(tmp_path / "stage2").config.extra["training"]["init_from"] == "stage1"
+
+
+def test_warm_start_refuses_a_checkpoint_for_other_labels(tiny_encoder: Path, tmp_path: Path) -> None:
+    other = ClinicalTagger.from_encoder(str(tiny_encoder), labels=["DISEASE"], cnn_channels=32, cnn_kernel_size=3)
+    other.save_pretrained(tmp_path / "other")
+    fresh = ClinicalTagger.from_encoder(str(tiny_encoder), cnn_channels=32, cnn_kernel_size=3)
+    with pytest.raises(ValueError, match="labels"):
+        warm_start(fresh, tmp_path / "other")
+    with pytest.raises(ValueError, match="not a tagger checkpoint"):
+        warm_start(fresh, tmp_path)
 
 
 def test_data_efficiency_curve_writes_csv_and_png(tiny_encoder: Path, tmp_path: Path) -> None:
