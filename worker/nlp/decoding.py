@@ -6,6 +6,7 @@ from decoded tokens.
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,37 +110,63 @@ def refine_span(text: str, start: int, end: int) -> tuple[int, int] | None:
     return start, end
 
 
+def _best_path(log_probs: np.ndarray, starts_after_b: bool) -> list[int]:
+    """Viterbi over one label's [n, 3] log-probabilities where I only follows B or I."""
+    score = [float(v) for v in log_probs[0]]
+    if not starts_after_b:
+        score[TAG_I] = -math.inf  # a note cannot start inside a mention
+    back: list[tuple[int, int]] = []  # per token: best predecessor of O/B, best predecessor of I
+    for row in log_probs[1:]:
+        best_any = max(range(3), key=score.__getitem__)
+        best_inside = TAG_B if score[TAG_B] >= score[TAG_I] else TAG_I
+        back.append((best_any, best_inside))
+        score = [
+            score[best_any] + float(row[TAG_O]),
+            score[best_any] + float(row[TAG_B]),
+            score[best_inside] + float(row[TAG_I]),
+        ]
+    path = [max(range(3), key=score.__getitem__)]
+    for best_any, best_inside in reversed(back):
+        path.append(best_inside if path[-1] == TAG_I else best_any)
+    return path[::-1]
+
+
 def best_tag_paths(probs: np.ndarray) -> np.ndarray:
     """Per label, the most probable O/B/I sequence in which I only follows B or I (Viterbi).
 
     Taking each token's most probable tag on its own breaks long mentions wherever one token inside them
     leans towards O, leaving fragments; the best *valid* path keeps such a mention whole when the tokens
     around it are confident. ``probs`` is [n_tokens, n_labels, 3]; returns [n_tokens, n_labels] tags.
+
+    Exact and cheap: a token whose own best tag is B keeps it on the best path (B may follow and precede
+    anything), so the sequence splits at those tokens, and only the pieces where the token-wise tags are
+    invalid (an I after an O) need the dynamic programme.
     """
-    n_tokens, n_labels, _ = probs.shape
-    tags = np.zeros((n_tokens, n_labels), dtype=np.int64)
-    if n_tokens == 0:
-        return tags
-    log_probs = np.log(np.clip(probs.astype(np.float64), 1e-12, 1.0))
-    rows = np.arange(n_labels)
-    back = np.zeros((n_tokens, n_labels, 3), dtype=np.int64)
-    score = log_probs[0].copy()
-    score[:, TAG_I] = -np.inf  # a note cannot start inside a mention
-    for token in range(1, n_tokens):
-        best_any = score.argmax(axis=1)  # O and B may follow anything
-        best_inside = np.where(score[:, TAG_B] >= score[:, TAG_I], TAG_B, TAG_I)  # I follows B or I only
-        from_any = score[rows, best_any]
-        new = np.empty_like(score)
-        new[:, TAG_O] = from_any + log_probs[token, :, TAG_O]
-        new[:, TAG_B] = from_any + log_probs[token, :, TAG_B]
-        new[:, TAG_I] = score[rows, best_inside] + log_probs[token, :, TAG_I]
-        back[token, :, TAG_O] = best_any
-        back[token, :, TAG_B] = best_any
-        back[token, :, TAG_I] = best_inside
-        score = new
-    tags[-1] = score.argmax(axis=1)
-    for token in range(n_tokens - 1, 0, -1):
-        tags[token - 1] = back[token, rows, tags[token]]
+    tags = probs.argmax(axis=-1).astype(np.int64)
+    n_tokens = tags.shape[0]
+    for label in range(tags.shape[1]):
+        column = tags[:, label]
+        previous = np.concatenate(([TAG_O], column[:-1]))
+        invalid = np.nonzero((column == TAG_I) & (previous == TAG_O))[0]
+        if invalid.size == 0:
+            continue
+        begins = np.nonzero(column == TAG_B)[0]
+        log_probs: np.ndarray | None = None
+        done_until = -1
+        for position in invalid:
+            if position < done_until:
+                continue
+            before = begins[begins < position]
+            after = begins[begins > position]
+            first = int(before[-1]) if before.size else 0
+            last = int(after[0]) if after.size else n_tokens  # exclusive: the next B stays B
+            if log_probs is None:
+                log_probs = np.log(np.clip(probs[:, label].astype(np.float64), 1e-12, 1.0))
+            starts_after_b = bool(before.size)
+            if starts_after_b:  # the B itself is fixed; the piece starts right after it
+                first += 1
+            column[first:last] = _best_path(log_probs[first:last], starts_after_b)
+            done_until = last
     return tags
 
 

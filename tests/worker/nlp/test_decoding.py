@@ -12,6 +12,7 @@ from worker.nlp.decoding import (
     TAG_B,
     TAG_I,
     TAG_O,
+    best_tag_paths,
     decode_spans,
     merge_windows,
     plan_windows,
@@ -88,6 +89,31 @@ def test_a_confident_o_still_ends_a_mention() -> None:
     spans = decode_spans(text, offsets, probs, LABELS)
     # "tos" leans I, but I cannot follow O: it opens its own mention as B
     assert [text[s.start : s.end] for s in spans] == ["fiebre", "tos"]
+
+
+def test_best_tag_paths_equal_exhaustive_search_over_valid_sequences() -> None:
+    """The split-at-B shortcut gives the most probable valid sequence, checked against all 3^n sequences."""
+    import itertools
+
+    rng = np.random.default_rng(7)
+    for _ in range(150):
+        n_tokens = int(rng.integers(1, 7))
+        probs = rng.dirichlet([0.6, 0.6, 0.6], size=(n_tokens, 2))
+        tags = best_tag_paths(probs)
+        for label in range(2):
+            log_probs = np.log(probs[:, label])
+
+            def valid(seq: tuple[int, ...]) -> bool:
+                return all(t != TAG_I or (i > 0 and seq[i - 1] != TAG_O) for i, t in enumerate(seq))
+
+            best = max(
+                (seq for seq in itertools.product(range(3), repeat=n_tokens) if valid(seq)),
+                key=lambda seq: sum(log_probs[i, t] for i, t in enumerate(seq)),
+            )
+            found = tuple(int(t) for t in tags[:, label])
+            assert valid(found)
+            score = sum(log_probs[i, t] for i, t in enumerate(found))
+            assert score == pytest.approx(sum(log_probs[i, t] for i, t in enumerate(best)))
 
 
 def test_b_after_b_splits_and_o_closes() -> None:
