@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -273,13 +274,19 @@ class EncoderSplit:
     def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         create = getattr(self.encoder, "_create_attention_masks", None)
         if create is not None:
-            return create(
-                attention_mask=attention_mask,
-                encoder_attention_mask=None,
-                embedding_output=hidden,
-                encoder_hidden_states=None,
-                cache=None,
-            )[0]
+            # A private helper whose keywords change between transformers releases (5.17: past_key_values,
+            # 5.24: cache): pass the ones this release takes.
+            offered = {
+                "attention_mask": attention_mask,
+                "encoder_attention_mask": None,
+                "embedding_output": hidden,
+                "encoder_hidden_states": None,
+                "cache": None,
+                "past_key_values": None,
+                "cache_position": None,
+            }
+            accepted = inspect.signature(create).parameters
+            return create(**{k: v for k, v in offered.items() if k in accepted})[0]
         extended = self.encoder.get_extended_attention_mask(attention_mask, attention_mask.shape)
         return extended.to(hidden.dtype)
 
@@ -381,21 +388,41 @@ def _require_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def warm_start(tagger: ClinicalTagger, checkpoint: Path) -> list[str]:
+def _checkpoint_config(checkpoint: Path) -> TaggerConfig:
+    folder = _require_checkpoint(Path(checkpoint))
+    return TaggerConfig.from_json(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+
+
+def lowest_trained_layer(checkpoint: Path) -> int | None:
+    """The lowest encoder layer a checkpoint fine-tuned (0 when it holds the whole encoder; None: head only)."""
+    weights = _checkpoint_config(checkpoint).encoder_weights
+    if weights == "all":
+        return 0
+    return min(weights) if weights else None
+
+
+def warm_start(tagger: ClinicalTagger, checkpoint: Path, frozen_layers: int = 0) -> list[str]:
     """Load a checkpoint's head and trained encoder layers into a fresh tagger; returns what was loaded.
 
     The checkpoint must be built on the same encoder, labels and head shape: anything else would train
-    from weights that mean something different, so it is refused with a clear error.
+    from weights that mean something different, so it is refused with a clear error. So is a run that
+    would freeze layers the checkpoint fine-tuned: the new checkpoint saves only the layers it trains, so
+    those would silently fall back to the base encoder's at load time.
     """
     folder = _require_checkpoint(Path(checkpoint))
-    config_file = folder / CONFIG_FILE
-    other = TaggerConfig.from_json(json.loads(config_file.read_text(encoding="utf-8")))
+    other = _checkpoint_config(folder)
     mine = tagger.config
     for name in ("encoder", "labels", "cnn_channels", "cnn_kernel_size"):
         if getattr(other, name) != getattr(mine, name):
             raise ValueError(
                 f"--init-from {folder}: its {name} is {getattr(other, name)!r}, this run's is {getattr(mine, name)!r}"
             )
+    lowest = lowest_trained_layer(folder)
+    if frozen_layers > 0 and lowest is not None and lowest < frozen_layers:
+        raise ValueError(
+            f"--init-from {folder}: it fine-tuned encoder layers from {lowest} up, but this run freezes layers "
+            f"0-{frozen_layers - 1} and would not save them; use --frozen-layers {lowest} or fewer"
+        )
     state = load_file(str(folder / WEIGHTS_FILE))
     own = tagger.state_dict()
     unexpected = [k for k in state if k not in own or own[k].shape != state[k].shape]
@@ -718,6 +745,9 @@ def train(
     device = _device()
     if cfg.frozen_layers is None:
         cfg.frozen_layers = 0 if device.type == "cuda" else 10
+        lowest = lowest_trained_layer(Path(cfg.init_from)) if cfg.init_from else None
+        if lowest is not None:  # keep training every layer the warm start fine-tuned
+            cfg.frozen_layers = min(cfg.frozen_layers, lowest)
     output = Path(output)
     work = Path(work_dir) if work_dir else output
     work.mkdir(parents=True, exist_ok=True)
@@ -737,7 +767,7 @@ def train(
         cfg.encoder, cfg.labels, cnn_channels=cfg.cnn_channels, cnn_kernel_size=cfg.cnn_kernel_size, dropout=cfg.dropout
     )
     if cfg.init_from:
-        loaded = warm_start(tagger, Path(cfg.init_from))
+        loaded = warm_start(tagger, Path(cfg.init_from), cfg.frozen_layers)
         _say(f"warm start from {cfg.init_from}: {len(loaded)} tensors", progress)
     tagger.to(device)
     prefix, suffix = special_affixes(tagger.tokenizer)
@@ -797,7 +827,7 @@ def train(
 
     state_file = work / STATE_FILE
     fingerprint = cfg.fingerprint() + f"-{max_train_windows}-{_data_fingerprint(data_dirs)}"
-    epoch0, best_score, best_epoch, bad_epochs, history = 0, -1.0, 0, 0, []
+    epoch0, best_score, best_epoch, bad_epochs, history = 0, -math.inf, 0, 0, []
     finished = False
     if state_file.is_file():
         state = torch.load(state_file, weights_only=False)
@@ -856,7 +886,8 @@ def train(
         if score > best_score:
             best_score, best_epoch, bad_epochs = score, epoch, 0
             tagger.config.model_revision = cfg.model_revision or f"trained-{time.strftime('%Y%m%d')}"
-            tagger.config.extra = {"training": _card_facts(cfg, len(train_docs), len(val_docs), epoch, recipe.name)}
+            facts = _card_facts(cfg, len(train_docs), len(val_docs), epoch, recipe.name, device)
+            tagger.config.extra = {"training": facts}
             _save_half(tagger, output)
         else:
             bad_epochs += 1
@@ -911,7 +942,9 @@ def train(
     return result
 
 
-def _card_facts(cfg: TrainConfig, n_train: int, n_val: int, epoch: int, recipe: str) -> dict[str, Any]:
+def _card_facts(
+    cfg: TrainConfig, n_train: int, n_val: int, epoch: int, recipe: str, device: torch.device
+) -> dict[str, Any]:
     return {
         "recipe": recipe,
         "epoch": epoch,
@@ -923,6 +956,8 @@ def _card_facts(cfg: TrainConfig, n_train: int, n_val: int, epoch: int, recipe: 
         "head_lr": cfg.head_lr,
         "frozen_layers": cfg.frozen_layers,
         "init_from": Path(cfg.init_from).name if cfg.init_from else "",
+        "batch_tokens": cfg.batch_tokens,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 
 

@@ -21,6 +21,7 @@ from worker.nlp.training import (  # noqa: E402
     TrainConfig,
     data_efficiency_curve,
     load_corpora,
+    lowest_trained_layer,
     train,
     warm_start,
 )
@@ -80,6 +81,28 @@ def test_encoder_split_equals_full_forward(tiny_encoder: Path) -> None:
     assert split.trained_layers == [1]
 
 
+def test_encoder_split_passes_only_the_mask_keywords_this_transformers_takes(tiny_encoder: Path) -> None:
+    """transformers renamed the private mask helper's keywords (5.17: past_key_values, 5.24: cache)."""
+    tagger = ClinicalTagger.from_encoder(str(tiny_encoder), cnn_channels=8, cnn_kernel_size=3)
+    split = EncoderSplit(tagger.encoder, 1)
+    seen: dict[str, object] = {}
+
+    def older_release_helper(
+        attention_mask: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+        embedding_output: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        past_key_values: object = None,
+    ) -> tuple[str, None]:
+        seen.update(attention_mask=attention_mask, past_key_values=past_key_values)
+        return "mask", None
+
+    split.encoder = type("Encoder", (), {"_create_attention_masks": staticmethod(older_release_helper)})()
+    mask = torch.ones((1, 3), dtype=torch.long)
+    assert split._mask(torch.zeros((1, 3, 4)), mask) == "mask"
+    assert seen["attention_mask"] is mask
+
+
 def test_load_corpora_prefixes_and_splits(tmp_path: Path) -> None:
     data = _write_brat(tmp_path / "corpus", copies=5)
     train_docs, val_docs, val_keys = load_corpora([data], val_fraction=0.3)
@@ -113,6 +136,15 @@ def test_train_loss_falls_and_checkpoint_round_trips(tiny_encoder: Path, tmp_pat
     loaded.save_pretrained(tmp_path / "again")
     second = TaggerPipeline(ClinicalTagger.from_pretrained(tmp_path / "again")).predict(SAMPLE_NOTES)
     assert first == second
+
+
+def test_without_validation_notes_a_first_epoch_with_loss_above_one_is_kept(tiny_encoder: Path, tmp_path: Path) -> None:
+    """With no validation notes the epoch score is minus the loss; an untrained head's loss is ~ln 3 > 1."""
+    config = _config(tiny_encoder, 1, 1)
+    config.encoder_lr = config.head_lr = 0.0
+    result = train([_write_brat(tmp_path / "notes")], tmp_path / "ckpt", config=config, progress=False)
+    assert result.history[0]["loss"] > 1.0
+    assert result.best_epoch == 1 and (tmp_path / "ckpt" / "model.safetensors").is_file()
 
 
 def test_resume_continues_after_the_last_epoch(tiny_encoder: Path, tmp_path: Path) -> None:
@@ -155,6 +187,28 @@ def test_warm_start_refuses_a_checkpoint_for_other_labels(tiny_encoder: Path, tm
         warm_start(fresh, tmp_path / "other")
     with pytest.raises(ValueError, match="not a tagger checkpoint"):
         warm_start(fresh, tmp_path)
+
+
+def test_warm_start_keeps_training_the_layers_the_checkpoint_fine_tuned(tiny_encoder: Path, tmp_path: Path) -> None:
+    """A checkpoint that trained layer 0 up cannot seed a run that freezes layer 0: the new checkpoint would
+    save only layer 1, and layer 0 would come back from the base encoder at load time."""
+    data = _write_brat(tmp_path / "notes")
+    torch.set_num_threads(2)
+    train([data], tmp_path / "all", config=_config(tiny_encoder, 1, 0), progress=False)
+    assert lowest_trained_layer(tmp_path / "all") == 0
+
+    fresh = ClinicalTagger.from_encoder(str(tiny_encoder), cnn_channels=32, cnn_kernel_size=3)
+    with pytest.raises(ValueError, match="--frozen-layers 0 or fewer"):
+        warm_start(fresh, tmp_path / "all", frozen_layers=1)
+
+    config = _config(tiny_encoder, 1, 1)
+    config.init_from = str(tmp_path / "all")
+    with pytest.raises(ValueError, match="freezes layers 0-0"):
+        train([data], tmp_path / "refused", config=config, progress=False)
+
+    config.frozen_layers = None  # not chosen: follows the checkpoint down to layer 0
+    train([data], tmp_path / "followed", config=config, progress=False)
+    assert ClinicalTagger.from_pretrained(tmp_path / "followed").config.extra["training"]["frozen_layers"] == 0
 
 
 def test_data_efficiency_curve_writes_csv_and_png(tiny_encoder: Path, tmp_path: Path) -> None:
