@@ -7,6 +7,8 @@ without batching does: one `tag_texts` call per note. "Batched" is what `worker.
 
     .venv/bin/python benchmarks/bench_batching.py --notes 32 --max-notes 16 --threads 2
     .venv/bin/python benchmarks/bench_batching.py --device cuda --notes 256 --max-notes 64 --windows-per-pass 64
+    python benchmarks/bench_batching.py --device cuda --bge-m3-random --chars 7000 --notes 64 --max-notes 32 \
+        --windows-per-pass 32     # a BGE-M3-sized tagger (random weights) on ~2,000-token notes (issue 8)
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "es"
 
 
-def short_notes(count: int, chars: int) -> list[str]:
+def short_notes(count: int, chars: int, data: Path = DATA) -> list[str]:
     """Notes of about ``chars`` characters (the issue's short notes: ~2,000), cut at a sentence end."""
     notes: list[str] = []
-    for path in sorted((DATA / "spaccc-train").glob("*.txt")) + sorted((DATA / "cardioccc-train").glob("*.txt")):
+    for path in sorted((data / "spaccc-train").glob("*.txt")) + sorted((data / "cardioccc-train").glob("*.txt")):
         text = path.read_text(encoding="utf-8")
         if len(text) < chars:
             continue
@@ -33,7 +35,38 @@ def short_notes(count: int, chars: int) -> list[str]:
         notes.append(text[: cut + 1 if cut > chars // 2 else chars])
         if len(notes) == count:
             return notes
-    sys.exit(f"not enough notes of {chars} characters under {DATA}")
+    sys.exit(f"not enough notes of {chars} characters under {data}")
+
+
+def bge_m3_random_tagger(folder: Path) -> object:
+    """A tagger on a BGE-M3-shaped encoder (XLM-RoBERTa, 24 layers, hidden 1024, 16 heads, 8192 positions)
+    with random weights and e5-small's tokenizer (the same XLM-R SentencePiece family): its speed is
+    BGE-M3's, its output is noise. Written to ``folder`` so it loads like any local encoder."""
+    import shutil
+
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    from worker.nlp.e5_convert import default_encoder_dir
+    from worker.nlp.tagger import ClinicalTagger
+
+    e5 = default_encoder_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(e5 / name, folder / name)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tokenizer_config["model_max_length"] = 8192
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    config = XLMRobertaConfig(
+        vocab_size=250037,  # e5-small's tokenizer; BGE-M3 has 250002 (same cost per token)
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        max_position_embeddings=8194,
+    )
+    torch.manual_seed(0)
+    XLMRobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return ClinicalTagger.from_encoder(str(folder))
 
 
 def main() -> None:
@@ -46,20 +79,28 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder holding spaccc-train and cardioccc-train")
+    parser.add_argument("--bge-m3-random", action="store_true", help="a BGE-M3-sized tagger, random weights")
     args = parser.parse_args()
 
     from worker.inference import tag_texts
     from worker.nlp.tagger import ClinicalTagger, TaggerPipeline
     from worker.runtime import default_model_path
 
-    checkpoint = args.model or default_model_path()
+    if args.bge_m3_random:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bge-m3-random-") as folder:  # loaded into memory, then gone
+            tagger = bge_m3_random_tagger(Path(folder))
+    else:
+        tagger = ClinicalTagger.from_pretrained(args.model or default_model_path())
     pipeline = TaggerPipeline(
-        ClinicalTagger.from_pretrained(checkpoint),
+        tagger,  # type: ignore[arg-type]
         device=args.device,
         batch_size=args.windows_per_pass,
         threads=args.threads,
     )
-    notes = short_notes(args.notes, args.chars)
+    notes = short_notes(args.notes, args.chars, args.data)
     languages = ["es"] * len(notes)
     tag_texts(pipeline, notes[:2], languages[:2])  # warm-up
 
@@ -78,7 +119,9 @@ def main() -> None:
     single = min(one_at_a_time() for _ in range(args.repeat))
     together = min(batched() for _ in range(args.repeat))
     result = {
+        "model": "bge-m3-shaped, random weights" if args.bge_m3_random else str(args.model or "default"),
         "device": str(pipeline.device),
+        "mean_tokens": round(sum(len(pipeline.tagger.tokenizer(n)["input_ids"]) for n in notes) / len(notes)),
         "threads": args.threads,
         "notes": len(notes),
         "mean_chars": round(sum(map(len, notes)) / len(notes)),
