@@ -301,14 +301,15 @@ def test_a_failed_search_or_transaction_writes_nothing_and_is_retried(
     with pytest.raises(EhrError) as error:
         process_document(document, "1")
     assert error.value.transient and error.value.status_code == 503
-    monkeypatch.setattr(EhrClient, "derived_resources", lambda *args: [])  # no searches: the POST comes first
-    ehr.fail_next(1, 503)
-    with pytest.raises(EhrError) as error:
-        process_document(document, "1")
-    assert error.value.transient
-    assert derived(ehr, document["id"]) == {}
-    monkeypatch.undo()
-    assert len(process_document(document, "1")["resources"]) == 4
+    # Only this patch is undone afterwards (monkeypatch.undo() would also bring the real model back).
+    with monkeypatch.context() as patch:
+        patch.setattr(EhrClient, "derived_resources", lambda *args: [])  # no searches: the POST comes first
+        ehr.fail_next(1, 503)
+        with pytest.raises(EhrError) as error:
+            process_document(document, "1")
+        assert error.value.transient
+        assert derived(ehr, document["id"]) == {}
+    assert len(process_document(document, "1")["resources"]) == 4  # Condition, Observation, Device, Provenance
 
 
 def test_a_resource_changed_since_the_search_fails_the_transaction_as_transient(writeback_env: FhirTestServer) -> None:
