@@ -18,6 +18,10 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.nlp.tagger import ClinicalTagger
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,7 +42,7 @@ def short_notes(count: int, chars: int, data: Path = DATA) -> list[str]:
     sys.exit(f"not enough notes of {chars} characters under {data}")
 
 
-def bge_m3_random_tagger(folder: Path) -> object:
+def bge_m3_random_tagger(folder: Path) -> ClinicalTagger:
     """A tagger on a BGE-M3-shaped encoder (XLM-RoBERTa, 24 layers, hidden 1024, 16 heads, 8192 positions)
     with random weights and e5-small's tokenizer (the same XLM-R SentencePiece family): its speed is
     BGE-M3's, its output is noise. Written to ``folder`` so it loads like any local encoder."""
@@ -95,7 +99,7 @@ def main() -> None:
     else:
         tagger = ClinicalTagger.from_pretrained(args.model or default_model_path())
     pipeline = TaggerPipeline(
-        tagger,  # type: ignore[arg-type]
+        tagger,
         device=args.device,
         batch_size=args.windows_per_pass,
         threads=args.threads,

@@ -388,17 +388,19 @@ def _require_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def _checkpoint_config(checkpoint: Path) -> TaggerConfig:
-    folder = _require_checkpoint(Path(checkpoint))
+def _checkpoint_config(folder: Path) -> TaggerConfig:
     return TaggerConfig.from_json(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+
+
+def _lowest_trained(config: TaggerConfig) -> int | None:
+    if config.encoder_weights == "all":
+        return 0
+    return min(config.encoder_weights) if config.encoder_weights else None
 
 
 def lowest_trained_layer(checkpoint: Path) -> int | None:
     """The lowest encoder layer a checkpoint fine-tuned (0 when it holds the whole encoder; None: head only)."""
-    weights = _checkpoint_config(checkpoint).encoder_weights
-    if weights == "all":
-        return 0
-    return min(weights) if weights else None
+    return _lowest_trained(_checkpoint_config(_require_checkpoint(Path(checkpoint))))
 
 
 def warm_start(tagger: ClinicalTagger, checkpoint: Path, frozen_layers: int = 0) -> list[str]:
@@ -417,7 +419,7 @@ def warm_start(tagger: ClinicalTagger, checkpoint: Path, frozen_layers: int = 0)
             raise ValueError(
                 f"--init-from {folder}: its {name} is {getattr(other, name)!r}, this run's is {getattr(mine, name)!r}"
             )
-    lowest = lowest_trained_layer(folder)
+    lowest = _lowest_trained(other)
     if frozen_layers > 0 and lowest is not None and lowest < frozen_layers:
         raise ValueError(
             f"--init-from {folder}: it fine-tuned encoder layers from {lowest} up, but this run freezes layers "
