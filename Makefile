@@ -37,7 +37,7 @@ lint: install
 	$(BIN)/ruff check .
 
 typecheck: install
-	$(BIN)/mypy adapter mappings
+	$(BIN)/mypy adapter core mappings
 
 dockerlint: install
 	$(BIN)/hadolint docker/Dockerfile.api docker/Dockerfile.worker

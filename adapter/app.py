@@ -10,10 +10,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from adapter.logging_config import request_id_from, request_id_var
 from adapter.outcomes import outcome_response
 from adapter.routers import health, notify
 from adapter.watch import watch_forever
+from core.logging_config import request_id_from, request_id_var
 
 
 @contextlib.asynccontextmanager

@@ -54,10 +54,10 @@ class RedisCollector(Collector):
     """Read at scrape time: queue depth, and the receiver totals kept in Redis."""
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        from adapter.deps import get_redis, get_subscription_state
+        from core.deps import get_redis, get_subscription_state
 
         try:
-            from worker.celery_app import QUEUES, broker_queue_key
+            from core.celery_app import QUEUES, broker_queue_key
 
             client = get_redis()
             pipe = client.pipeline(transaction=False)

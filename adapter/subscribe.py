@@ -213,9 +213,9 @@ def run_subscribe(
     """The ``subscribe`` verb: build, create, remember the heartbeat period, follow the handshake."""
     import redis
 
-    from adapter.deps import get_subscription_state
-    from adapter.origin import EhrBase
-    from adapter.settings import get_settings
+    from core.deps import get_subscription_state
+    from core.origin import EhrBase
+    from core.settings import get_settings
 
     settings = get_settings()
     version = cast(FhirVersionName, fhir_version)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from adapter.jobs import Job, JobQueue
-from adapter.settings import Settings
-from adapter.subscriptions import RecoveryPlan, SubscriptionState
+from core.jobs import Job, JobQueue
+from core.settings import Settings
+from core.subscriptions import RecoveryPlan, SubscriptionState
 
 logger = logging.getLogger("fhir_ner.watch")
 
@@ -44,9 +44,9 @@ def check_subscriptions(
 
 async def watch_forever() -> None:
     """Run :func:`check_subscriptions` every ``recovery_check_seconds`` (read afresh each time)."""
-    from adapter.deps import get_subscription_state
-    from adapter.jobs import get_job_queue
-    from adapter.settings import get_settings
+    from core.deps import get_subscription_state
+    from core.jobs import get_job_queue
+    from core.settings import get_settings
 
     while True:
         interval = get_settings().recovery_check_seconds

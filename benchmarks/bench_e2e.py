@@ -82,7 +82,7 @@ def main() -> None:
         }
         os.environ.update(env)
         from adapter.app import create_app
-        from adapter.deps import get_note_state, reset_dependencies
+        from core.deps import get_note_state, reset_dependencies
 
         reset_dependencies()
         patient = create(ehr, {"resourceType": "Patient", "name": [{"family": "Banco"}]})

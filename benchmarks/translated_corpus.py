@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.nlp.corpus import Document, Span, read_brat_folder, split_by_name  # noqa: E402
+from worker.nlp.corpus import Document, read_brat_folder, split_by_name  # noqa: E402
 
 OUT = ROOT / "worker" / "nlp" / "data" / "translated"
 MARKUP = OUT / "markup"

@@ -75,8 +75,8 @@ def tiny_tagger_path(tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture()
 def app_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, key_prefix: str) -> Iterator[dict[str, str]]:
     """Environment for the API and workers of one test; settings are rebuilt from it."""
-    from adapter.deps import reset_dependencies
-    from worker.celery_app import get_celery_app
+    from core.celery_app import get_celery_app
+    from core.deps import reset_dependencies
     from worker.runtime import reset_pipeline
 
     env = {

@@ -83,7 +83,7 @@ def test_backport_notification_becomes_resources_in_the_ehr(
     monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", ehr.base_url)
     worker_process.env["FHIR_NER_EHR_BASE_URL"] = ehr.base_url
     from adapter.app import create_app
-    from adapter.deps import reset_dependencies
+    from core.deps import reset_dependencies
 
     reset_dependencies()
     patient = create(ehr, {"resourceType": "Patient", "name": [{"family": "Prueba", "given": ["Ana"]}]})

@@ -43,7 +43,7 @@ FAST_REDELIVERY = {
 
 @pytest.fixture()
 def stack_env(app_env: dict[str, str], ehr: FhirTestServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    from adapter.deps import reset_dependencies
+    from core.deps import reset_dependencies
 
     env = {**app_env, "FHIR_NER_EHR_BASE_URL": ehr.base_url, "FHIR_NER_TERMINOLOGY": "off"}
     monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", ehr.base_url)
@@ -214,8 +214,8 @@ def test_no_accepted_notification_is_lost_when_redis_restarts(
 ) -> None:
     """Redis is killed (kill -9) and started again on its AOF while notes arrive and are being processed."""
     from adapter.app import create_app
-    from adapter.deps import reset_dependencies
-    from worker.celery_app import get_celery_app
+    from core.celery_app import get_celery_app
+    from core.deps import reset_dependencies
 
     own = OwnRedis(tmp_path / "redis").start()
     try:

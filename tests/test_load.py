@@ -53,7 +53,7 @@ def test_500_notifications_with_worker_restarts_are_each_processed_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from adapter.app import create_app
-    from adapter.deps import get_note_state, reset_dependencies
+    from core.deps import get_note_state, reset_dependencies
 
     expected_by_text = expected_resources(tiny_tagger_path)
     env = {**app_env, "FHIR_NER_EHR_BASE_URL": ehr.base_url, "FHIR_NER_TERMINOLOGY": "off", **FAST_REDELIVERY}

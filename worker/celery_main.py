@@ -3,6 +3,6 @@
 Building the app imports no model code; workers are started with ``fhir-ner worker`` instead.
 """
 
-from worker.celery_app import get_celery_app
+from core.celery_app import get_celery_app
 
 app = get_celery_app()

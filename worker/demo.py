@@ -8,10 +8,13 @@ mapped, and written as transaction Bundles into a folder instead of an EHR.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ import click
 from worker.runtime import default_model_path
 
 DEMO_TOKEN_ENV = "FHIR_NER_SUBSCRIPTION_TOKENS"
+#: The API the demo sends its notes to, named as ``fhir-ner serve`` names it (the worker imports no API code).
+API_APP = "adapter.app:create_app"
 
 
 class DemoError(RuntimeError):
@@ -107,8 +112,8 @@ def _redis_answers(url: str) -> bool:
 
 
 def run_demo(output: Path, model_path: Path | None = None) -> list[dict[str, Any]]:
-    from adapter.deps import reset_dependencies
-    from worker.celery_app import get_celery_app
+    from core.celery_app import get_celery_app
+    from core.deps import reset_dependencies
     from worker.runtime import reset_pipeline
 
     model = model_path or default_model_path()
@@ -140,15 +145,37 @@ def run_demo(output: Path, model_path: Path | None = None) -> list[dict[str, Any
         get_celery_app.cache_clear()
 
 
+@contextlib.contextmanager
+def _serve_api() -> Iterator[str]:
+    """The API (``fhir-ner serve``'s app, by its import string) on a free loopback port, in a thread of this
+    process, so it shares the demo's Redis client; yields its base URL."""
+    import uvicorn
+
+    config = uvicorn.Config(API_APP, factory=True, host="127.0.0.1", port=0, log_level="warning", log_config=None)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="demo-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise DemoError("the API did not start")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def _run(output: Path, model: Path, token: str) -> list[dict[str, Any]]:
+    import httpx
     from celery.contrib.testing.worker import start_worker
-    from fastapi.testclient import TestClient
 
     import worker.tasks  # noqa: F401  (registers the task on the app)
-    from adapter.app import create_app
-    from adapter.deps import get_note_state, reset_dependencies, use_redis_client
-    from adapter.settings import get_settings
-    from worker.celery_app import QUEUES, get_celery_app, queue_name
+    from core.celery_app import QUEUES, get_celery_app, queue_name
+    from core.deps import get_note_state, reset_dependencies, use_redis_client
+    from core.settings import get_settings
     from worker.runtime import reset_pipeline
 
     reset_dependencies()
@@ -180,7 +207,8 @@ def _run(output: Path, model: Path, token: str) -> list[dict[str, Any]]:
                 queues=[queue_name(kind) for kind in QUEUES],
                 shutdown_timeout=30,
             ),
-            TestClient(create_app()) as client,
+            _serve_api() as api_url,
+            httpx.Client(base_url=api_url, timeout=30) as client,
         ):
             for number, (document_id, language, text) in enumerate(notes, start=1):
                 response = client.post(

@@ -12,7 +12,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from adapter.settings import Settings
+from core.settings import Settings
 from worker.ehr_auth import ClientCredentials, EhrAuthError, NoAuth, SmartBackendServices, StaticBearer, TokenProvider
 from worker.resilience import CircuitBreaker, CircuitOpenError, RetryPolicy
 
@@ -180,7 +180,7 @@ class EhrClient:
     @classmethod
     def from_settings(cls, settings: Settings) -> EhrClient:
         """Auth, retries and the shared circuit breaker as configured; secrets only from settings."""
-        from adapter.deps import get_redis
+        from core.deps import get_redis
 
         return cls(
             settings.ehr_base_url,

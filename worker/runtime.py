@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapter.settings import get_settings
+from core.settings import get_settings
 from mappings.profile import MappingProfile, load_profile
 
 if TYPE_CHECKING:

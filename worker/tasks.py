@@ -26,9 +26,9 @@ from celery.signals import worker_init, worker_ready
 from celery_batches import Batches
 from kombu.exceptions import OperationalError
 
-from adapter.deps import get_note_state, get_redis
-from adapter.documents import attachment_text, decode_attachment_data, find_text_attachment
-from adapter.settings import get_settings
+from core.deps import get_note_state, get_redis
+from core.documents import attachment_text, decode_attachment_data, find_text_attachment
+from core.settings import get_settings
 from mappings.bundle import ModelInfo, WritebackPlan, build_retraction, plan_transaction
 from mappings.context import context_from_document_reference
 from mappings.mentions import Mention
@@ -304,7 +304,7 @@ def _run_stage(
 
 
 def _send(task: str, document_id: str, version_id: str) -> None:
-    from worker.celery_app import get_celery_app
+    from core.celery_app import get_celery_app
 
     get_celery_app().send_task(task, args=[document_id, version_id])
 
@@ -486,10 +486,10 @@ def tag_jobs(jobs: list[tuple[str, str]]) -> set[tuple[str, str]]:
     return done
 
 
-# The receiver's recovery jobs (adapter/jobs.py, adapter/recovery.py): thin wrappers that retry when the EHR is down.
+# The receiver's recovery jobs (core/jobs.py, worker/recovery.py): thin wrappers that retry when the EHR is down.
 @shared_task(name="worker.tasks.resolve_note", **_IO_TASK)
 def resolve_note(self: Any, document_id: str, subscription: str | None = None) -> dict[str, Any]:
-    from adapter.recovery import EhrUnavailableError, run_resolve_note
+    from worker.recovery import EhrUnavailableError, run_resolve_note
 
     try:
         return run_resolve_note(document_id, subscription)
@@ -501,7 +501,7 @@ def resolve_note(self: Any, document_id: str, subscription: str | None = None) -
 def recover_events(
     self: Any, subscription: str | None, from_event: int | None, to_event: int | None, since: float | None
 ) -> dict[str, Any]:
-    from adapter.recovery import EhrUnavailableError, run_recover_events
+    from worker.recovery import EhrUnavailableError, run_recover_events
 
     try:
         return run_recover_events(subscription, from_event, to_event, since)

@@ -496,7 +496,7 @@ _services: dict[int, TerminologyService | None] = {}
 
 def get_terminology(profile: MappingProfile) -> TerminologyService | None:
     """One service per profile per process, configured from settings."""
-    from adapter.settings import get_settings
+    from core.settings import get_settings
 
     with _service_lock:
         if id(profile) not in _services:
@@ -537,7 +537,7 @@ def code_for(profile: MappingProfile, terminology: TerminologyService | None) ->
 # python -m worker.terminology build [--profile YAML]
 # --------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    from adapter.settings import get_settings
+    from core.settings import get_settings
     from mappings.profile import ProfileError, load_profile
 
     parser = argparse.ArgumentParser(prog="python -m worker.terminology", description=__doc__.split("\n\n")[0])

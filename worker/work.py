@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from adapter.state import NOTE_TTL_SECONDS
+from core.state import NOTE_TTL_SECONDS
 from mappings.bundle import ModelInfo
 from mappings.mentions import Mention
 

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from adapter.deps import get_redis
 from adapter.metrics import REGISTRY
+from core.deps import get_redis
 
 router = APIRouter()
 

@@ -21,11 +21,11 @@ from fastapi.responses import JSONResponse, Response
 
 from adapter import metrics
 from adapter.auth import bearer_matches, signature_matches
-from adapter.deps import get_intake, get_note_state, get_subscription_state
-from adapter.intake import IntakeOutcome, IntakeRejectedError, QueueUnavailableError
-from adapter.notifications import Notification, NotificationError, parse_notification
 from adapter.outcomes import FHIR_JSON, outcome_response
-from adapter.settings import Settings, get_settings
+from core.deps import get_intake, get_note_state, get_subscription_state
+from core.intake import IntakeOutcome, IntakeRejectedError, QueueUnavailableError
+from core.notifications import Notification, NotificationError, parse_notification
+from core.settings import Settings, get_settings
 
 logger = logging.getLogger("fhir_ner.api")
 router = APIRouter()

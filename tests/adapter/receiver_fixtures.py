@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from receiver_helpers import EHR_BASE, LiveApi
 
-from adapter.jobs import RecordingJobQueue, use_job_queue
+from core.jobs import RecordingJobQueue, use_job_queue
 
 
 @pytest.fixture()
@@ -22,7 +22,7 @@ def jobs() -> Iterator[RecordingJobQueue]:
 @pytest.fixture()
 def receiver_env(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The test environment, with the background watch off (tests run it themselves) and a fake EHR URL."""
-    from adapter.deps import reset_dependencies
+    from core.deps import reset_dependencies
 
     extra = {"FHIR_NER_RECOVERY_CHECK_SECONDS": "0", "FHIR_NER_EHR_BASE_URL": EHR_BASE}
     for key, value in extra.items():

@@ -13,7 +13,7 @@ import redis
 from fastapi.testclient import TestClient
 from receiver_helpers import AUTH, backport, document, post
 
-from adapter.jobs import celery_envelope
+from core.jobs import celery_envelope
 
 pytest_plugins = ["receiver_fixtures"]
 
@@ -31,7 +31,7 @@ def messages(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
 def celery_api(receiver_env: dict[str, str]) -> Iterator[TestClient]:
     """The API with its real job queue (Celery over the test Redis), no worker."""
     from adapter.app import create_app
-    from worker.celery_app import get_celery_app
+    from core.celery_app import get_celery_app
 
     get_celery_app.cache_clear()
     with TestClient(create_app()) as client:
@@ -70,7 +70,7 @@ def test_each_job_is_one_task_message_on_the_io_queue(
 def test_a_real_celery_worker_runs_the_messages(receiver_env: dict[str, str], redis_url: str) -> None:
     from celery.contrib.testing.worker import start_worker
 
-    from worker.celery_app import get_celery_app, queue_name
+    from core.celery_app import get_celery_app, queue_name
 
     get_celery_app.cache_clear()
     app = get_celery_app()

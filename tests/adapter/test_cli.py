@@ -193,7 +193,7 @@ def test_subscribe_reports_what_the_ehr_refused(ehr: FhirTestServer) -> None:
 def test_predict_fills_the_code_column_from_the_profile(
     tiny_tagger_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapter.deps import reset_dependencies
+    from core.deps import reset_dependencies
     from worker.runtime import reset_pipeline
 
     (tmp_path / "terms.csv").write_text(

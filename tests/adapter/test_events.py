@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from receiver_helpers import AUTH, backport, document, post
 
-from adapter.jobs import RecordingJobQueue
-from adapter.notifications import parse_notification
+from core.jobs import RecordingJobQueue
+from core.notifications import parse_notification
 
 pytest_plugins = ["receiver_fixtures"]
 
@@ -24,10 +24,10 @@ def state(api: TestClient, subscription: str = "Subscription/s1") -> dict[str, A
 
 
 def check(now: float | None = None) -> list[Any]:
-    from adapter.deps import get_subscription_state
-    from adapter.jobs import get_job_queue
-    from adapter.settings import get_settings
     from adapter.watch import check_subscriptions
+    from core.deps import get_subscription_state
+    from core.jobs import get_job_queue
+    from core.settings import get_settings
 
     return check_subscriptions(get_subscription_state(), get_job_queue(), get_settings(), now)
 
@@ -52,7 +52,7 @@ def test_id_only_replays_and_out_of_order(api: TestClient, jobs: RecordingJobQue
 
 
 def test_concurrent_duplicate_deliveries_create_one_job(receiver_env: dict[str, str], jobs: RecordingJobQueue) -> None:
-    from adapter.deps import get_intake
+    from core.deps import get_intake
 
     raw = json.dumps(backport([document(f"c{i}") for i in range(5)], event=[1, 2, 3, 4, 5]))
 
@@ -67,7 +67,7 @@ def test_concurrent_duplicate_deliveries_create_one_job(receiver_env: dict[str, 
 def test_a_gap_within_the_grace_period_is_just_out_of_order(
     api: TestClient, jobs: RecordingJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapter.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "gap_grace_seconds", 30.0)
     post(api, backport(document("a"), event=1))
@@ -87,7 +87,7 @@ def test_a_gap_within_the_grace_period_is_just_out_of_order(
 def test_a_heartbeat_announcing_more_events_than_seen_is_a_gap(
     api: TestClient, jobs: RecordingJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapter.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "gap_grace_seconds", 0.0)
     post(api, backport(document("a"), event=1))
@@ -98,7 +98,7 @@ def test_a_heartbeat_announcing_more_events_than_seen_is_a_gap(
 
 
 def test_silence_after_the_heartbeat_period(api: TestClient, jobs: RecordingJobQueue) -> None:
-    from adapter.deps import get_subscription_state
+    from core.deps import get_subscription_state
 
     post(api, backport(None, 0, notification_type="handshake", since=0))
     assert check(now=time.time() + 10_000) == []  # no heartbeat period known: not watched
@@ -108,7 +108,7 @@ def test_silence_after_the_heartbeat_period(api: TestClient, jobs: RecordingJobQ
     assert (plan.reason, plan.from_event, plan.to_event) == ("silence", 1, None)
     assert state(api)["silences_detected"] == 1
     # A heartbeat arrives: not silent any more.
-    from adapter.deps import get_redis
+    from core.deps import get_redis
 
     get_redis().delete(f"{get_subscription_state().prefix}:sub:Subscription/s1:recovering")
     post(api, backport(None, 0, notification_type="heartbeat", since=0))
@@ -118,7 +118,7 @@ def test_silence_after_the_heartbeat_period(api: TestClient, jobs: RecordingJobQ
 def test_default_heartbeat_setting_applies_to_unknown_subscriptions(
     api: TestClient, jobs: RecordingJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapter.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "heartbeat_seconds", 60)
     post(api, backport(None, 0, notification_type="heartbeat", since=0, subscription="Subscription/other"))
@@ -128,7 +128,7 @@ def test_default_heartbeat_setting_applies_to_unknown_subscriptions(
 
 def test_counters_survive_a_restart(receiver_env: dict[str, str], jobs: RecordingJobQueue) -> None:
     from adapter.app import create_app
-    from adapter.deps import reset_dependencies
+    from core.deps import reset_dependencies
 
     with TestClient(create_app()) as first:
         post(first, backport(document("a"), event=1))
@@ -169,7 +169,7 @@ def test_subscription_references_are_normalised(api: TestClient, jobs: Recording
 
 
 def test_recovery_of_a_range_moves_the_watermark(api: TestClient, jobs: RecordingJobQueue) -> None:
-    from adapter.deps import get_subscription_state
+    from core.deps import get_subscription_state
 
     post(api, backport(document("a"), event=1))
     post(api, backport(document("e"), event=5))

@@ -14,7 +14,7 @@ from conftest import SHARED_DIR
 from fastapi.testclient import TestClient
 from receiver_helpers import AUTH, EHR_BASE, document, post
 
-from adapter.jobs import RecordingJobQueue
+from core.jobs import RecordingJobQueue
 
 pytest_plugins = ["receiver_fixtures"]
 

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from receiver_helpers import AUTH, backport, document
 
-from adapter.documents import markup_to_text
-from adapter.jobs import RecordingJobQueue
-from adapter.notifications import Notification, NotificationError, parse_notification
+from core.documents import markup_to_text
+from core.jobs import RecordingJobQueue
+from core.notifications import Notification, NotificationError, parse_notification
 
 pytest_plugins = ["receiver_fixtures"]
 

@@ -1,6 +1,6 @@
 """The receiver on a real port, notified by the real test FHIR server: subscribe, handshake, events, lost events.
 
-No worker runs here: jobs are recorded. The recovery a worker would run (``adapter.recovery``) is called
+No worker runs here: jobs are recorded. The recovery a worker would run (``worker.recovery``) is called
 directly, against the same test FHIR server.
 """
 
@@ -17,7 +17,7 @@ from ehr.harness import FhirTestServer
 from receiver_helpers import NOTE, LiveApi
 
 from adapter.cli import main
-from adapter.jobs import RecordingJobQueue
+from core.jobs import RecordingJobQueue
 
 pytest_plugins = ["receiver_fixtures"]
 
@@ -62,7 +62,7 @@ def subscribe(ehr: FhirTestServer, api: LiveApi, payload: str, token: str = "tes
 
 
 def point_at(ehr: FhirTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    from adapter.deps import reset_dependencies
+    from core.deps import reset_dependencies
 
     monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", ehr.base_url)
     reset_dependencies()
@@ -105,7 +105,7 @@ def test_id_only_events_are_resolved_from_the_ehr(
     ehr.settle_notifications()
     assert jobs.of("resolve_note")[0][0] == created["id"]
     # What the worker does for resolve_note: read the note from the EHR and hand it to the intake.
-    from adapter.recovery import run_resolve_note
+    from worker.recovery import run_resolve_note
 
     result = run_resolve_note(created["id"], jobs.of("resolve_note")[0][1])  # type: ignore[arg-type]
     assert result["queued"] == [{"document": created["id"], "version": "1", "action": "process"}]
@@ -120,10 +120,10 @@ def test_a_lost_notification_is_a_gap_recovered_through_events(
 ) -> None:
     point_at(ehr, monkeypatch)
     monkeypatch.setenv("FHIR_NER_GAP_GRACE_SECONDS", "0")
-    from adapter.deps import get_subscription_state, reset_dependencies
-    from adapter.recovery import run_recover_events
-    from adapter.settings import get_settings
     from adapter.watch import check_subscriptions
+    from core.deps import get_subscription_state, reset_dependencies
+    from core.settings import get_settings
+    from worker.recovery import run_recover_events
 
     reset_dependencies()
     subscription = subscribe(ehr, live_api, "full-resource")
@@ -152,7 +152,7 @@ def test_without_events_operation_recovery_falls_back_to_last_updated(
     ehr: FhirTestServer, live_api: LiveApi, jobs: RecordingJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     point_at(ehr, monkeypatch)
-    from adapter.recovery import run_recover_events
+    from worker.recovery import run_recover_events
 
     subscription = subscribe(ehr, live_api, "full-resource")
     ehr.configure_subscriptions(support_events=False)
@@ -175,7 +175,7 @@ def test_empty_payloads_are_fetched_by_the_recovery(
     ehr: FhirTestServer, live_api: LiveApi, jobs: RecordingJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     point_at(ehr, monkeypatch)
-    from adapter.recovery import run_recover_events
+    from worker.recovery import run_recover_events
 
     subscribe(ehr, live_api, "empty")
     created = note(ehr)
@@ -192,10 +192,10 @@ def test_silence_beyond_the_heartbeat_period_asks_status_then_events(
     ehr: FhirTestServer, live_api: LiveApi, jobs: RecordingJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     point_at(ehr, monkeypatch)
-    from adapter.deps import get_subscription_state
-    from adapter.recovery import run_recover_events
-    from adapter.settings import get_settings
     from adapter.watch import check_subscriptions
+    from core.deps import get_subscription_state
+    from core.settings import get_settings
+    from worker.recovery import run_recover_events
 
     subscription = subscribe(ehr, live_api, "full-resource")
     ehr.drop_next_notifications(1)

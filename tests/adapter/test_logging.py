@@ -10,7 +10,7 @@ import re
 from fastapi.testclient import TestClient
 from receiver_helpers import AUTH, backport, document, post
 
-from adapter.logging_config import JsonFormatter
+from core.logging_config import JsonFormatter
 
 pytest_plugins = ["receiver_fixtures"]
 

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from receiver_helpers import AUTH, EHR_BASE, assert_outcome, backport, document, post
 
-from adapter.jobs import RecordingJobQueue
+from core.jobs import RecordingJobQueue
 
 pytest_plugins = ["receiver_fixtures"]
 
@@ -38,7 +38,7 @@ def test_notification_is_queued_once_and_redeliveries_are_ignored(api: TestClien
 
 
 def test_the_note_waits_in_redis_for_the_worker(api: TestClient, jobs: RecordingJobQueue) -> None:
-    from adapter.deps import get_note_state
+    from core.deps import get_note_state
 
     post(api, backport(document()))
     stored = get_note_state().load_note("note-1", "1")
@@ -60,7 +60,7 @@ def test_medplum_signature(
     receiver_env: dict[str, str], jobs: RecordingJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from adapter.app import create_app
-    from adapter.deps import reset_dependencies
+    from core.deps import reset_dependencies
 
     monkeypatch.setenv("FHIR_NER_SIGNATURE_SECRETS", "old-secret,medplum-secret")
     monkeypatch.delenv("FHIR_NER_SUBSCRIPTION_TOKENS")
@@ -82,7 +82,7 @@ def test_signature_is_checked_even_beside_a_valid_token(
     receiver_env: dict[str, str], jobs: RecordingJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from adapter.app import create_app
-    from adapter.deps import reset_dependencies
+    from core.deps import reset_dependencies
 
     monkeypatch.setenv("FHIR_NER_SIGNATURE_SECRETS", "medplum-secret")
     reset_dependencies()
@@ -140,7 +140,7 @@ def test_wrong_content_type_and_oversize_body(
 ) -> None:
     assert_outcome(post(api, backport(document()), {**AUTH, "Content-Type": "text/plain"}), 415)
     assert_outcome(post(api, backport(document()), {"Authorization": "Bearer test-token"}), 415)
-    from adapter.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "max_body_bytes", 100)
     assert_outcome(post(api, backport(document())), 413)
@@ -209,7 +209,7 @@ def test_notes_we_do_not_process_are_recorded_as_skipped(api: TestClient, jobs: 
 def test_preliminary_notes_when_configured(
     api: TestClient, jobs: RecordingJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapter.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "accept_preliminary", True)
     post(api, backport(document("draft", docStatus="preliminary")))
@@ -268,7 +268,7 @@ def test_id_only_focus(api: TestClient, jobs: RecordingJobQueue) -> None:
 
 
 def test_authorization_hint_is_kept_beside_the_job_not_in_it(api: TestClient, jobs: RecordingJobQueue) -> None:
-    from adapter.deps import get_note_state
+    from core.deps import get_note_state
 
     bundle = backport(None, 1, focus=["DocumentReference/b"])
     bundle["entry"][0]["resource"]["parameter"][5]["part"] += [
@@ -341,7 +341,7 @@ def test_health_readiness_metrics_and_openapi(api: TestClient, jobs: RecordingJo
 def test_a_note_over_the_length_limit_is_skipped_not_cut(
     api: TestClient, jobs: RecordingJobQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapter.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "max_note_chars", 10)
     assert post(api, backport(document("long"))).status_code == 200

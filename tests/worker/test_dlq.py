@@ -24,7 +24,7 @@ def test_a_refused_job_is_dead_lettered_and_dlq_retry_completes_it(
     monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", ehr.base_url)
     worker_process.env["FHIR_NER_EHR_BASE_URL"] = ehr.base_url
     from adapter.app import create_app
-    from adapter.deps import reset_dependencies
+    from core.deps import reset_dependencies
 
     reset_dependencies()
     patient = create(ehr, {"resourceType": "Patient", "name": [{"family": "Prueba"}]})
@@ -67,8 +67,8 @@ def test_a_refused_job_is_dead_lettered_and_dlq_retry_completes_it(
 def test_a_recovery_job_out_of_retries_is_dead_lettered_not_dropped(
     app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapter.deps import get_note_state, reset_dependencies
-    from worker.celery_app import get_celery_app
+    from core.celery_app import get_celery_app
+    from core.deps import get_note_state, reset_dependencies
     from worker.tasks import dead_letter_store, resolve_note
 
     monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", "http://127.0.0.1:9/fhir")  # nothing listens there

@@ -31,7 +31,7 @@ def test_a_stage_that_loses_redis_gives_its_message_back_instead_of_failing(
     from celery.exceptions import Reject
     from kombu.exceptions import OperationalError
 
-    from adapter.deps import get_note_state
+    from core.deps import get_note_state
     from worker import tasks
 
     def broker_down(*_: Any) -> None:

@@ -26,7 +26,7 @@ def test_waiting_notes_are_tagged_in_one_batch_and_both_pools_report_metrics(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from adapter.app import create_app
-    from adapter.deps import reset_dependencies
+    from core.deps import reset_dependencies
 
     env = {
         **app_env,

@@ -67,7 +67,7 @@ def stub_tag_texts(
 def writeback_env(
     ehr: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[FhirTestServer]:
-    from adapter.settings import get_settings
+    from core.settings import get_settings
     from worker.runtime import reset_pipeline
     from worker.terminology import reset_terminology
 
@@ -364,8 +364,8 @@ def test_a_mismatched_transaction_response_is_an_error() -> None:
 def test_the_three_stages_hand_on_by_id_and_record_the_outcome_in_the_note_status(
     writeback_env: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapter.deps import get_note_state, get_redis, reset_dependencies
-    from adapter.settings import get_settings
+    from core.deps import get_note_state, get_redis, reset_dependencies
+    from core.settings import get_settings
     from worker.tasks import process_note, retract_note, tag_jobs, write_note
 
     sent: list[tuple[str, str, str]] = []
@@ -431,7 +431,7 @@ def test_extract_prints_the_transaction_bundle_of_a_note(
     from tiny_models import SAMPLE_NOTES
 
     from adapter.cli import main
-    from adapter.settings import get_settings
+    from core.settings import get_settings
     from mappings.bundle import validate_r4
 
     monkeypatch.setenv("FHIR_NER_TERMINOLOGY", "lexical")
@@ -465,7 +465,7 @@ def test_extract_prints_the_transaction_bundle_of_a_note(
 def test_a_large_write_back_goes_in_parts_to_an_ehr_that_caps_transactions(
     writeback_env: FhirTestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapter.settings import get_settings
+    from core.settings import get_settings
     from worker.tasks import process_document
 
     text = " ".join(["Neumonía con fiebre y tos; radiografía de tórax."] * 3)  # 12 mentions, 14 entries
@@ -536,7 +536,7 @@ def test_write_in_parts_resolves_references_to_earlier_parts() -> None:
 def test_a_note_that_breaks_the_model_is_dead_lettered_alone_and_its_batch_goes_on(
     writeback_env: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapter.deps import get_note_state, reset_dependencies
+    from core.deps import get_note_state, reset_dependencies
     from worker.tasks import dead_letter_store, tag_jobs, work_store
     from worker.work import TaggingInput
 

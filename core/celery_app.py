@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from celery import Celery
 
-from adapter.settings import get_settings
+from core.settings import get_settings
 
 IO_QUEUE = "io"
 INFERENCE_QUEUE = "inference"
@@ -61,7 +61,7 @@ def get_celery_app() -> Celery:
         task_default_queue=queue_name(IO_QUEUE),
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_time_limit,
-        # The note's status record in Redis (adapter/state.py) is the result; Celery keeps none.
+        # The note's status record in Redis (core/state.py) is the result; Celery keeps none.
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,

@@ -26,11 +26,11 @@ from urllib.parse import parse_qsl
 
 import httpx
 
-from adapter.intake import Intake, IntakeOutcome, IntakeRejectedError
-from adapter.notifications import Notification, NotificationError, parse_notification, parse_status_resource
-from adapter.origin import EhrBase, OutsideEhrError, parse_reference
-from adapter.settings import Settings
-from adapter.subscriptions import subscription_key
+from core.intake import Intake, IntakeOutcome, IntakeRejectedError
+from core.notifications import Notification, NotificationError, parse_notification, parse_status_resource
+from core.origin import EhrBase, OutsideEhrError, parse_reference
+from core.settings import Settings
+from core.subscriptions import subscription_key
 
 logger = logging.getLogger("fhir_ner.recovery")
 
@@ -333,8 +333,8 @@ class Recovery:
 
 
 def build_recovery(settings: Settings | None = None) -> Recovery:
-    from adapter.deps import get_intake
-    from adapter.settings import get_settings
+    from core.deps import get_intake
+    from core.settings import get_settings
 
     settings = settings or get_settings()
     return Recovery(get_intake(), EhrReader.from_settings(settings))

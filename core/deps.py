@@ -1,4 +1,4 @@
-"""Process-wide dependencies (Redis client, note and subscription state, intake), built lazily from settings."""
+"""Process-wide dependencies (note and subscription state, intake), built lazily from settings."""
 
 from __future__ import annotations
 
@@ -6,33 +6,26 @@ from functools import lru_cache
 
 import redis
 
-from adapter.intake import Intake
-from adapter.jobs import get_job_queue
-from adapter.settings import get_settings
-from adapter.state import NoteState
-from adapter.subscriptions import SubscriptionState
+from core.intake import Intake
+from core.jobs import get_job_queue
+from core.redis_client import forget_redis_client, get_redis, set_redis_override
+from core.settings import get_settings
+from core.state import NoteState
+from core.subscriptions import SubscriptionState
 
-_redis_override: redis.Redis | None = None
-
-
-@lru_cache(maxsize=1)
-def _redis_from_settings() -> redis.Redis:
-    return redis.Redis.from_url(get_settings().redis_url, socket_timeout=5, socket_connect_timeout=2)
-
-
-def state_redis_is_overridden() -> bool:
-    """True while the state lives in a Redis given by :func:`use_redis_client` (the demo's in-process one)."""
-    return _redis_override is not None
-
-
-def get_redis() -> redis.Redis:
-    return _redis_override if _redis_override is not None else _redis_from_settings()
+__all__ = [
+    "get_intake",
+    "get_note_state",
+    "get_redis",
+    "get_subscription_state",
+    "reset_dependencies",
+    "use_redis_client",
+]
 
 
 def use_redis_client(client: redis.Redis | None) -> None:
     """Run on a given client (the demo's in-process Redis when no server answers)."""
-    global _redis_override
-    _redis_override = client
+    set_redis_override(client)
     _states.cache_clear()
 
 
@@ -59,5 +52,5 @@ def get_intake() -> Intake:
 def reset_dependencies() -> None:
     """Forget cached clients and settings (tests and the demo change the environment between runs)."""
     get_settings.cache_clear()
-    _redis_from_settings.cache_clear()
+    forget_redis_client()
     _states.cache_clear()

@@ -11,7 +11,7 @@ Every topic-based notification says how many events its Subscription has produce
 
 A gap (``watermark < max_event``) that outlives the grace period, or a subscription that stays silent
 for longer than its heartbeat period, is handed to a worker to recover through the EHR's ``$events``
-(see :mod:`adapter.recovery`). All of it lives in Redis, so a restart forgets nothing.
+(see :mod:`worker.recovery`). All of it lives in Redis, so a restart forgets nothing.
 
 Redis Lua scripts keep each step atomic; they touch keys they compute themselves, so they need a
 single Redis (not Redis Cluster).
@@ -26,8 +26,8 @@ from typing import Any
 
 import redis
 
-from adapter.jobs import Envelope
-from adapter.origin import parse_reference
+from core.jobs import Envelope
+from core.origin import parse_reference
 
 EVENT_TTL_SECONDS = 14 * 24 * 3600
 MAX_REFERENCE_LENGTH = 256

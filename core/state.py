@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from adapter.jobs import Envelope
+from core.jobs import Envelope
 
 NOTE_TTL_SECONDS = 14 * 24 * 3600
 HINT_TTL_SECONDS = 3600

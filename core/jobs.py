@@ -4,9 +4,9 @@
   or the worker reads that version from the EHR);
 * ``worker.tasks.retract_note(document_id, version_id)``: a note became ``entered-in-error``;
 * ``worker.tasks.resolve_note(document_id, subscription)``: an id-only notification without a version;
-  the worker reads the current version (:func:`adapter.recovery.run_resolve_note`);
+  the worker reads the current version (:func:`worker.recovery.run_resolve_note`);
 * ``worker.tasks.recover_events(subscription, from_event, to_event, since)``: an ``empty`` notification, a
-  gap, or a silent subscription (:func:`adapter.recovery.run_recover_events`).
+  gap, or a silent subscription (:func:`worker.recovery.run_recover_events`).
 
 Exactly-once enqueueing: when the broker is the Redis that holds the receiver's state (always, with
 these settings), each job is written as a Celery task message by the same Redis script that claims the
@@ -69,7 +69,7 @@ def celery_envelope(task: str, args: list[Any]) -> Envelope | None:
     that is not a plain direct queue (those are left to ``send_task``)."""
     from kombu.serialization import dumps
 
-    from worker.celery_app import get_celery_app
+    from core.celery_app import get_celery_app
 
     app = get_celery_app()
     if not _broker_is_state_redis(str(app.conf.broker_url or "")):
@@ -102,8 +102,8 @@ def celery_envelope(task: str, args: list[Any]) -> Envelope | None:
 
 def _broker_is_state_redis(broker_url: str) -> bool:
     """The message can ride with the claim only when the broker is the very Redis the claims are in."""
-    from adapter.deps import state_redis_is_overridden
-    from adapter.settings import get_settings
+    from core.redis_client import state_redis_is_overridden
+    from core.settings import get_settings
 
     return (
         broker_url.startswith(("redis://", "rediss://", "unix://"))
@@ -119,7 +119,7 @@ class CeleryJobQueue:
         return celery_envelope(job.task, list(job.args))
 
     def send(self, job: Job) -> None:
-        from worker.celery_app import get_celery_app
+        from core.celery_app import get_celery_app
 
         get_celery_app().send_task(job.task, args=list(job.args))
 

@@ -1,9 +1,9 @@
 """From a parsed notification to jobs: what the receiver does, shared by the API and the recovery workers.
 
 At-least-once in, exactly-once effect: a note version is claimed once in Redis and an event number once
-per subscription (:class:`adapter.subscriptions.SubscriptionState`), so a redelivered, replayed or
+per subscription (:class:`core.subscriptions.SubscriptionState`), so a redelivered, replayed or
 recovered notification creates no second job. Each job's task message is pushed by the same Redis script
-that makes its claim (see :mod:`adapter.jobs`), and a whole notification is one Redis round trip.
+that makes its claim (see :mod:`core.jobs`), and a whole notification is one Redis round trip.
 
 Everything is checked before anything is written, so a notification refused with a 4xx leaves nothing
 behind. When a job has to be sent separately (a queue other than Redis) and cannot be, the claims whose
@@ -20,19 +20,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from adapter.documents import (
+from core.documents import (
     AttachmentError,
     decode_attachment_data,
     find_text_attachment,
     is_retraction,
     skip_reason,
 )
-from adapter.jobs import Envelope, Job, JobQueue
-from adapter.notifications import Notification, NotificationEvent
-from adapter.origin import EhrBase, OutsideEhrError, parse_reference
-from adapter.settings import Settings
-from adapter.state import NoteState
-from adapter.subscriptions import EventInput, SubscriptionState, subscription_key
+from core.jobs import Envelope, Job, JobQueue
+from core.notifications import Notification, NotificationEvent
+from core.origin import EhrBase, OutsideEhrError, parse_reference
+from core.settings import Settings
+from core.state import NoteState
+from core.subscriptions import EventInput, SubscriptionState, subscription_key
 from mappings.context import document_version
 
 logger = logging.getLogger("fhir_ner.intake")

@@ -1,4 +1,4 @@
-"""The EHR side of recovery: origin checks, hints, filters, and what is refused (adapter/recovery.py)."""
+"""The EHR side of recovery: origin checks, hints, filters, and what is refused (worker/recovery.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 from ehr.harness import FhirTestServer
 from receiver_helpers import document
 
-from adapter.jobs import RecordingJobQueue
-from adapter.origin import EhrBase, OutsideEhrError, parse_reference
-from adapter.recovery import (
+from adapter.subscribe import SubscriptionRequest, build_subscription
+from core.jobs import RecordingJobQueue
+from core.origin import EhrBase, OutsideEhrError, parse_reference
+from worker.recovery import (
     EhrReader,
     EhrRefusedError,
     EhrUnavailableError,
@@ -21,7 +22,6 @@ from adapter.recovery import (
     fetch_events,
     subscription_filters,
 )
-from adapter.subscribe import SubscriptionRequest, build_subscription
 
 pytest_plugins = ["receiver_fixtures"]
 
@@ -118,7 +118,7 @@ def test_unreachable_ehr_is_transient() -> None:
 def test_the_authorization_hint_is_used_then_our_own_credentials(
     receiver_env: dict[str, str], jobs: RecordingJobQueue
 ) -> None:
-    from adapter.deps import get_intake, get_note_state
+    from core.deps import get_intake, get_note_state
 
     tokens: list[str | None] = []
 
@@ -139,7 +139,7 @@ def test_the_authorization_hint_is_used_then_our_own_credentials(
 def test_a_resolved_note_that_is_not_the_one_asked_for_is_refused(
     receiver_env: dict[str, str], jobs: RecordingJobQueue
 ) -> None:
-    from adapter.deps import get_intake
+    from core.deps import get_intake
 
     recovery = Recovery(get_intake(), hostile_ehr(lambda request: httpx.Response(200, json=document("other"))))
     with pytest.raises(EhrRefusedError):

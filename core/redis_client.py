@@ -1,0 +1,40 @@
+"""The process's Redis client: built lazily from settings, or a client given by the demo (its in-process Redis).
+
+A leaf module: the note state (:mod:`core.deps`) and the job envelopes (:mod:`core.jobs`) both ask it which
+Redis holds the state, without importing each other.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import redis
+
+from core.settings import get_settings
+
+_override: redis.Redis | None = None
+
+
+@lru_cache(maxsize=1)
+def _from_settings() -> redis.Redis:
+    return redis.Redis.from_url(get_settings().redis_url, socket_timeout=5, socket_connect_timeout=2)
+
+
+def get_redis() -> redis.Redis:
+    return _override if _override is not None else _from_settings()
+
+
+def set_redis_override(client: redis.Redis | None) -> None:
+    """Use this client instead of the one from settings (None: back to settings)."""
+    global _override
+    _override = client
+
+
+def state_redis_is_overridden() -> bool:
+    """True while the state lives in a Redis given by :func:`set_redis_override` (the demo's in-process one)."""
+    return _override is not None
+
+
+def forget_redis_client() -> None:
+    """Build the client from settings again on next use (tests and the demo change the environment)."""
+    _from_settings.cache_clear()
