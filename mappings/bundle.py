@@ -36,7 +36,7 @@ from mappings.mentions import CandidateCode, Mention
 from mappings.profile import LabelMapping, MappingProfile
 from mappings.registry import get_mapper, mapper_resource_type
 from mappings.revisions import DerivedResource, parse_existing, reconcile, retired_copy
-from mappings.terminology import CodeRequest, Terminology, normalise, select_codes
+from mappings.terminology import DEFAULT_MIN_SCORE, CodeRequest, Terminology, min_scores, normalise, select_codes
 
 __all__ = [
     "DERIVATION_REFERENCE",
@@ -176,7 +176,11 @@ def _choose_codes(
         if options is None or item.text_only or item.mention.codes or terminology is None:
             continue
         prefixes = {name: tuple(values) for name, values in options.prefixes.items()}
-        requests.append(CodeRequest(item.mention.text, item.mention.label, tuple(options.systems), language, prefixes))
+        requests.append(
+            CodeRequest(
+                item.mention.text, item.mention.label, tuple(options.systems), language, prefixes, options.categories
+            )
+        )
         asked.append(index)
     answers = terminology.lookup(requests) if (terminology is not None and requests) else []
     found = dict(zip(asked, answers, strict=True))
@@ -186,14 +190,18 @@ def _choose_codes(
         if item.text_only:
             chosen.append(())
         elif item.mention.codes:
-            minimum = options.min_score if options else 0.0
+            minimum = (DEFAULT_MIN_SCORE if options.min_score is None else options.min_score) if options else 0.0
             chosen.append(tuple(c for c in item.mention.codes if c.score >= minimum))
         elif options is None or index not in found:
             chosen.append(())
         else:
             chosen.append(
                 select_codes(
-                    found[index], options.systems, options.min_score, profile.custom_system_names(), options.all_systems
+                    found[index],
+                    options.systems,
+                    min_scores(terminology, options.systems, item.mention.label, options.min_score),
+                    profile.custom_system_names(),
+                    options.all_systems,
                 )
             )
     return chosen

@@ -24,9 +24,14 @@ class CodeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     systems: list[str] = Field(min_length=1)
-    min_score: float = Field(default=0.92, ge=0.0, le=1.0)
+    # Match score under which the resource carries code.text only. None: the threshold the terminology
+    # calibrated for this label and system (the built-in linker's, chosen for >= 90% precision), else 0.92.
+    min_score: float | None = Field(default=None, ge=0.0, le=1.0)
     prefixes: dict[str, list[str]] = Field(default_factory=dict)
     all_systems: bool = False
+    # Non-billable ICD-10-CM categories (E11, R31) may be written; by default a mention that names only the
+    # category gets its "unspecified" billable leaf (E11.9, R31.9), and categories without one are never written.
+    categories: bool = False
 
 
 class CodeSystemSource(BaseModel):

@@ -11,7 +11,7 @@ import csv
 import io
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +23,8 @@ BUILTIN_SYSTEMS: dict[str, str] = {"icd-10-cm": ICD10CM_URL}
 # Score of a lexical match: the whole normalised term, or the term without "NOS"/"unspecified"/(...).
 EXACT_SCORE = 1.0
 ALIAS_SCORE = 0.97
+# Threshold of a label whose profile sets no min_score and whose terminology calibrated none.
+DEFAULT_MIN_SCORE = 0.92
 _FILLER_WORDS = frozenset({"nos", "unspecified", "nep", "nas", "nca", "sai"})
 _BRACKETED = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")
 _NON_WORD = re.compile(r"[^\w]+")
@@ -94,9 +96,18 @@ class CodeSystemData:
     url: str
     entries: tuple[TermEntry, ...]
     version: str | None = None
+    # Codes that are not billable (ICD-10-CM categories with subdivisions) → the leaf a mention naming the
+    # category without specifics gets (its "unspecified" leaf), or None when it has none.
+    unbillable: dict[str, str | None] = field(default_factory=dict, compare=False, hash=False)
 
     def codes(self) -> set[str]:
         return {entry.code for entry in self.entries}
+
+    def billable(self, code: str, categories: bool = False) -> str | None:
+        """The code to return for a match on ``code``: itself, or (categories not allowed) its default leaf."""
+        if categories or code not in self.unbillable:
+            return code
+        return self.unbillable[code]
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,7 @@ class CodeRequest:
     systems: tuple[str, ...]
     language: str | None = None
     prefixes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # system name → allowed code prefixes
+    categories: bool = False  # non-billable categories may be returned (else their default billable leaf)
 
 
 class Terminology(Protocol):
@@ -141,30 +153,43 @@ class LexicalIndex:
     def __init__(self, data: CodeSystemData) -> None:
         self.data = data
         self._keys: dict[str, list[tuple[int, TermEntry]]] = {}
+        self._display: dict[str, str] = {}
         for entry in data.entries:
+            self._display.setdefault(entry.code, entry.display)
             for rank, key in enumerate(lexical_keys(entry.term)):
                 self._keys.setdefault(key, []).append((rank, entry))
 
     def match(
-        self, text: str, language: str | None = None, prefixes: Sequence[str] = (), limit: int = 5
+        self,
+        text: str,
+        language: str | None = None,
+        prefixes: Sequence[str] = (),
+        limit: int = 5,
+        categories: bool = False,
     ) -> list[CandidateCode]:
-        found: dict[str, tuple[float, TermEntry]] = {}
+        found: dict[str, tuple[float, bool, str | None]] = {}
         for query_rank, key in enumerate(lexical_keys(text)):
             for entry_rank, entry in self._keys.get(key, []):
-                if not _language_fits(entry.language, language) or not code_allowed(entry.code, prefixes):
+                code = self.data.billable(entry.code, categories)
+                if code is None or not _language_fits(entry.language, language) or not code_allowed(code, prefixes):
                     continue
                 exact = query_rank == 0 and entry_rank == 0 and entry.kind not in DERIVED_KINDS
                 score = EXACT_SCORE if exact else ALIAS_SCORE
-                best = found.get(entry.code)
-                if best is None or score > best[0]:
-                    found[entry.code] = (score, entry)
+                preferred = entry.preferred or code != entry.code
+                display = entry.display if code == entry.code else self.display(code)
+                best = found.get(code)
+                if best is None or (score, preferred) > best[:2]:
+                    found[code] = (score, preferred, display)
         return rank_candidates(
             (
-                CandidateCode(self.data.url, code, entry.display, score, source=self.data.name)
-                for code, (score, entry) in found.items()
+                CandidateCode(self.data.url, code, display, score, source=self.data.name)
+                for code, (score, _, display) in found.items()
             ),
-            preferred={code for code, (_, entry) in found.items() if entry.preferred},
+            preferred={code for code, (_, preferred, _) in found.items() if preferred},
         )[:limit]
+
+    def display(self, code: str) -> str | None:
+        return self._display.get(code)
 
 
 def rank_candidates(candidates: Iterable[CandidateCode], preferred: set[str] | None = None) -> list[CandidateCode]:
@@ -173,10 +198,29 @@ def rank_candidates(candidates: Iterable[CandidateCode], preferred: set[str] | N
     return sorted(candidates, key=lambda c: (-round(c.score, 6), c.code not in preferred, -len(c.code), c.code))
 
 
+def min_scores(
+    terminology: Terminology | None, systems: Sequence[str], label: str, min_score: float | None
+) -> dict[str, float]:
+    """Per system, the score under which a code is not written for ``label``.
+
+    The profile's ``min_score`` when it sets one; else the threshold the terminology calibrated for that
+    system and label (``threshold(system, label)``, optional in the protocol); else :data:`DEFAULT_MIN_SCORE`.
+    """
+    found: dict[str, float] = {}
+    ask = getattr(terminology, "threshold", None)
+    for system in systems:
+        value = min_score
+        if value is None and callable(ask):
+            calibrated = ask(system, label)
+            value = float(calibrated) if calibrated is not None else None
+        found[system] = DEFAULT_MIN_SCORE if value is None else value
+    return found
+
+
 def select_codes(
     candidates: Sequence[CandidateCode],
     systems: Sequence[str],
-    min_score: float,
+    min_score: float | Mapping[str, float],
     custom: Iterable[str] = (),
     all_systems: bool = False,
 ) -> tuple[CandidateCode, ...]:
@@ -189,7 +233,8 @@ def select_codes(
     order = [s for s in systems if s in custom_names] + [s for s in systems if s not in custom_names]
     chosen: list[CandidateCode] = []
     for system in order:
-        matches = [c for c in candidates if c.source == system and c.score >= min_score]
+        minimum = min_score if isinstance(min_score, int | float) else min_score.get(system, DEFAULT_MIN_SCORE)
+        matches = [c for c in candidates if c.source == system and c.score >= minimum]
         if not matches:
             continue
         best = max(matches, key=lambda c: c.score)

@@ -49,6 +49,7 @@ from mappings.terminology import (
     TerminologyError,
     code_allowed,
     core_term,
+    min_scores,
     normalise,
     parse_code_csv,
     parse_code_system,
@@ -95,30 +96,66 @@ def icd10cm_version() -> str:
     return f"simple-icd-10-cm {version('simple-icd-10-cm')} (April 2026)"
 
 
+def _default_leaf(icd: Any, code: str) -> str | None:
+    """The billable leaf under a category for a mention that names only the category.
+
+    At each level: the child ending in 9 that says "unspecified" or "without" ("R31.9 Hematuria,
+    unspecified", "E11.9 Type 2 diabetes mellitus without complications"), else one that says "unspecified",
+    else the one ending in 9, else one that says "without"; None when no child is a default.
+    """
+    while not icd.is_leaf(code):
+        children = [c for c in icd.get_children(code) if not icd.is_extended_subcategory(c)]
+        if not children:
+            return None
+
+        def says(word: str, child: str) -> bool:
+            return word in icd.get_description(child).lower()
+
+        ranked = (
+            [c for c in children if says("unspecified", c) and c.endswith("9")]
+            or [c for c in children if says("without", c) and c.endswith("9")]
+            or [c for c in children if says("unspecified", c)]
+            or [c for c in children if c.endswith("9")]
+            or [c for c in children if says("without", c)]
+        )
+        if not ranked:
+            return None
+        code = ranked[0]
+    return str(code)
+
+
 @lru_cache(maxsize=1)
 def load_icd10cm() -> CodeSystemData:
     """Every ICD-10-CM category and subcategory (not chapters, blocks or 7th-character extensions).
 
     Each code is searchable by its description, the description without its filing qualifiers
     (:func:`mappings.terminology.core_term`), its inclusion terms (alternative names) and the terms of its
-    "Includes" notes. Leaf codes win ties over the categories above them.
+    "Includes" notes. The terms are not tagged with a language: English words ("anemia", "hematuria") match
+    notes in any language. Categories with subdivisions are not billable: a match on one is answered with
+    its "unspecified" leaf (``unbillable``), unless the profile allows categories. Categories whose code
+    equals their block's (B20, F99, R99, Z66, ...) are listed twice by the package, once as the block.
     """
     icd = _icd_module()
     entries: list[TermEntry] = []
+    unbillable: dict[str, str | None] = {}
+    seen: set[str] = set()
     for code in icd.get_all_codes(True):
-        if icd.is_chapter_or_block(code) or icd.is_extended_subcategory(code):
+        if code in seen or not icd.is_category_or_subcategory(code) or icd.is_extended_subcategory(code):
             continue
+        seen.add(code)
         display = icd.get_description(code)
         leaf = icd.is_leaf(code)
-        entries.append(TermEntry(code, display, display, "display", "en", leaf))
+        if not leaf:
+            unbillable[code] = _default_leaf(icd, code)
+        entries.append(TermEntry(code, display, display, "display", None, leaf))
         core = core_term(display)
         if core and normalise(core) != normalise(display):
-            entries.append(TermEntry(code, display, core, "core", "en", leaf))
+            entries.append(TermEntry(code, display, core, "core", None, leaf))
         for term in icd.get_inclusion_term(code):
-            entries.append(TermEntry(code, display, term, "inclusion", "en", leaf))
+            entries.append(TermEntry(code, display, term, "inclusion", None, leaf))
         for term in icd.get_includes(code):
-            entries.append(TermEntry(code, display, term, "includes", "en", leaf))
-    return CodeSystemData("icd-10-cm", ICD10CM_URL, tuple(entries), "2026")
+            entries.append(TermEntry(code, display, term, "includes", None, leaf))
+    return CodeSystemData("icd-10-cm", ICD10CM_URL, tuple(entries), "2026", unbillable)
 
 
 def load_code_system_file(profile: MappingProfile, name: str) -> CodeSystemData:
@@ -341,17 +378,28 @@ class SourceIndex:
         self.matrix = np.stack([matrices[e.kind][rows[e.kind][e.term]] for e in self.data.entries]).astype(np.float32)
         return True
 
-    def _mask(self, prefixes: tuple[str, ...]) -> np.ndarray:
-        if prefixes not in self._masks:
-            self._masks[prefixes] = np.array([code_allowed(code, prefixes) for code in self._codes], dtype=bool)
-        return self._masks[prefixes]
+    def _mask(self, prefixes: tuple[str, ...], categories: bool = False) -> np.ndarray:
+        key = (*prefixes, f"categories={categories}")
+        if key not in self._masks:
+            allowed = []
+            for code in self._codes:
+                target = self.data.billable(code, categories)
+                allowed.append(target is not None and code_allowed(target, prefixes))
+            self._masks[key] = np.array(allowed, dtype=bool)
+        return self._masks[key]
 
-    def nearest(self, vectors: np.ndarray, prefixes: tuple[str, ...] = (), limit: int = 5) -> list[list[CandidateCode]]:
-        """Per query vector, the best codes by cosine similarity (a code scores by its closest term)."""
+    def nearest(
+        self, vectors: np.ndarray, prefixes: tuple[str, ...] = (), limit: int = 5, categories: bool = False
+    ) -> list[list[CandidateCode]]:
+        """Per query vector, the best codes by cosine similarity (a code scores by its closest term).
+
+        A term of a non-billable category counts for the category's default leaf (see
+        :meth:`CodeSystemData.billable`) unless ``categories``.
+        """
         assert self.matrix is not None
         scores = vectors @ self.matrix.T
-        if prefixes:
-            scores[:, ~self._mask(prefixes)] = -1.0
+        if prefixes or not categories:
+            scores[:, ~self._mask(prefixes, categories)] = -1.0
         results: list[list[CandidateCode]] = []
         take = min(_NEIGHBOURS, scores.shape[1])
         for row in scores:
@@ -361,7 +409,7 @@ class SourceIndex:
                 score = float(row[index])
                 if score <= -1.0:
                     continue
-                code = self._codes[index]
+                code = self.data.billable(self._codes[index], categories) or self._codes[index]
                 if score > best.get(code, -2.0):
                     best[code] = score
             candidates = (
@@ -439,7 +487,7 @@ class TerminologyService:
             for name in request.systems:
                 index = self.index(name)
                 prefixes = request.prefixes.get(name, ())
-                matches = index.lexical.match(request.text, request.language, prefixes, self.limit)
+                matches = index.lexical.match(request.text, request.language, prefixes, self.limit, request.categories)
                 for candidate in matches:
                     found[position][(name, candidate.code)] = candidate
                 exact = bool(matches) and matches[0].score >= 1.0
@@ -450,12 +498,14 @@ class TerminologyService:
             vectors = dict(zip(texts, (encode or self.store.encoder.encode)(texts), strict=True))
             for name, positions in pending.items():
                 index = self._indexes[name]
-                by_prefix: dict[tuple[str, ...], list[int]] = {}
+                by_prefix: dict[tuple[tuple[str, ...], bool], list[int]] = {}
                 for position in positions:
-                    by_prefix.setdefault(tuple(requests[position].prefixes.get(name, ())), []).append(position)
-                for prefixes, group in by_prefix.items():
+                    key = (tuple(requests[position].prefixes.get(name, ())), requests[position].categories)
+                    by_prefix.setdefault(key, []).append(position)
+                for (prefixes, categories), group in by_prefix.items():
                     matrix = np.stack([vectors[requests[p].text] for p in group])
-                    for position, candidates in zip(group, index.nearest(matrix, prefixes, self.limit), strict=True):
+                    answers = index.nearest(matrix, prefixes, self.limit, categories)
+                    for position, candidates in zip(group, answers, strict=True):
                         for candidate in candidates:
                             key = (name, candidate.code)
                             if key not in found[position] or found[position][key].score < candidate.score:
@@ -526,8 +576,10 @@ def code_for(profile: MappingProfile, terminology: TerminologyService | None) ->
             return None
         options = mapping.codes
         prefixes = {name: tuple(values) for name, values in options.prefixes.items()}
-        candidates = terminology.lookup([CodeRequest(text, label, tuple(options.systems), None, prefixes)])[0]
-        chosen = select_codes(candidates, options.systems, options.min_score, profile.custom_system_names())
+        request = CodeRequest(text, label, tuple(options.systems), None, prefixes, options.categories)
+        candidates = terminology.lookup([request])[0]
+        minimum = min_scores(terminology, options.systems, label, options.min_score)
+        chosen = select_codes(candidates, options.systems, minimum, profile.custom_system_names())
         return f"{chosen[0].system}|{chosen[0].code}" if chosen else None
 
     return lookup
