@@ -15,15 +15,46 @@ import redis
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-SHARED_DIR = REPO_ROOT.parent / "shared"
+FIXTURES_DIR = TESTS_DIR / "fixtures"  # all the data the tests read: nothing outside the repository
 for entry in (str(REPO_ROOT), str(TESTS_DIR)):
     if entry not in sys.path:
         sys.path.insert(0, entry)
 
 from ehr.harness import FhirTestServer  # noqa: E402
+from repo_guard import GUARD, check_reads  # noqa: E402
 from tiny_models import build_tiny_encoder, train_tiny_tagger  # noqa: E402
 
 TEST_REDIS_URL = os.environ.get("FHIR_NER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.hookimpl(wrapper=True)
+def _fail_on_reads_outside_the_repository(item: pytest.Item) -> Iterator[None]:
+    """A test phase that read a path outside the repository (tests/repo_guard.py) fails."""
+    try:
+        return (yield)
+    finally:
+        check_reads()
+
+
+pytest_runtest_setup = pytest_runtest_call = pytest_runtest_teardown = _fail_on_reads_outside_the_repository
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    reads = GUARD.new_reads()
+    if reads:
+        pytest.exit("read outside the repository while collecting:\n  " + "\n  ".join(reads), returncode=1)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    reads = GUARD.new_reads()  # after the last test (session fixtures' teardown)
+    if reads:
+        print("\nread outside the repository:\n  " + "\n  ".join(reads), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pytest_temp_is_allowed(tmp_path_factory: pytest.TempPathFactory) -> None:
+    GUARD.allow(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -10,22 +10,22 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SHARED_DIR, WorkerProcess
+from conftest import FIXTURES_DIR, WorkerProcess
 from ehr.harness import FhirTestServer
 from fastapi.testclient import TestClient
 from tiny_models import SAMPLE_NOTES
 
 BACKPORT_EXAMPLE = (
-    SHARED_DIR / "fhir-examples/hl7-subscriptions-backport-ig-sushi/Bundle-r4-notification-full-resource.json"
+    FIXTURES_DIR / "fhir-examples/hl7-subscriptions-backport-ig-sushi/Bundle-r4-notification-full-resource.json"
 )
 DERIVATION = "http://hl7.org/fhir/StructureDefinition/derivation-reference"
 AUTH = {"Authorization": "Bearer test-token", "Content-Type": "application/fhir+json"}
 
 
 def backport_notification(document: dict[str, Any], event_number: int = 2) -> dict[str, Any]:
-    """The HL7 backport IG's full-resource example, re-pointed at our DocumentReference."""
-    if not BACKPORT_EXAMPLE.exists():
-        pytest.skip(f"HL7 example not found at {BACKPORT_EXAMPLE}")
+    """The HL7 backport IG's full-resource example, re-pointed at our DocumentReference.
+
+    Senders call this from threads (tests/faults.py), so it never skips: a missing example is an error."""
     bundle = json.loads(BACKPORT_EXAMPLE.read_text())
     status = copy.deepcopy(bundle["entry"][0])
     for parameter in status["resource"]["parameter"]:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import SHARED_DIR
+from conftest import FIXTURES_DIR
 from ehr.harness import FhirTestServer
 from tiny_models import SAMPLE_NOTES, char_spans
 
 from adapter.cli import main
 
-SPACCC = SHARED_DIR / "data/es/spaccc-train"
+NOTES = FIXTURES_DIR / "notes/es"  # six annotated Spanish notes
 
 
 def test_help_lists_every_verb() -> None:
@@ -71,12 +71,10 @@ def test_predict_then_evaluate_on_a_brat_folder(tiny_tagger_path: Path, tmp_path
     assert "DISEASE" in table and "ALL" in table
 
 
-def test_predict_and_evaluate_on_the_shared_spanish_corpus(tiny_tagger_path: Path, tmp_path: Path) -> None:
-    if not SPACCC.is_dir():
-        pytest.skip(f"shared corpus not found at {SPACCC}")
+def test_predict_and_evaluate_on_annotated_spanish_notes(tiny_tagger_path: Path, tmp_path: Path) -> None:
     subset = tmp_path / "subset"
     subset.mkdir()
-    for txt in sorted(SPACCC.glob("*.txt"))[:5]:
+    for txt in sorted(NOTES.glob("*.txt"))[:5]:
         shutil.copy(txt, subset / txt.name)
         shutil.copy(txt.with_suffix(".ann"), subset / txt.with_suffix(".ann").name)
     pred = tmp_path / "pred.tsv"
@@ -90,7 +88,7 @@ def test_predict_and_evaluate_on_the_shared_spanish_corpus(tiny_tagger_path: Pat
     result = runner.invoke(main, ["evaluate", "--gold", str(subset), "--pred", str(pred), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["overall"]["n_gold"] > 50
+    assert report["overall"]["n_gold"] == 73  # caso-01 to caso-05
     assert set(report["per_label"]) >= {"DISEASE", "SYMPTOM", "PROCEDURE"}
 
 

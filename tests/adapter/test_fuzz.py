@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import SHARED_DIR
+from conftest import FIXTURES_DIR
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,7 +20,7 @@ pytest_plugins = ["receiver_fixtures"]
 
 EXAMPLES = sorted(
     p
-    for p in (SHARED_DIR / "fhir-examples").glob("*/*.json")
+    for p in (FIXTURES_DIR / "fhir-examples").glob("*/*.json")
     if json.loads(p.read_text()).get("resourceType") == "Bundle"
 )
 SEEDS: list[Any] = [json.loads(p.read_text()) for p in EXAMPLES] + [
@@ -144,6 +143,4 @@ def test_markup_to_text_reads_like_text() -> None:
 
 
 def test_examples_are_seeds() -> None:
-    if not (SHARED_DIR / "fhir-examples").is_dir():
-        pytest.skip("no shared examples")
     assert len(EXAMPLES) >= 40 and all(isinstance(p, Path) for p in EXAMPLES)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DIR
+from conftest import FIXTURES_DIR
 
 from adapter.subscribe import (
     DSUBM_ALL_EVENTS_TOPIC,
@@ -61,9 +61,7 @@ def test_r5_puts_the_header_in_parameter() -> None:
 
 
 def test_the_default_topic_is_a_dsubm_document_reference_topic() -> None:
-    folder = SHARED_DIR / "fhir-examples/ihe-iti-dsubm"
-    if not folder.is_dir():
-        pytest.skip("no DSUBm topics")
+    folder = FIXTURES_DIR / "fhir-examples/ihe-iti-dsubm"
     topics = {json.loads(Path(p).read_text())["url"]: json.loads(Path(p).read_text()) for p in folder.glob("*.json")}
     topic = topics[DSUBM_ALL_EVENTS_TOPIC]
     assert all(t["resource"].endswith("DocumentReference") for t in topic["resourceTrigger"])

@@ -19,9 +19,8 @@ from worker.nlp.corpus import (
     write_span_tsv,
 )
 
-# tests/worker/nlp/test_corpus.py -> parents[3] is the repo root; shared/ sits beside it.
-SHARED_DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
-SPACCC = SHARED_DATA / "es" / "spaccc-train"
+# Six annotated Spanish notes written for the tests (tests/fixtures/README.md).
+NOTES = Path(__file__).resolve().parents[2] / "fixtures" / "notes" / "es"
 
 
 def _write(path: Path, content: str) -> None:
@@ -221,14 +220,15 @@ def test_split_by_name_deterministic_and_stable() -> None:
         split_by_name(_docs(names), 1.5)
 
 
-@pytest.mark.skipif(not SPACCC.is_dir(), reason=f"shared corpus not found at {SPACCC} (needs ../shared/data)")
-def test_real_spaccc_train_reads_cleanly() -> None:
-    docs = load_documents(SPACCC)
-    assert len(docs) == 750
+def test_the_fixture_notes_read_cleanly() -> None:
+    docs = load_documents(NOTES)
+    assert [d.doc_id for d in docs] == [f"caso-0{n}" for n in range(1, 7)]
     counts = Counter(s.label for d in docs for s in d.spans)
-    assert counts == Counter({"DISEASE": 8065, "SYMPTOM": 9092, "PROCEDURE": 11065})  # README table
+    assert counts == Counter({"DISEASE": 23, "SYMPTOM": 34, "PROCEDURE": 31})  # tests/fixtures/README.md
     for d in docs:
         for s in d.spans:
             assert d.text[s.start : s.end] == s.text
-    train, val = split_by_name(docs, 0.1)
-    assert len(train) + len(val) == 750 and 40 <= len(val) <= 110
+    caso04 = next(d for d in docs if d.doc_id == "caso-04")  # a biopsy (PROCEDURE) of a lesion (DISEASE)
+    assert any(a.label != b.label and a.start < b.end and b.start < a.end for a in caso04.spans for b in caso04.spans)
+    train, val = split_by_name(docs, 0.5)
+    assert sorted(d.doc_id for d in train + val) == [d.doc_id for d in docs] and train and val

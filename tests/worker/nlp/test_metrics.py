@@ -16,8 +16,7 @@ from worker.nlp.metrics import (
     report_to_json,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
-SPACCC = SHARED_DATA / "es" / "spaccc-train"
+NOTES = Path(__file__).resolve().parents[2] / "fixtures" / "notes" / "es"  # six annotated notes
 
 
 def S(start: int, end: int, label: str = "DISEASE", doc: str = "d1") -> Span:  # noqa: N802
@@ -172,20 +171,19 @@ def test_evaluate_paths_gold_folder_drops_unknown_docs(tmp_path: Path) -> None:
     assert r2.unknown_pred_docs == ["b", "zzz"]
 
 
-@pytest.mark.skipif(not SPACCC.is_dir(), reason=f"shared corpus not found at {SPACCC} (needs ../shared/data)")
-def test_real_spaccc_gold_vs_gold_is_perfect(tmp_path: Path) -> None:
-    docs = load_documents(SPACCC)
-    assert len(docs) == 750
+def test_gold_vs_gold_is_perfect_on_the_fixture_notes(tmp_path: Path) -> None:
+    docs = load_documents(NOTES)
+    assert len(docs) == 6
     spans = [s for d in docs for s in d.spans]
     assert all(d.text[s.start : s.end] == s.text for d in docs for s in d.spans)
     pred = tmp_path / "pred.tsv"
     write_span_tsv(pred, spans)
-    r = evaluate_paths(SPACCC, pred)
+    r = evaluate_paths(NOTES, pred)
     assert r.unknown_pred_docs == []
     for row in [r.overall, *r.per_label.values()]:
         assert row.strict_f1 == 1.0 and row.overlap_f1 == 1.0
         assert row.fp == row.fn == 0
-    assert r.overall.n_gold == len(spans) == 28222
+    assert r.overall.n_gold == len(spans) == 88
 
 
 def test_calibration_picks_the_threshold_that_drops_the_false_positives() -> None:
