@@ -105,8 +105,17 @@ def mention_identifier(context: DocumentContext, mention: Mention, model: ModelI
 
 def mention_key(document_id: str, resource_type: str, mention: Mention, occurrence: int) -> str:
     """Version-, offset- and model-independent: the same finding in a revised note has the same key."""
+    # A resolution cue ("neumonía resuelta") is part of the finding; without one the key is as it always was.
+    resolution = (mention.resolution,) if mention.resolution else ()
     return stable_hash(
-        "mention", document_id, resource_type, mention.label, mention.assertion, normalise(mention.text), occurrence
+        "mention",
+        document_id,
+        resource_type,
+        mention.label,
+        mention.assertion,
+        *resolution,
+        normalise(mention.text),
+        occurrence,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mappings.clinical_status import condition_clinical_status
 from mappings.context import DocumentContext
 from mappings.mentions import Mention
 from mappings.registry import register_mapper, register_retirement
@@ -23,7 +24,6 @@ CONDITION_VERIFICATION_BY_ASSERTION = {
     "hypothetical": "provisional",
     "historical": "unconfirmed",
 }
-CONDITION_CLINICAL_BY_ASSERTION = {"historical": "resolved"}
 UNCERTAIN_ASSERTIONS = frozenset({"possible", "hypothetical"})
 PROCEDURE_STATUS_BY_ASSERTION = {
     "present": "completed",
@@ -66,10 +66,11 @@ def map_condition(
     mention: Mention, context: DocumentContext, params: dict[str, Any], code: dict[str, Any]
 ) -> dict[str, Any]:
     verification = {**CONDITION_VERIFICATION_BY_ASSERTION, **params.get("verification", {})}
-    clinical = {**CONDITION_CLINICAL_BY_ASSERTION, **params.get("clinical", {})}
+    # A profile's ``clinical`` map (assertion -> status) wins; otherwise the text and the code decide.
+    clinical = params.get("clinical", {}).get(mention.assertion) or condition_clinical_status(mention, code)
     resource: dict[str, Any] = {
         "resourceType": "Condition",
-        "clinicalStatus": _concept(CONDITION_CLINICAL, clinical.get(mention.assertion, "active")),
+        "clinicalStatus": _concept(CONDITION_CLINICAL, clinical),
         "verificationStatus": _concept(CONDITION_VERIFICATION, verification.get(mention.assertion, "unconfirmed")),
         "category": [_concept(CONDITION_CATEGORY, params.get("category", "encounter-diagnosis"))],
         "code": code,

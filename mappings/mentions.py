@@ -7,6 +7,8 @@ from typing import Literal
 
 Assertion = Literal["present", "negated", "possible", "hypothetical", "historical", "family"]
 ASSERTIONS: tuple[str, ...] = ("present", "negated", "possible", "hypothetical", "historical", "family")
+#: What the note says about whether a condition is over ("neumonía resuelta", "in remission"); None: nothing.
+RESOLUTIONS: tuple[str, ...] = ("resolved", "remission")
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,12 @@ class Mention:
     confidence: float = 1.0
     assertion: str = "present"
     codes: tuple[CandidateCode, ...] = field(default_factory=tuple)
+    resolution: str | None = None  # one of RESOLUTIONS when the note says the condition is over
 
     def __post_init__(self) -> None:
         if self.start < 0 or self.end <= self.start:
             raise ValueError(f"invalid mention offsets [{self.start}, {self.end})")
         if self.assertion not in ASSERTIONS:
             raise ValueError(f"unknown assertion {self.assertion!r}; expected one of {', '.join(ASSERTIONS)}")
+        if self.resolution is not None and self.resolution not in RESOLUTIONS:
+            raise ValueError(f"unknown resolution {self.resolution!r}; expected one of {', '.join(RESOLUTIONS)}")

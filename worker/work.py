@@ -44,6 +44,7 @@ def _mention_record(mention: Mention) -> dict[str, Any]:
         "text": mention.text,
         "confidence": mention.confidence,
         "assertion": mention.assertion,
+        "resolution": mention.resolution,
     }
 
 
@@ -55,6 +56,7 @@ def _mention(record: dict[str, Any]) -> Mention:
         record["text"],
         float(record["confidence"]),
         assertion=record.get("assertion", "present"),
+        resolution=record.get("resolution"),
     )
 
 

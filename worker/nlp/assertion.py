@@ -80,7 +80,11 @@ LOGGER = logging.getLogger("fhir_ner.assertion")
 PRESENT = "present"
 #: Trigger categories, in priority order: the first one that applies to a mention wins.
 PRIORITY: tuple[str, ...] = ("negated", "family", "hypothetical", "possible", "historical")
-CATEGORIES: frozenset[str] = frozenset(PRIORITY)
+#: Cues that say a condition is over ("neumonía resuelta", "in remission"). They are not assertions: they
+#: qualify one (``AssertionResult.resolution``), do not end the scope of other triggers ("antecedentes de
+#: neumonía resuelta y diabetes": diabetes stays historical), and remission outranks resolved.
+RESOLUTION_CUES: tuple[str, ...] = ("remission", "resolved")
+CATEGORIES: frozenset[str] = frozenset(PRIORITY + RESOLUTION_CUES)
 DIRECTIONS: tuple[str, ...] = ("forward", "backward", "bidirectional")
 DEFAULT_MAX_SCOPE = 8
 #: Hard cap on any scope, whatever a rule file says, so a run-on sentence costs little.
@@ -529,6 +533,7 @@ class AssertionResult:
 
     assertion: str
     cues: frozenset[str] = frozenset()
+    resolution: str | None = None  # "resolved" or "remission" when a resolution cue applied
 
 
 @dataclass(frozen=True)
@@ -536,6 +541,14 @@ class _Trigger:
     start: int
     end: int
     rule: Rule
+
+
+def _ends_scope(other: _Trigger, trigger: _Trigger) -> bool:
+    """A trigger of another category ends a scope, except a resolution cue inside an assertion's scope."""
+    category = other.rule.category
+    return category != trigger.rule.category and not (
+        category in RESOLUTION_CUES and trigger.rule.category not in RESOLUTION_CUES
+    )
 
 
 @dataclass(frozen=True)
@@ -680,7 +693,7 @@ class _Note:
             if other.start < chain_end:
                 chain_end = max(chain_end, other.end)
                 continue
-            if other.rule.category != trigger.rule.category and text[chain_end:other.start].strip():
+            if _ends_scope(other, trigger) and text[chain_end:other.start].strip():
                 limit = other.start  # "denies pain, history of MI": the negation stops at "history of"
                 break
             if not text[chain_end:other.start].strip():
@@ -710,7 +723,7 @@ class _Note:
             if other.end > chain_start:
                 chain_start = min(chain_start, other.start)
                 continue
-            if other.rule.category != trigger.rule.category and text[other.end:chain_start].strip():
+            if _ends_scope(other, trigger) and text[other.end:chain_start].strip():
                 limit = other.end
                 break
             if not text[other.end:chain_start].strip():
@@ -731,7 +744,8 @@ class _Note:
             if at >= 0 and start < self.sections[at][1]:  # sections do not overlap: the last one before decides
                 cues.add(self.sections[at][2])
         assertion = next((c for c in PRIORITY if c in cues), PRESENT)
-        return AssertionResult(assertion, frozenset(cues))
+        resolution = next((c for c in RESOLUTION_CUES if c in cues), None)
+        return AssertionResult(assertion, frozenset(cues), resolution)
 
 
 class AssertionDetector:
@@ -847,9 +861,11 @@ class AssertionDetector:
         return [result.assertion for result in self.classify(text, spans, language)]
 
     def annotate(self, text: str, mentions: Sequence[Mention], language: str | None = None) -> list[Mention]:
-        """The mentions with their ``assertion`` filled in (new frozen objects, same order)."""
-        assertions = self.detect(text, [(m.start, m.end) for m in mentions], language)
-        return [replace(m, assertion=a) for m, a in zip(mentions, assertions, strict=True)]
+        """The mentions with their ``assertion`` and ``resolution`` filled in (new frozen objects, same order)."""
+        results = self.classify(text, [(m.start, m.end) for m in mentions], language)
+        return [
+            replace(m, assertion=r.assertion, resolution=r.resolution) for m, r in zip(mentions, results, strict=True)
+        ]
 
 
 def _language_code(language: str) -> str:
