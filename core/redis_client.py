@@ -7,8 +7,10 @@ Redis holds the state, without importing each other.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from core.settings import get_settings
 
@@ -38,3 +40,14 @@ def state_redis_is_overridden() -> bool:
 def forget_redis_client() -> None:
     """Build the client from settings again on next use (tests and the demo change the environment)."""
     _from_settings.cache_clear()
+
+
+def queue_script(pipe: Any, script: Script, keys: list[Any], args: list[Any]) -> None:
+    """Add a call of a registered Lua script to a pipeline as ``EVAL`` with the script's text.
+
+    ``script(keys=..., args=..., client=pipe)`` makes redis-py ask ``SCRIPT EXISTS`` in a round trip of its
+    own every time the pipeline runs, before sending it: a second blocking round trip per notification. The
+    text costs a few KB on the wire instead, and Redis runs the script it already compiled (scripts are cached
+    by their SHA1), so a Redis that lost its script cache (a restart) needs nothing either.
+    """
+    pipe.eval(script.script, len(keys), *keys, *args)

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from core.jobs import Envelope
+from core.redis_client import queue_script
 
 NOTE_TTL_SECONDS = 14 * 24 * 3600
 HINT_TTL_SECONDS = 3600
@@ -68,21 +69,22 @@ class NoteState:
         Read the outcome with :meth:`claim_result` on this call's result.
         """
         record = json.dumps({"status": "queued", "updated": time.time(), **details})
-        self._claim_and_queue(
-            keys=[
+        queue_script(
+            pipe,
+            self._claim_and_queue,
+            [
                 self._key("seen", document_id, version_id),
                 self._key("status", document_id),
                 self._key("note", document_id, version_id),
                 envelope.key if envelope else self._key("no-queue"),
             ],
-            args=[
+            [
                 NOTE_TTL_SECONDS,
                 version_id,
                 record,
                 json.dumps(document) if document is not None else "",
                 envelope.payload if envelope else "",
             ],
-            client=pipe,
         )
 
     @staticmethod

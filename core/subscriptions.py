@@ -28,6 +28,7 @@ import redis
 
 from core.jobs import Envelope
 from core.origin import parse_reference
+from core.redis_client import queue_script
 
 EVENT_TTL_SECONDS = 14 * 24 * 3600
 MAX_REFERENCE_LENGTH = 256
@@ -251,7 +252,7 @@ class SubscriptionState:
             ]
         keys = [self._key(subscription), self._key(subscription, "pending"), self._key(subscription, "times")]
         index = len(pipe)
-        self._accept(keys=[*keys, self.registry_key], args=args, client=pipe)
+        queue_script(pipe, self._accept, [*keys, self.registry_key], args)
         if errors:
             pipe.hset(
                 self._key(subscription),
