@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 export FHIR_NER_TEST_REDIS_URL := $(TEST_REDIS_URL)
 
-.PHONY: install node redis demo test lint typecheck dockerlint unit train-default train-default-cpu bench clean
+.PHONY: install node redis demo test lint typecheck dockerlint unit train-default train-default-cpu bench bench-notify clean
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ train-default-cpu: install
 	$(BIN)/python benchmarks/train_default.py --threads 2 --work $(TRAIN_WORK) --epochs 5 --no-export
 	$(BIN)/python benchmarks/train_default.py --threads 2 --work $(TRAIN_WORK) --stage warm8 --frozen-layers 8 \
 		--epochs 5 --init-from $(TRAIN_WORK)/run/best --encoder-lr 2e-4 --head-lr 1e-3
+
+# The short acknowledgement benchmark (README, "Acknowledgement benchmark"): one API process, 200 notifications/s
+# for 10 s. It fails on any request error, or when an accepted note left no task message (or two) on its queue.
+BENCH_NOTIFY_ARGS ?= --rate 200 --duration 10 --workers 1
+bench-notify: install redis
+	$(BIN)/python benchmarks/bench_notify.py $(BENCH_NOTIFY_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/ehr/node_modules demo-output .redis-test
