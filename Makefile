@@ -13,17 +13,22 @@ export FHIR_NER_TEST_REDIS_URL := $(TEST_REDIS_URL)
 
 .PHONY: install node redis demo test lint typecheck dockerlint unit train-default train-default-cpu bench bench-notify clean
 
+# One line per step; pip's own output (warnings included) goes to $(PIP_LOG), shown only when pip fails.
+PIP_LOG := $(VENV)/pip-install.log
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+LOGGED = >>$(PIP_LOG) 2>&1 || { echo "pip failed; the end of $(PIP_LOG):" >&2; tail -n 40 $(PIP_LOG) >&2; exit 1; }
+
 $(BIN)/.installed: pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[dev]'
+	@test -x $(BIN)/python || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "upgrading pip"; : > $(PIP_LOG); $(PIP) --upgrade pip $(LOGGED)
+	@echo "installing PyTorch ($(TORCH_SPEC))"; $(PIP) $(TORCH_PIP_ARGS) "$(TORCH_SPEC)" $(LOGGED)
+	@echo "installing the adapter and its development tools"; $(PIP) -e '.[dev]' $(LOGGED)
 	@touch $@
 
 install: $(BIN)/.installed
 
 tests/ehr/node_modules/.package-lock.json: tests/ehr/package-lock.json $(BIN)/.installed
-	cd tests/ehr && npm ci --no-audit --no-fund --loglevel=error
+	@echo "installing the test FHIR server (npm ci)"; cd tests/ehr && npm ci --no-audit --no-fund --loglevel=error
 
 node: tests/ehr/node_modules/.package-lock.json
 
@@ -31,7 +36,7 @@ redis: install
 	@bash tests/ensure-redis.sh "$(TEST_REDIS_URL)"
 
 demo: install
-	$(BIN)/fhir-ner demo --output demo-output
+	@echo "running the demo"; HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/fhir-ner demo --output demo-output
 
 lint: install
 	$(BIN)/ruff check .
