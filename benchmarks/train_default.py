@@ -9,6 +9,9 @@
 Training state and the layer cache live under --work (default /tmp/fhir-ner-train-default), so an
 interrupted run resumes when the same command is run again; only tagger_config.json and
 model.safetensors are copied into the repository (unless --no-export).
+
+The corpora, spaccc-train/ and cardioccc-train/ (BRAT .txt + .ann), are read from ../shared/data/es beside the
+checkout, or from --data DIR. Only the training recipes read them; the tests and the demo do not need them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ sys.path.insert(0, str(ROOT))
 from worker.nlp.training import TrainConfig, export_checkpoint, train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "es"
+MISSING_DATA = (
+    "the Spanish training corpora are not at {path}: put the folders spaccc-train/ and cardioccc-train/ "
+    "(the MultiClinNER Spanish training data, BRAT .txt + .ann) there, or pass --data DIR"
+)
 CORPORA = ("spaccc-train", "cardioccc-train")
 
 
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="40 training windows, 1 epoch, no export")
     parser.add_argument("--curve", action="store_true", help="also the data-efficiency curve (4 more runs)")
     args = parser.parse_args(argv)
+    if not all((args.data / name).is_dir() for name in CORPORA):
+        raise SystemExit(MISSING_DATA.format(path=args.data))
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
