@@ -10,9 +10,10 @@ thread dies quietly).
 
 Allowed wherever they are: the virtualenv and Python's own prefixes, site-packages, the temp folder (and
 pytest's), the user's cache (``$XDG_CACHE_HOME`` or ``~/.cache``, ``$HF_HOME``, ``$TORCH_HOME``), and hidden
-entries of the parent folder (``.config``, ``.netrc``, ... when the checkout sits in a home folder).
-Subprocesses (workers, the test FHIR server) are not watched. When the repository's parent is ``/`` there is no
-telling a sibling from the system, and the guard does nothing.
+entries of the parent folder (``.config``, ``.netrc``, ... when the checkout sits in a home folder). An allowed
+folder that holds the parent folder does not allow the siblings: in a clone at ``/tmp/x/main``, ``/tmp/x/shared``
+is refused although ``/tmp`` is allowed. Not watched: subprocesses (workers, the test FHIR server), a checkout
+whose parent is an allowed folder itself (``/tmp/main``: the temp folder wins), and one beside ``/``.
 """
 
 from __future__ import annotations
@@ -71,10 +72,13 @@ class RepoGuard:
         if not any(_inside(absolute, parent) for parent in self.parents):
             return False  # system paths and everything else outside the parent folder
         real = os.path.realpath(absolute)
-        if _inside(real, self.repo) or any(_inside(real, folder) for folder in self.allowed):
+        if _inside(real, self.repo):
             return False
         for parent in self.parents:
             if _inside(real, parent):
+                # Allowed folders count inside the parent folder only: /tmp must not allow /tmp/x/shared.
+                if any(_inside(real, folder) and _inside(folder, parent) for folder in self.allowed):
+                    return False
                 first = os.path.relpath(real, parent).split(os.sep, 1)[0]
                 # The parent itself (a listing shows the siblings) is outside; its hidden entries, in a home folder
                 # configuration and caches, are not.

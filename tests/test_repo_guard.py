@@ -96,6 +96,22 @@ def test_the_decision_for_a_checkout_in_a_home_folder(tmp_path: Path) -> None:
     assert not RepoGuard("/checkout").enabled  # beside the filesystem root there is no telling
 
 
+def test_a_checkout_in_the_temp_folder(tmp_path: Path) -> None:
+    clone = tmp_path / "clone" / "main"  # like `git clone ... /tmp/cc/main`
+    clone.mkdir(parents=True)
+    guard = RepoGuard(str(clone))
+    assert _inside_temp(clone)
+    assert guard.is_outside(str(tmp_path / "clone" / "shared" / "data"))  # the temp folder allows no sibling
+    assert not guard.is_outside(os.path.join(tempfile.gettempdir(), "tmp-file"))  # other temp files are fine
+    assert not guard.is_outside(str(clone / "tests"))
+    in_temp = RepoGuard(os.path.join(tempfile.gettempdir(), "main"))  # a checkout right in the temp folder:
+    assert not in_temp.is_outside(os.path.join(tempfile.gettempdir(), "shared"))  # not watched (documented)
+
+
+def _inside_temp(path: Path) -> bool:
+    return str(path.resolve()).startswith(os.path.realpath(tempfile.gettempdir()) + os.sep)
+
+
 def test_a_descriptor_and_the_working_folder_are_not_paths() -> None:
     calls: list[tuple[str, tuple[Any, ...]]] = [("open", (3, "r", 0)), ("os.listdir", (None,)), ("exec", ())]
     for event, args in calls:
