@@ -15,6 +15,7 @@ from adapter.outcomes import outcome_response
 from adapter.routers import health, notify
 from adapter.watch import watch_forever
 from core.logging_config import request_id_from, request_id_var
+from core.notifications import warm_up
 
 
 class RequestIdMiddleware:
@@ -51,6 +52,7 @@ class RequestIdMiddleware:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    warm_up()  # the FHIR models, built before the first notification rather than while answering it
     # Gaps and silences are looked for in the background, never while answering a request.
     watcher = asyncio.create_task(watch_forever())
     try:

@@ -4,12 +4,13 @@ Starts the API (``fhir-ner serve``, the real thing: real Redis, real Celery publ
 background watch on) on loopback, then sends R4 backport ``full-resource`` notifications, each carrying
 a different ~10 KB note, at a fixed rate (open loop: a request is due at its scheduled time whether or
 not earlier ones have been answered, and latency is counted from that time, so a stalled server cannot
-hide its queueing). Reports p50/p90/p99/max acknowledgement latency, errors, the API's CPU time per
-notification, and checks the queues: it reads every task message waiting on the Celery app's own queues
-(``core.celery_app.QUEUES``, through the app's broker connection, so its key prefix and priority lists are
-the ones a worker reads) and fails unless each accepted note left exactly one ``process_note`` message, on
-the queue the app routes it to. That is the only stage the API feeds (no worker runs here, so the inference
-queue stays empty); other messages (a ``recover_events`` for a gap that outlived its grace) are reported.
+hide its queueing). Reports p50/p90/p99/max acknowledgement latency, errors, the API processes' CPU time
+(user + system) per notification after the warm-up, and checks the queues: it reads every task message
+waiting on the Celery app's own queues (``core.celery_app.QUEUES``, through the app's broker connection, so
+its key prefix and priority lists are the ones a worker reads) and fails unless each accepted note left
+exactly one ``process_note`` message, on the queue the app routes it to. That is the only stage the API
+feeds (no worker runs here, so the inference queue stays empty); other messages (a ``recover_events`` for
+a gap that outlived its grace) are reported.
 
     .venv/bin/python benchmarks/bench_notify.py --rate 200 --duration 30
     .venv/bin/python benchmarks/bench_notify.py --rate 100 200 400 --workers 2   # one run per rate, then saturation
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +115,15 @@ class Connection:
 
 
 async def run_load(
-    host: str, port: int, payloads: list[bytes], rate: float, connections: int, warmup: int
+    host: str,
+    port: int,
+    payloads: list[bytes],
+    rate: float,
+    connections: int,
+    warmup: int,
+    on_measured: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
+    """Send ``payloads`` at ``rate``; ``on_measured`` is called when the first one after the warm-up is due."""
     idle: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(connections):
         idle.put_nowait(Connection(host, port))
@@ -129,6 +137,8 @@ async def run_load(
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        if index == warmup and on_measured is not None:
+            on_measured()
         connection = await idle.get()
         try:
             status = await connection.send(payload)
@@ -310,14 +320,14 @@ def wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float = 60)
     raise RuntimeError("the API did not become ready")
 
 
-def git_commit() -> str:
+def git_commit(checkout: Path = REPO) -> str:
     """The commit measured, with ``+dirty`` when the working tree differs from it."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=checkout, capture_output=True, text=True
         )
         return commit + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
@@ -343,7 +353,7 @@ def run_once(args: argparse.Namespace, rate: float, client: redis.Redis) -> dict
     command = [sys.executable, "-m", "adapter.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--workers", str(args.workers)]
     load_before = os.getloadavg()[0]
-    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(command, cwd=args.checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     profiler: subprocess.Popen[bytes] | None = None
     try:
         wait_ready(port, server)
@@ -355,9 +365,19 @@ def run_once(args: argparse.Namespace, rate: float, client: redis.Redis) -> dict
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1.0)
-        cpu_before = tree_cpu_seconds(server.pid)
-        result = asyncio.run(run_load("127.0.0.1", port, payloads, rate, args.connections, warmup))
-        server_cpu_ms = (tree_cpu_seconds(server.pid) - cpu_before) / total * 1000
+        cpu_marks: list[float] = []  # when the measured notifications start, after the warm-up
+        result = asyncio.run(
+            run_load(
+                "127.0.0.1",
+                port,
+                payloads,
+                rate,
+                args.connections,
+                warmup,
+                lambda: cpu_marks.append(tree_cpu_seconds(server.pid)),
+            )
+        )
+        server_cpu_ms = (tree_cpu_seconds(server.pid) - cpu_marks[0]) / (total - warmup) * 1000
         if profiler is not None:
             profiler.send_signal(2)
             profiler.wait(timeout=30)
@@ -381,7 +401,7 @@ def run_once(args: argparse.Namespace, rate: float, client: redis.Redis) -> dict
         "body_kb": round(body_kb, 1),
         "workers": args.workers,
         "cpus": os.cpu_count(),
-        "commit": git_commit(),
+        "commit": git_commit(args.checkout),
         **result,
         "server_cpu_ms_per_notification": round(server_cpu_ms, 2),
         "load_average_1m_before": round(load_before, 2),
@@ -407,6 +427,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="API worker processes (fhir-ner serve --workers)")
     parser.add_argument("--redis", default=os.environ.get("FHIR_NER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
     parser.add_argument("--json", type=Path, default=None, help="also write the summaries here")
+    parser.add_argument(
+        "--checkout",
+        type=Path,
+        default=REPO,
+        help="run the API from this checkout (e.g. a git worktree of an older commit, for a before/after comparison)",
+    )
     parser.add_argument("--profile", type=Path, default=None, help="py-spy's collapsed stacks of the API (one rate)")
     args = parser.parse_args()
 

@@ -345,3 +345,56 @@ def parse_notification(body: Any, fhir_version: str | None = None) -> Notificati
         elif resource is None and full_url:
             notification.focus_references.append(full_url)
     return notification
+
+
+def warm_up() -> None:
+    """Validate one small notification of each FHIR version, so that the models (imported and built lazily, about
+    0.1 s of CPU per version) are ready before the first notification arrives rather than delaying it."""
+    document = {
+        "resourceType": "DocumentReference",
+        "id": "warm-up",
+        "meta": {"versionId": "1"},
+        "status": "current",
+        "docStatus": "final",
+        "subject": {"reference": "Patient/warm-up"},
+        "date": "2026-01-01T00:00:00Z",
+        "content": [{"attachment": {"contentType": "text/plain", "language": "en", "data": "d2FybS11cA=="}}],
+    }
+    reference = {"reference": "Subscription/warm-up"}
+    backport = {
+        "resourceType": "Parameters",
+        "meta": {"profile": ["http://example.org/StructureDefinition/warm-up"]},
+        "parameter": [
+            {"name": "subscription", "valueReference": reference},
+            {"name": "topic", "valueCanonical": "http://example.org/topic"},
+            {"name": "type", "valueCode": "event-notification"},
+            {"name": "events-since-subscription-start", "valueString": "1"},
+            {
+                "name": "notification-event",
+                "part": [
+                    {"name": "event-number", "valueString": "1"},
+                    {"name": "focus", "valueReference": {"reference": "DocumentReference/warm-up"}},
+                ],
+            },
+        ],
+    }
+    status = {
+        "resourceType": "SubscriptionStatus",
+        "status": "active",
+        "type": "event-notification",
+        "subscription": reference,
+        "topic": "http://example.org/topic",
+        "notificationEvent": [{"eventNumber": "1", "focus": {"reference": "DocumentReference/warm-up"}}],
+    }
+    entry = {
+        "fullUrl": "urn:uuid:0b1c5d0e-0000-4000-8000-000000000000",
+        "resource": document,
+        "request": {"method": "PUT", "url": "DocumentReference/warm-up"},
+        "response": {"status": "200"},
+    }
+    for bundle_type, first in (
+        ("history", backport),  # R4 backport: R4B models
+        ("history", status),  # R4B
+        ("subscription-notification", {**status, "eventsSinceSubscriptionStart": "1"}),  # R5 models
+    ):
+        parse_notification({"resourceType": "Bundle", "type": bundle_type, "entry": [{"resource": first}, entry]})
