@@ -36,7 +36,7 @@ from mappings.mentions import CandidateCode, Mention
 from mappings.profile import LabelMapping, MappingProfile
 from mappings.registry import get_mapper, mapper_resource_type
 from mappings.revisions import DerivedResource, parse_existing, reconcile, retired_copy
-from mappings.terminology import DEFAULT_MIN_SCORE, CodeRequest, Terminology, min_scores, normalise, select_codes
+from mappings.terminology import DEFAULT_MIN_SCORE, CodeRequest, Terminology, code_request, normalise, written_codes
 
 __all__ = [
     "DERIVATION_REFERENCE",
@@ -184,12 +184,7 @@ def _choose_codes(
         options = item.mapping.codes
         if options is None or item.text_only or item.mention.codes or terminology is None:
             continue
-        prefixes = {name: tuple(values) for name, values in options.prefixes.items()}
-        requests.append(
-            CodeRequest(
-                item.mention.text, item.mention.label, tuple(options.systems), language, prefixes, options.categories
-            )
-        )
+        requests.append(code_request(item.mention.text, item.mention.label, options, language))
         asked.append(index)
     answers = terminology.lookup(requests) if (terminology is not None and requests) else []
     found = dict(zip(asked, answers, strict=True))
@@ -205,13 +200,7 @@ def _choose_codes(
             chosen.append(())
         else:
             chosen.append(
-                select_codes(
-                    found[index],
-                    options.systems,
-                    min_scores(terminology, options.systems, item.mention.label, options.min_score),
-                    profile.custom_system_names(),
-                    options.all_systems,
-                )
+                written_codes(found[index], options, item.mention.label, terminology, profile.custom_system_names())
             )
     return chosen
 
