@@ -18,8 +18,9 @@ from typing import Any, Protocol
 from mappings.mentions import CandidateCode
 
 ICD10CM_URL = "http://hl7.org/fhir/sid/icd-10-cm"
+ICD10PCS_URL = "http://www.cms.gov/Medicare/Coding/ICD10"
 # Built-in code systems a profile may name without declaring them.
-BUILTIN_SYSTEMS: dict[str, str] = {"icd-10-cm": ICD10CM_URL}
+BUILTIN_SYSTEMS: dict[str, str] = {"icd-10-cm": ICD10CM_URL, "icd-10-pcs": ICD10PCS_URL}
 # Score of a lexical match: the whole normalised term, or the term without "NOS"/"unspecified"/(...).
 EXACT_SCORE = 1.0
 ALIAS_SCORE = 0.97
@@ -99,6 +100,9 @@ class CodeSystemData:
     # Codes that are not billable (ICD-10-CM categories with subdivisions) → the leaf a mention naming the
     # category without specifics gets (its "unspecified" leaf), or None when it has none.
     unbillable: dict[str, str | None] = field(default_factory=dict, compare=False, hash=False)
+    # Codes matched by text only, never embedded (ICD-10-CM: categories that have no default leaf, which only a
+    # profile allowing categories can get; a third of the strings).
+    unembedded: frozenset[str] = field(default_factory=frozenset, compare=False)
 
     def codes(self) -> set[str]:
         return {entry.code for entry in self.entries}
@@ -215,6 +219,24 @@ def min_scores(
             value = float(calibrated) if calibrated is not None else None
         found[system] = DEFAULT_MIN_SCORE if value is None else value
     return found
+
+
+def code_request(text: str, label: str, options: Any, language: str | None) -> CodeRequest:
+    """The request a label's ``codes`` options (:class:`mappings.profile.CodeOptions`) make for a mention."""
+    prefixes = {name: tuple(values) for name, values in options.prefixes.items()}
+    return CodeRequest(text, label, tuple(options.systems), language, prefixes, options.categories)
+
+
+def written_codes(
+    candidates: Sequence[CandidateCode],
+    options: Any,
+    label: str,
+    terminology: Terminology | None,
+    custom: Iterable[str] = (),
+) -> tuple[CandidateCode, ...]:
+    """The codings a resource carries for these candidates under a label's ``codes`` options."""
+    minimum = min_scores(terminology, options.systems, label, options.min_score)
+    return select_codes(candidates, options.systems, minimum, custom, options.all_systems)
 
 
 def select_codes(

@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -48,13 +49,13 @@ from mappings.terminology import (
     TermEntry,
     TerminologyError,
     code_allowed,
+    code_request,
     core_term,
-    min_scores,
     normalise,
     parse_code_csv,
     parse_code_system,
     rank_candidates,
-    select_codes,
+    written_codes,
 )
 from worker.nlp.e5_convert import file_lock
 
@@ -155,7 +156,8 @@ def load_icd10cm() -> CodeSystemData:
             entries.append(TermEntry(code, display, term, "inclusion", None, leaf))
         for term in icd.get_includes(code):
             entries.append(TermEntry(code, display, term, "includes", None, leaf))
-    return CodeSystemData("icd-10-cm", ICD10CM_URL, tuple(entries), "2026", unbillable)
+    unembedded = frozenset(code for code, leaf in unbillable.items() if leaf is None)
+    return CodeSystemData("icd-10-cm", ICD10CM_URL, tuple(entries), "2026", unbillable, unembedded)
 
 
 def load_code_system_file(profile: MappingProfile, name: str) -> CodeSystemData:
@@ -277,9 +279,10 @@ class TextEncoder:
 class EmbeddingStore:
     """Embeddings of groups of strings, on disk as float16 ``.npy`` plus a JSON note of encoder and count."""
 
-    def __init__(self, root: Path, encoder: TextEncoder) -> None:
+    def __init__(self, root: Path, encoder: TextEncoder, shipped: Any = None) -> None:
         self.root = root
         self.encoder = encoder
+        self.shipped = shipped  # a worker.linker.ShippedIndex: prebuilt groups, read before the disk cache
 
     def _path(self, group: str, texts: Sequence[str]) -> Path:
         recipe = f"{self.encoder.spec}|prefix={QUERY_PREFIX}|max_length={self.encoder.max_length}|pool=mean"
@@ -307,6 +310,10 @@ class EmbeddingStore:
         """The embeddings of ``texts`` (distinct strings, fixed order); None when absent and not built."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
+        if self.shipped is not None:
+            prebuilt = self.shipped.get(group, texts, self.encoder.revision)
+            if prebuilt is not None:
+                return np.asarray(prebuilt)
         path = self._path(group, texts)
         if path.is_file():
             matrix = self._read(path, len(texts))
@@ -354,9 +361,11 @@ class SourceIndex:
     def __init__(self, data: CodeSystemData) -> None:
         self.data = data
         self.lexical = LexicalIndex(data)
-        self.groups = group_texts(data.entries)
+        # The entries searched by nearest neighbour: one matrix row each.
+        self.entries = [entry for entry in data.entries if entry.code not in data.unembedded]
+        self.groups = group_texts(self.entries)
         self.matrix: np.ndarray | None = None
-        self._codes = [entry.code for entry in data.entries]
+        self._codes = [entry.code for entry in self.entries]
         self._display = {entry.code: entry.display for entry in data.entries}
         self.preferred = {entry.code for entry in data.entries if entry.preferred}
         self._masks: dict[tuple[str, ...], np.ndarray] = {}
@@ -375,7 +384,7 @@ class SourceIndex:
                 return False
             matrices[kind] = matrix
             rows[kind] = {text: row for row, text in enumerate(texts)}
-        self.matrix = np.stack([matrices[e.kind][rows[e.kind][e.term]] for e in self.data.entries]).astype(np.float32)
+        self.matrix = np.stack([matrices[e.kind][rows[e.kind][e.term]] for e in self.entries]).astype(np.float32)
         return True
 
     def _mask(self, prefixes: tuple[str, ...], categories: bool = False) -> np.ndarray:
@@ -450,6 +459,12 @@ class TerminologyService:
         self.limit = limit
         self._indexes: dict[str, SourceIndex] = {}
         self._lock = threading.Lock()
+        # {system name: {label: min_score}} for the encoder in use (the shipped linker's, worker/linker/).
+        self.calibrated: dict[str, dict[str, float]] = {}
+
+    def threshold(self, system: str, label: str) -> float | None:
+        """The calibrated score under which ``system``'s codes are not written for ``label`` (None: not calibrated)."""
+        return self.calibrated.get(system, {}).get(label)
 
     @classmethod
     def from_sources(
@@ -462,8 +477,10 @@ class TerminologyService:
             if name not in self._indexes:
                 if name not in self.loaders:
                     raise TerminologyError(f"unknown code system {name!r}")
+                started = time.monotonic()
                 index = SourceIndex(self.loaders[name]())
                 if self.store is not None and self.mode in ("auto", "embedding"):
+                    logger.info("code system %s: loading %d terms and their embeddings", name, len(index.data.entries))
                     build = self.mode == "embedding" or index.embedded_strings <= AUTO_EMBED_LIMIT
                     if not index.attach(self.store, build=build):
                         logger.warning(
@@ -473,6 +490,12 @@ class TerminologyService:
                             index.embedded_strings,
                         )
                 self._indexes[name] = index
+                logger.info(
+                    "code system %s ready in %.1f s (%s)",
+                    name,
+                    time.monotonic() - started,
+                    "nearest neighbour" if index.matrix is not None else "text matching",
+                )
             return self._indexes[name]
 
     def lookup(
@@ -528,16 +551,35 @@ def terminology_for(
     """The service for a profile: its own code systems (read now, so errors show at start-up) and the built-ins."""
     if mode == "off":
         return None
-    loaders: dict[str, Callable[[], CodeSystemData]] = {"icd-10-cm": load_icd10cm}
+    from worker.linker import (
+        LINKER_ENCODER,
+        load_icd10cm_linked,
+        load_icd10pcs,
+        make_linker_encoder,
+        shipped_index,
+        shipped_linker_available,
+        thresholds,
+    )
+
+    loaders: dict[str, Callable[[], CodeSystemData]] = {"icd-10-cm": load_icd10cm_linked, "icd-10-pcs": load_icd10pcs}
     for source in profile.code_systems:
         data = load_code_system_file(profile, source.name)
         loaders[source.name] = _constant(data)
     missing = [name for name in BUILTIN_SYSTEMS if name not in loaders]
     assert not missing, missing
     store = None
+    calibrated: dict[str, dict[str, float]] = {}
     if mode in ("auto", "embedding"):
-        store = EmbeddingStore(cache_root or default_cache_root(), TextEncoder(encoder, encoder_cache_dir))
-    return TerminologyService(loaders, mode, store)
+        root = cache_root or default_cache_root()
+        if encoder in (LINKER_ENCODER, "multilingual-e5-small") and shipped_linker_available():
+            # The default: the shipped fine-tuned linker, its prebuilt index and its calibrated thresholds.
+            store = EmbeddingStore(root, make_linker_encoder(encoder_cache_dir), shipped=shipped_index())
+            calibrated = thresholds()
+        else:
+            store = EmbeddingStore(root, TextEncoder(encoder, encoder_cache_dir))
+    service = TerminologyService(loaders, mode, store)
+    service.calibrated = calibrated
+    return service
 
 
 _service_lock = threading.Lock()
@@ -575,11 +617,8 @@ def code_for(profile: MappingProfile, terminology: TerminologyService | None) ->
         if terminology is None or mapping is None or mapping.codes is None:
             return None
         options = mapping.codes
-        prefixes = {name: tuple(values) for name, values in options.prefixes.items()}
-        request = CodeRequest(text, label, tuple(options.systems), None, prefixes, options.categories)
-        candidates = terminology.lookup([request])[0]
-        minimum = min_scores(terminology, options.systems, label, options.min_score)
-        chosen = select_codes(candidates, options.systems, minimum, profile.custom_system_names())
+        candidates = terminology.lookup([code_request(text, label, options, None)])[0]
+        chosen = written_codes(candidates, options, label, terminology, profile.custom_system_names())
         return f"{chosen[0].system}|{chosen[0].code}" if chosen else None
 
     return lookup

