@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapter.outcomes import outcome_response
+from adapter.review import install_review_pages
 from adapter.routers import health, notify
 from adapter.watch import watch_forever
 from core.logging_config import request_id_from, request_id_var
@@ -73,6 +74,7 @@ def create_app() -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(notify.router)
+    install_review_pages(app)  # /review: off (404) unless FHIR_NER_REVIEW_TOKENS is set
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -20,7 +20,7 @@ from core.settings import get_settings
 IO_QUEUE = "io"
 INFERENCE_QUEUE = "inference"
 QUEUES = (IO_QUEUE, INFERENCE_QUEUE)
-INFERENCE_TASKS = ("worker.tasks.tag_notes",)
+INFERENCE_TASKS = ("worker.tasks.tag_notes", "worker.review_tasks.try_text")
 
 
 def queue_name(kind: str) -> str:
@@ -47,7 +47,7 @@ def route_task(name: str, *_: object, **__: object) -> dict[str, str]:
 @lru_cache(maxsize=1)
 def get_celery_app() -> Celery:
     settings = get_settings()
-    app = Celery("fhir_ner", broker=settings.redis_url, include=["worker.tasks"])
+    app = Celery("fhir_ner", broker=settings.redis_url, include=["worker.tasks", "worker.review_tasks"])
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

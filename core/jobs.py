@@ -31,6 +31,9 @@ TASKS = {
     "retract_note": "worker.tasks.retract_note",
     "resolve_note": "worker.tasks.resolve_note",
     "recover_events": "worker.tasks.recover_events",
+    # The review pages' jobs (worker/review_tasks.py): argument is an id of a request kept in Redis.
+    "review_try": "worker.review_tasks.try_text",
+    "retry_dead_letter": "worker.review_tasks.retry_dead_letter",
 }
 TASK_PROCESS_NOTE = TASKS["process_note"]
 TASK_RETRACT_NOTE = TASKS["retract_note"]

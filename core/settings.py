@@ -18,7 +18,8 @@ class Settings(BaseSettings):
     Secrets (subscription tokens, EHR credentials) have no defaults: in production they must be set.
     """
 
-    model_config = SettingsConfigDict(env_prefix="FHIR_NER_", env_file=None, extra="ignore")
+    # Errors name the variable and the problem, never the value given: many values here are secrets.
+    model_config = SettingsConfigDict(env_prefix="FHIR_NER_", env_file=None, extra="ignore", hide_input_in_errors=True)
 
     environment: Environment = Field(
         default="development", description="production refuses to start without subscription tokens."
@@ -158,6 +159,36 @@ class Settings(BaseSettings):
     recovery_overlap_seconds: float = Field(
         default=300.0, description="The _lastUpdated fallback searches from this long before the last event seen."
     )
+
+    # Review pages (issue 16): off unless reviewer tokens are configured.
+    review_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Reviewer logins for the /review pages, comma-separated name:token pairs (secret); "
+        "the pages are off while it is empty.",
+    )
+    review_session_hours: float = Field(default=12.0, gt=0, description="How long a reviewer's login lasts.")
+    review_try_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="How long the playground waits for a worker to tag the pasted text."
+    )
+
+    @field_validator("review_tokens", mode="before")
+    @classmethod
+    def _split_review_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [pair.strip() for pair in value.split(",") if pair.strip()]
+        if isinstance(value, list):
+            for pair in value:
+                raw = pair.get_secret_value() if isinstance(pair, SecretStr) else str(pair)
+                name, _, token = raw.partition(":")
+                if not name.strip() or len(token.strip()) < 8:
+                    # Never echo the value: it holds a secret.
+                    raise ValueError("FHIR_NER_REVIEW_TOKENS takes name:token pairs with tokens of 8+ characters")
+        return value
+
+    def reviewers(self) -> list[tuple[str, str]]:
+        """(display name, token) of each configured reviewer."""
+        pairs = [pair.get_secret_value().partition(":") for pair in self.review_tokens]
+        return [(name.strip(), token.strip()) for name, _, token in pairs]
 
     @field_validator("subscription_tokens", mode="before")
     @classmethod

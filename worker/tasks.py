@@ -36,6 +36,7 @@ from mappings.registry import retirable_types
 from worker.dlq import DeadLetter, DeadLetterStore
 from worker.ehr import EhrClient, EhrError, FolderWriter, ResultWriter, check_transaction_response
 from worker.inference import tag_texts
+from worker.review_record import RecordingWriter, keep_review_record, keep_review_text
 from worker.runtime import ModelNotConfiguredError, get_pipeline, get_profile, inference_max_notes
 from worker.work import TaggingInput, WorkStore
 
@@ -121,6 +122,7 @@ def read_note(document: dict[str, Any]) -> TaggingInput:
     """The I/O half of reading a note: its text (inline, or fetched from the EHR) and its language."""
     attachment_index, text = note_text(document)
     context = context_from_document_reference(document, attachment_index)
+    keep_review_text(context, text)  # for the review pages (worker/review_record.py)
     return TaggingInput(document, attachment_index, text, context.language)
 
 
@@ -146,7 +148,10 @@ def write_mentions(
             terminology=terminology,
             existing=existing,
         )
-        return {"mentions": len(mentions), **write_plan(writer, plan, f"{context.document_id}-{version_id}")}
+        recorder = RecordingWriter(writer)
+        result = write_plan(recorder, plan, f"{context.document_id}-{version_id}")
+        keep_review_record(context, mentions, plan, profile, model, recorder)
+        return {"mentions": len(mentions), **result}
 
 
 def process_document(document: dict[str, Any], version_id: str) -> dict[str, Any]:

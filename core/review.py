@@ -1,0 +1,177 @@
+"""What the review pages read and the workers write, in Redis (issue 16). Shared by the API and the worker.
+
+Keys, all under the deployment's prefix:
+
+* ``review:note:{id}`` (hash, version -> JSON): the worker's record of what it read and wrote for each
+  version of a note: the text, every mention (offsets, label, assertion, confidence, codes) and what it
+  became (a resource, or why none). Kept as long as the note's state (``NOTE_TTL_SECONDS``).
+* ``review:patient:{id}`` (set of note ids): the notes recorded for a patient, same lifetime.
+* ``review:session:{sid}``: a reviewer's login (name and CSRF token), ``FHIR_NER_REVIEW_SESSION_HOURS``.
+* ``review:action:{id}``: a reviewer action and its outcome; ``review:actions:{note}`` lists a note's.
+* ``review:feedback:{note}``: the reviewed note as a training document (text + corrected mentions). It does
+  not expire: it is what ``fhir-ner feedback export`` writes out; ``feedback export --delete`` removes it.
+* ``review:try:{id}`` / ``review:try-result:{id}``: a playground request and its answer (ten minutes).
+
+Note text lives only in values here, never in key names, task messages or logs.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+import redis
+
+from core.state import NOTE_TTL_SECONDS
+
+TRY_TTL_SECONDS = 600
+ACTION_KINDS = ("confirm", "reject", "correct", "add")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class ReviewStore:
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, "review", *parts))
+
+    # The worker's per-version records -------------------------------------------------------------------------
+    def put_record(self, document_id: str, version_id: str, record: dict[str, Any]) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        note_key = self.key("note", document_id)
+        pipe.hset(note_key, version_id, json.dumps(record))
+        pipe.expire(note_key, NOTE_TTL_SECONDS)
+        subject = str(record.get("subject") or "")
+        if subject.startswith("Patient/"):
+            patient_key = self.key("patient", subject.split("/", 1)[1])
+            pipe.sadd(patient_key, document_id)
+            pipe.expire(patient_key, NOTE_TTL_SECONDS)
+        pipe.execute()
+
+    def put_text(self, document_id: str, version_id: str, text: str) -> None:
+        self.client.set(self.key("text", document_id, version_id), text, ex=NOTE_TTL_SECONDS)
+
+    def get_text(self, document_id: str, version_id: str) -> str | None:
+        """The text the read stage kept; moved into the version's record once that is written."""
+        raw = self.client.get(self.key("text", document_id, version_id))
+        return _text(raw) if raw is not None else None
+
+    def drop_text(self, document_id: str, version_id: str) -> None:
+        self.client.delete(self.key("text", document_id, version_id))
+
+    def records(self, document_id: str) -> dict[str, dict[str, Any]]:
+        raw = self.client.hgetall(self.key("note", document_id))
+        return {_text(k): json.loads(v) for k, v in raw.items()}
+
+    def patient_notes(self, patient_id: str) -> list[str]:
+        return sorted(_text(m) for m in self.client.smembers(self.key("patient", patient_id)))
+
+    # Sessions -----------------------------------------------------------------------------------------------
+    def open_session(self, reviewer: str, ttl_seconds: int) -> tuple[str, str]:
+        """A new login: (session id, CSRF token)."""
+        session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        payload = json.dumps({"reviewer": reviewer, "csrf": csrf, "since": time.time()})
+        self.client.set(self.key("session", session_id), payload, ex=ttl_seconds)
+        return session_id, csrf
+
+    def session(self, session_id: str) -> dict[str, Any] | None:
+        if not session_id or len(session_id) > 100:
+            return None
+        raw = self.client.get(self.key("session", session_id))
+        return json.loads(raw) if raw else None
+
+    def close_session(self, session_id: str) -> None:
+        self.client.delete(self.key("session", session_id))
+
+    # Reviewer actions -----------------------------------------------------------------------------------------
+    def put_action(self, action: dict[str, Any]) -> bool:
+        """Record a new action; False when one with that id exists already (the same action, sent again)."""
+        key = self.key("action", str(action["id"]))
+        created = bool(self.client.set(key, json.dumps(action), nx=True))
+        if created:
+            self.client.zadd(self.key("actions", str(action["document"])), {str(action["id"]): time.time()})
+        return created
+
+    def update_action(self, action_id: str, **changes: Any) -> dict[str, Any] | None:
+        action = self.action(action_id)
+        if action is None:
+            return None
+        action.update(changes, updated=time.time())
+        self.client.set(self.key("action", action_id), json.dumps(action))
+        return action
+
+    def action(self, action_id: str) -> dict[str, Any] | None:
+        raw = self.client.get(self.key("action", action_id))
+        return json.loads(raw) if raw else None
+
+    def actions(self, document_id: str) -> list[dict[str, Any]]:
+        members = self.client.zrange(self.key("actions", document_id), 0, -1)
+        ids = [_text(i) for i in members if isinstance(i, bytes | str)]
+        found = [self.action(i) for i in ids]
+        return [a for a in found if a is not None]
+
+    # Training documents from reviews --------------------------------------------------------------------------
+    def put_feedback(self, document_id: str, document: dict[str, Any]) -> None:
+        self.client.set(self.key("feedback", document_id), json.dumps(document))
+
+    def feedback(self) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        start = len(self.key("feedback", ""))
+        for key in self.client.scan_iter(self.key("feedback", "*"), count=500):
+            raw = self.client.get(key)
+            if raw:
+                found[_text(key)[start:]] = json.loads(raw)
+        return found
+
+    def delete_feedback(self, document_id: str) -> None:
+        self.client.delete(self.key("feedback", document_id))
+
+    # The playground -------------------------------------------------------------------------------------------
+    def put_try(self, request: dict[str, Any]) -> str:
+        request_id = secrets.token_hex(16)
+        self.client.set(self.key("try", request_id), json.dumps(request), ex=TRY_TTL_SECONDS)
+        return request_id
+
+    def take_try(self, request_id: str) -> dict[str, Any] | None:
+        """The request, removed as it is read (its text is needed once)."""
+        raw = self.client.getdel(self.key("try", request_id))
+        return json.loads(raw) if raw else None
+
+    def put_try_result(self, request_id: str, result: dict[str, Any]) -> None:
+        self.client.set(self.key("try-result", request_id), json.dumps(result), ex=TRY_TTL_SECONDS)
+
+    def take_try_result(self, request_id: str) -> dict[str, Any] | None:
+        raw = self.client.getdel(self.key("try-result", request_id))
+        return json.loads(raw) if raw else None
+
+
+def recent_notes(client: redis.Redis, prefix: str, limit: int = 200, scan_limit: int = 20000) -> list[dict[str, Any]]:
+    """The most recently updated notes (from their status records), newest first: at most ``scan_limit`` keys
+    are looked at, so a very large deployment sees a sample, never a stalled page."""
+    status_prefix = f"{prefix}:status:"
+    notes: list[dict[str, Any]] = []
+    for seen, raw_key in enumerate(client.scan_iter(status_prefix + "*", count=1000)):
+        if seen >= scan_limit:
+            break
+        key = _text(raw_key)
+        versions = {_text(k): json.loads(v) for k, v in client.hgetall(key).items()}
+        if not versions:
+            continue
+        latest_version, latest = max(versions.items(), key=lambda item: float(item[1].get("updated") or 0))
+        notes.append(
+            {
+                "document": key[len(status_prefix) :],
+                "version": latest_version,
+                "versions": len(versions),
+                **latest,
+            }
+        )
+    notes.sort(key=lambda note: float(note.get("updated") or 0), reverse=True)
+    return notes[:limit]
