@@ -38,10 +38,18 @@ MISSING_DATA = (
     "(the MultiClinNER Spanish training data, BRAT .txt + .ann) there, or pass --data DIR"
 )
 CORPORA = ("spaccc-train", "cardioccc-train")
+TRANSLATED = ROOT / "worker" / "nlp" / "data" / "translated"
+LANGUAGES = ("en", "it", "nl", "ro", "sv", "cs")
 
 
-def _revision(config: TrainConfig) -> str:
-    """es-e5small-<date>-<hash of the recipe and the code revision>."""
+def _mix(text: str) -> dict[str, float]:
+    """``spaccc-train=0.15,cardioccc-train=0.15`` -> per-epoch share of each group's training windows."""
+    pairs = (item.split("=") for item in text.split(",") if item.strip())
+    return {name.strip(): float(value) for name, value in pairs}
+
+
+def _revision(config: TrainConfig, prefix: str = "es") -> str:
+    """<es|mul>-e5small-<date>-<hash of the recipe and the code revision>."""
     try:
         commit = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -49,7 +57,7 @@ def _revision(config: TrainConfig) -> str:
     except OSError:
         commit = ""
     digest = hashlib.sha256((config.fingerprint() + commit).encode()).hexdigest()[:7]
-    return f"es-e5small-{time.strftime('%Y%m%d')}-{digest}"
+    return f"{prefix}-e5small-{time.strftime('%Y%m%d')}-{digest}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-export", action="store_true", help="keep the checkpoint in the work folder")
     parser.add_argument("--smoke", action="store_true", help="40 training windows, 1 epoch, no export")
     parser.add_argument("--curve", action="store_true", help="also the data-efficiency curve (4 more runs)")
+    parser.add_argument(
+        "--translated",
+        action="store_true",
+        help=f"also train on {TRANSLATED.relative_to(ROOT)}/<lang>/train and validate on <lang>/val as well",
+    )
+    parser.add_argument("--languages", default=",".join(LANGUAGES), help="translated languages to use")
+    parser.add_argument("--crops", type=int, default=0, help="sentence-start crops per training note")
+    parser.add_argument(
+        "--mix", default="", help="per-epoch share of each group's windows, e.g. spaccc-train=0.15,crops=0.5"
+    )
+    parser.add_argument("--cache", type=Path, default=None, help="layer-cache folder (default: the stage's)")
     args = parser.parse_args(argv)
     if not all((args.data / name).is_dir() for name in CORPORA):
         raise SystemExit(MISSING_DATA.format(path=args.data))
@@ -84,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         init_from=str(args.init_from or ""),
         batch_tokens=args.batch_tokens,
         patience=args.patience,
+        crops_per_note=args.crops,
+        group_fraction=_mix(args.mix),
     )
-    config.model_revision = _revision(config)
+    languages = [lang for lang in args.languages.split(",") if lang] if args.translated else []
+    config.model_revision = _revision(config, "mul" if languages else "es")
     work = args.work / ("smoke" if args.smoke else args.stage)
     result = train(
         [args.data / name for name in CORPORA],
@@ -94,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=work,
         curve=args.curve,
         max_train_windows=40 if args.smoke else None,
+        train_dirs=[TRANSLATED / lang / "train" for lang in languages],
+        val_dirs=[TRANSLATED / lang / "val" for lang in languages],
+        cache_dir=args.cache,
     )
     summary = {
         "model_revision": config.model_revision,

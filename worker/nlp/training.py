@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import sys
 import time
@@ -93,6 +94,15 @@ class TrainConfig:
     # (for example the shipped default, to continue it on more layers or on a hospital's own notes).
     init_from: str = ""
     model_revision: str = ""
+    # Sentence-start crops: for each training note, this many extra windows cut from it at a random sentence
+    # boundary (1-3 sentences long). Whole-note windows always start at the note's first words, which almost
+    # never hold a mention, so without crops a model learns that a window's first tokens are O and misses a
+    # mention at the very start of a one-sentence note.
+    crops_per_note: int = 0
+    # Per-epoch share of the training windows of each group (the folder name; "crops" for the crops): 0.2
+    # trains on a fresh random fifth of that folder's windows each epoch, 2.0 on each window twice. Groups
+    # not named take part whole. This sets the mix of corpora (for example Spanish vs translated notes).
+    group_fraction: dict[str, float] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         data = asdict(self)
@@ -145,23 +155,36 @@ class _Note:
     spans: list[tuple[str, int, int]]
 
 
+def _folder_key(folder: Path) -> str:
+    """A folder's name in document ids: ``train``/``val`` folders are named with their parent (``en/val``)."""
+    return f"{folder.parent.name}-{folder.name}" if folder.name in ("train", "val") else folder.name
+
+
 def load_corpora(
-    data_dirs: Sequence[Path], labels: Sequence[str] = DEFAULT_LABELS, val_fraction: float = 0.1, seed: int = 0
+    data_dirs: Sequence[Path],
+    labels: Sequence[str] = DEFAULT_LABELS,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    train_dirs: Sequence[Path] = (),
+    val_dirs: Sequence[Path] = (),
 ) -> tuple[list[Document], list[Document], list[str]]:
     """All folders mixed, validation held out per folder by file name; other labels dropped.
 
-    Returns (train, val, keys of val docs). Document ids are prefixed with the folder name so that two
-    corpora with a file of the same name cannot collide in scoring.
+    ``data_dirs`` are split by file name; ``train_dirs`` are used whole for training and ``val_dirs``
+    whole for validation. Returns (train, val, keys of val docs). Document ids are prefixed with the folder
+    name (``en-train`` for ``.../en/train``) so that two corpora with a file of the same name cannot collide.
     """
     train: list[Document] = []
     val: list[Document] = []
-    for folder in data_dirs:
-        folder = Path(folder)
+    folders = [(Path(f), val_fraction) for f in data_dirs]
+    folders += [(Path(f), 0.0) for f in train_dirs] + [(Path(f), 1.0) for f in val_dirs]
+    for folder, fraction in folders:
         docs = load_documents(folder, labels=set(labels))
         renamed = [
-            Document(f"{folder.name}/{d.doc_id}", d.text, [s for s in d.spans if s.label in labels]) for d in docs
+            Document(f"{_folder_key(folder)}/{d.doc_id}", d.text, [s for s in d.spans if s.label in labels])
+            for d in docs
         ]
-        part_train, part_val = split_by_name(docs, val_fraction, seed=seed)
+        part_train, part_val = split_by_name(docs, fraction, seed=seed)
         val_ids = {d.doc_id for d in part_val}
         for original, doc in zip(docs, renamed, strict=True):
             (val if original.doc_id in val_ids else train).append(doc)
@@ -179,6 +202,56 @@ def _subset(docs: Sequence[Document], fraction: float, seed: int) -> list[Docume
         return list(docs)
     ranked = sorted(docs, key=lambda d: hashlib.sha256(f"{seed}\x01{d.doc_id}".encode()).digest())
     return ranked[: max(1, round(len(ranked) * fraction))]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+(?=\S)|\n+(?=\S)")
+
+
+def _crops(notes: Sequence[_Note], per_note: int, seed: int, max_sentences: int = 3) -> list[_Note]:
+    """Extra training notes cut from each note at random sentence boundaries (not its first sentence).
+
+    Each crop is 1..``max_sentences`` sentences; it keeps the spans that lie wholly inside it. Its key is
+    ``crops/<note key>@<offset>``, so its group is ``crops``.
+    """
+    if per_note <= 0:
+        return []
+    rng = random.Random(seed * 7919 + 17)
+    out: list[_Note] = []
+    for note in notes:
+        starts = [m.end() for m in _SENTENCE_END.finditer(note.text)]
+        if not starts:
+            continue
+        bounds = [*starts, len(note.text)]
+        for begin in rng.sample(range(len(starts)), min(per_note, len(starts))):
+            start = bounds[begin]
+            end = bounds[min(begin + rng.randint(1, max_sentences), len(bounds) - 1)]
+            text = note.text[start:end].rstrip()
+            end = start + len(text)
+            if not text:
+                continue
+            spans = [(label, s - start, e - start) for label, s, e in note.spans if start <= s and e <= end]
+            out.append(_Note(f"crops/{note.key}@{start}", text, spans))
+    return out
+
+
+def _group(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
+def _epoch_windows(groups: Sequence[str], fraction: dict[str, float], rng: random.Random) -> list[int]:
+    """The training windows of one epoch: each group's share (``group_fraction``), drawn afresh per epoch."""
+    by_group: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        by_group.setdefault(group, []).append(i)
+    chosen: list[int] = []
+    for group in sorted(by_group):
+        members = by_group[group]
+        share = fraction.get(group, 1.0)
+        whole, part = int(share), share - int(share)
+        chosen.extend(members * whole)
+        if part > 0:
+            chosen.extend(rng.sample(members, max(1, round(len(members) * part))))
+    return sorted(chosen)
 
 
 @dataclass
@@ -515,7 +588,8 @@ class _Validator:
         self.labels = tagger.labels
         self.gold = _gold(notes)
 
-    def score(self, window_probs: Sequence[np.ndarray]) -> EvaluationReport:
+    def score(self, window_probs: Sequence[np.ndarray], per_group: bool = False) -> Any:
+        """The report over all validation notes; with ``per_group``, also one per folder: (report, {group: report})."""
         pred: list[Span] = []
         cursor = 0
         for note, (ids, offsets), plan in zip(self.notes, self.tokenized, self.plans, strict=True):
@@ -528,7 +602,16 @@ class _Validator:
             cursor += len(plan)
             merged = merge_windows(len(ids), plan, probs)
             pred.extend(_to_spans(note.key, decode_spans(note.text, offsets, merged, self.labels)))
-        return evaluate(self.gold, pred, self.labels)
+        report = evaluate(self.gold, pred, self.labels)
+        if not per_group:
+            return report
+        groups = sorted({_group(n.key) for n in self.notes})
+        return report, {
+            g: evaluate(
+                [s for s in self.gold if _group(s.doc_id) == g], [s for s in pred if _group(s.doc_id) == g], self.labels
+            )
+            for g in groups
+        }
 
 
 # --------------------------------------------------------------------------- the two recipes
@@ -721,13 +804,18 @@ def train(
     model_revision: str = "",
     config: TrainConfig | None = None,
     max_train_windows: int | None = None,
+    train_dirs: Sequence[Path] = (),
+    val_dirs: Sequence[Path] = (),
+    cache_dir: Path | None = None,
 ) -> TrainResult:
     """Train a tagger on annotated folders and save the best epoch's checkpoint to ``output``.
 
     ``work_dir`` (default: ``output``) holds ``train_state.pt`` and the layer cache; rerunning the same
     call resumes from it. ``curve=True`` also runs :func:`data_efficiency_curve` into ``output/curve``.
     ``config`` overrides all the keyword hyper-parameters at once. ``max_train_windows`` caps the
-    training windows (smoke tests and throughput measurements).
+    training windows (smoke tests and throughput measurements). ``train_dirs`` / ``val_dirs`` are folders
+    used whole for training / validation (``data_dirs`` are split by file name); ``cache_dir`` (default:
+    ``work_dir/cache``) holds the cached lower-layer states, which runs on the same data can share.
     """
     started = time.perf_counter()
     if threads:
@@ -754,12 +842,16 @@ def train(
     work = Path(work_dir) if work_dir else output
     work.mkdir(parents=True, exist_ok=True)
     data_dirs = [Path(d) for d in data_dirs]
+    train_dirs, val_dirs = [Path(d) for d in train_dirs], [Path(d) for d in val_dirs]
+    data_print = _data_fingerprint(data_dirs) + (
+        f"+{_data_fingerprint(train_dirs)}+{_data_fingerprint(val_dirs)}" if train_dirs or val_dirs else ""
+    )
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    train_docs, val_docs, _ = load_corpora(data_dirs, cfg.labels, cfg.val_fraction, cfg.seed)
+    train_docs, val_docs, _ = load_corpora(data_dirs, cfg.labels, cfg.val_fraction, cfg.seed, train_dirs, val_dirs)
     train_docs = _subset(train_docs, cfg.train_fraction, cfg.seed)
     if not train_docs:
         raise ValueError("no training notes (check the folders and val_fraction)")
@@ -776,9 +868,14 @@ def train(
     max_body = int(tagger.config.max_window_tokens or 512) - len(prefix) - len(suffix)
     body = min(cfg.train_window or max_body, max_body)
     train_notes, val_notes = _notes(train_docs), _notes(val_docs)
+    crops = _crops(train_notes, cfg.crops_per_note, cfg.seed)
+    if crops:
+        _say(f"sentence-start crops: {len(crops)}", progress)
+        train_notes += crops
     train_windows = _windows(tagger.tokenizer, train_notes, cfg.labels, body, cfg.train_overlap)
     if max_train_windows is not None:
         train_windows = train_windows[:max_train_windows]
+    window_groups = [_group(train_notes[w.note].key) for w in train_windows]
     validator = _Validator(tagger, val_notes) if val_notes else None
     val_windows = validator.windows if validator else []
     n_tokens = sum(len(w.input_ids) for w in train_windows)
@@ -801,11 +898,13 @@ def train(
                     cfg.seed,
                     cfg.train_fraction,
                     max_train_windows,
-                    _data_fingerprint(data_dirs),
+                    data_print,
+                    *([cfg.crops_per_note] if cfg.crops_per_note else []),
                 ]
             ).encode()
         ).hexdigest()[:16]
-        recipe = _CachedRecipe(tagger, split, train_windows, val_windows, work / "cache", key, device, progress)
+        cache = Path(cache_dir) if cache_dir else work / "cache"
+        recipe = _CachedRecipe(tagger, split, train_windows, val_windows, cache, key, device, progress)
     else:
         encoder_params = list(tagger.encoder.parameters())
         for p in encoder_params:
@@ -822,13 +921,21 @@ def train(
         weight_decay=cfg.weight_decay,
     )
     lengths = recipe.train_lengths()
-    steps_per_epoch = len(_batches(lengths, cfg.batch_tokens, None))
+
+    def epoch_lengths(epoch: int) -> tuple[list[int], list[int]]:
+        """This epoch's windows (by group_fraction, drawn per epoch) and their lengths."""
+        if not cfg.group_fraction:
+            return list(range(len(lengths))), lengths
+        chosen = _epoch_windows(window_groups, cfg.group_fraction, random.Random(cfg.seed * 1000 + epoch + 500))
+        return chosen, [lengths[i] for i in chosen]
+
+    steps_per_epoch = len(_batches(epoch_lengths(1)[1], cfg.batch_tokens, None))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, _schedule(steps_per_epoch * cfg.epochs, cfg.warmup_fraction)
     )
 
     state_file = work / STATE_FILE
-    fingerprint = cfg.fingerprint() + f"-{max_train_windows}-{_data_fingerprint(data_dirs)}"
+    fingerprint = cfg.fingerprint() + f"-{max_train_windows}-{data_print}"
     epoch0, best_score, best_epoch, bad_epochs, history = 0, -math.inf, 0, 0, []
     finished = False
     if state_file.is_file():
@@ -854,7 +961,9 @@ def train(
             for layer in list(tagger.encoder.encoder.layer)[cfg.frozen_layers :]:
                 layer.train()
         rng = random.Random(cfg.seed * 1000 + epoch)
-        batches = _batches(lengths, cfg.batch_tokens, rng)
+        chosen, chosen_lengths = epoch_lengths(epoch)
+        batches = [[chosen[i] for i in batch] for batch in _batches(chosen_lengths, cfg.batch_tokens, rng)]
+        epoch_tokens = sum(chosen_lengths)
         epoch_started = time.perf_counter()
         losses: list[float] = []
         bar = _progress(batches, progress, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch")
@@ -874,13 +983,17 @@ def train(
             "epoch": epoch,
             "loss": float(np.mean(losses)) if losses else math.nan,
             "train_seconds": round(train_seconds, 1),
-            "tokens_per_second": round(n_tokens / max(train_seconds, 1e-9), 1),
+            "tokens_per_second": round(epoch_tokens / max(train_seconds, 1e-9), 1),
         }
         if validator is not None:
-            report = validator.score(recipe.val_probs())
+            report, groups = validator.score(recipe.val_probs(), per_group=True)
             score = report.overall.overlap_f1 + report.overall.strict_f1
             record["val"] = report_to_json(report)
             _say(f"epoch {epoch}: loss {record['loss']:.4f}  val {_summary(report)}", progress)
+            if len(groups) > 1:
+                record["val_groups"] = {g: report_to_json(r)["overall"] for g, r in groups.items()}
+                for g, r in groups.items():
+                    _say(f"  {g}: strict F1 {r.overall.strict_f1:.3f}  overlap F1 {r.overall.overlap_f1:.3f}", progress)
         else:
             score = -record["loss"]
             _say(f"epoch {epoch}: loss {record['loss']:.4f} (no validation notes)", progress)
@@ -959,6 +1072,8 @@ def _card_facts(
         "frozen_layers": cfg.frozen_layers,
         "init_from": Path(cfg.init_from).name if cfg.init_from else "",
         "batch_tokens": cfg.batch_tokens,
+        **({"crops_per_note": cfg.crops_per_note} if cfg.crops_per_note else {}),
+        **({"group_fraction": cfg.group_fraction} if cfg.group_fraction else {}),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 

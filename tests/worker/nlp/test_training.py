@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,9 @@ from worker.nlp.tagger import ClinicalTagger, TaggerPipeline  # noqa: E402
 from worker.nlp.training import (  # noqa: E402
     EncoderSplit,
     TrainConfig,
+    _crops,
+    _epoch_windows,
+    _Note,
     data_efficiency_curve,
     load_corpora,
     lowest_trained_layer,
@@ -110,6 +115,51 @@ def test_load_corpora_prefixes_and_splits(tmp_path: Path) -> None:
     assert all(d.doc_id.startswith("corpus/") for d in train_docs + val_docs)
     assert {d.doc_id for d in val_docs} == set(val_keys)
     assert not {d.doc_id for d in train_docs} & set(val_keys)
+
+
+def test_load_corpora_takes_whole_train_and_val_folders(tmp_path: Path) -> None:
+    split = _write_brat(tmp_path / "es", copies=5)
+    extra_train = _write_brat(tmp_path / "en" / "train", copies=1)
+    extra_val = _write_brat(tmp_path / "en" / "val", copies=1)
+    train_docs, val_docs, _ = load_corpora([split], val_fraction=0.3, train_dirs=[extra_train], val_dirs=[extra_val])
+    n = len(SAMPLE_NOTES)
+    assert sum(d.doc_id.startswith("en-train/") for d in train_docs) == n
+    assert sum(d.doc_id.startswith("en-val/") for d in val_docs) == n
+    assert not any(d.doc_id.startswith("en-val/") for d in train_docs)
+    assert not any(d.doc_id.startswith("en-train/") for d in val_docs)
+
+
+def test_sentence_start_crops_begin_at_a_sentence_and_keep_their_spans() -> None:
+    """Crops give training windows that start where a mention may start: at a sentence inside the note."""
+    notes = [_Note(f"corpus/note{i}", SAMPLE_NOTES[i], char_spans(i)) for i in range(len(SAMPLE_NOTES))]
+    crops = _crops(notes, per_note=2, seed=0)
+    assert len(crops) == 2 * len(notes)  # every sample note has three sentences
+    for crop in crops:
+        assert crop.key.startswith("crops/corpus/note")
+        source = notes[int(crop.key.split("note")[1].split("@")[0])]
+        offset = int(crop.key.rsplit("@", 1)[1])
+        assert offset > 0 and source.text[offset - 2 : offset] == ". "
+        assert source.text[offset : offset + len(crop.text)] == crop.text
+        inside = [
+            (label, s - offset, e - offset)
+            for label, s, e in source.spans
+            if offset <= s and e <= offset + len(crop.text)
+        ]
+        assert crop.spans == inside and crop.spans
+    # Many crops begin with a mention, which whole-note windows of these notes never do.
+    assert any(s == 0 for crop in crops for _, s, _ in crop.spans)
+    assert _crops(notes, per_note=0, seed=0) == []
+
+
+def test_epoch_windows_take_each_groups_share_afresh_each_epoch() -> None:
+    groups = ["es"] * 100 + ["en"] * 10 + ["crops"] * 20
+    fraction = {"es": 0.2, "crops": 2.0}
+    first = _epoch_windows(groups, fraction, random.Random(1))
+    second = _epoch_windows(groups, fraction, random.Random(2))
+    count = Counter(groups[i] for i in first)
+    assert count == {"es": 20, "en": 10, "crops": 40}
+    assert {i for i in first if groups[i] == "es"} != {i for i in second if groups[i] == "es"}
+    assert _epoch_windows(groups, {}, random.Random(1)) == list(range(len(groups)))
 
 
 @pytest.mark.parametrize("frozen_layers", [1, 0], ids=["cached", "direct"])
