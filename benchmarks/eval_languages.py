@@ -1,0 +1,135 @@
+"""Score a tagger checkpoint per language: the one-sentence check set and the validation notes.
+
+    .venv/bin/python benchmarks/eval_languages.py --checkpoint worker/models/default
+    .venv/bin/python benchmarks/eval_languages.py --checkpoint CKPT --only short   # the 56 sentences only
+
+* **short**: ``benchmarks/short_notes/sentences.tsv`` (56 one-sentence notes, 8 per language, each with the
+  mention that matters). A sentence counts as found when a predicted span overlaps its target mention
+  (any label; ``label`` also needs the target's label, ``exact`` its exact edges). Each sentence is
+  tagged alone and after a one-sentence lead ("A 67-year-old man."), to show whether a mention at the start
+  of a note is missed.
+* **val**: the translated validation excerpts (``worker/nlp/data/translated/<lang>/val``) per language and
+  the 108 Spanish validation notes the tagger's split holds out (``../shared/data/es``, skipped when absent):
+  strict and character-overlap F1, and the share of gold mentions touched by any prediction (labels
+  ignored).
+
+The checkpoint's own span-score threshold applies unless ``--min-span-score`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHORT = REPO / "benchmarks" / "short_notes" / "sentences.tsv"
+TRANSLATED = REPO / "worker" / "nlp" / "data" / "translated"
+SPANISH = REPO.parent / "shared" / "data" / "es"
+LANGUAGES = ("es", "en", "it", "nl", "ro", "sv", "cs")
+LEADS = {
+    "es": "Varón de 67 años.",
+    "en": "A 67-year-old man.",
+    "it": "Uomo di 67 anni.",
+    "nl": "Man van 67 jaar.",
+    "ro": "Bărbat de 67 de ani.",
+    "sv": "Man, 67 år.",
+    "cs": "Muž, 67 let.",
+}
+
+
+def short_notes(pipeline: Any) -> dict[str, Any]:
+    rows = list(csv.DictReader(SHORT.open(encoding="utf-8"), delimiter="\t"))
+    texts = [r["sentence"] for r in rows] + [f"{LEADS[r['lang']]} {r['sentence']}" for r in rows]
+    predicted = pipeline.predict(texts)
+    out: dict[str, Any] = {"per_language": {}, "missed_alone": []}
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for i, row in enumerate(rows):
+        for setting, offset in (("alone", 0), ("after_lead", len(LEADS[row["lang"]]) + 1)):
+            spans = predicted[i if offset == 0 else i + len(rows)]
+            start = offset + row["sentence"].index(row["target"])
+            end = start + len(row["target"])
+            touching = [s for s in spans if s.start < end and start < s.end]
+            found = bool(touching)
+            counts[row["lang"]][setting] += found
+            if setting == "alone":
+                counts[row["lang"]]["label"] += any(s.label == row["label"] for s in touching)
+                counts[row["lang"]]["exact"] += any(
+                    (s.label, s.start, s.end) == (row["label"], start, end) for s in touching
+                )
+                if not found:
+                    out["missed_alone"].append(row["sentence"])
+    for lang in LANGUAGES:
+        out["per_language"][lang] = dict(counts[lang])
+    out["total"] = {k: sum(c[k] for c in counts.values()) for k in ("alone", "after_lead", "label", "exact")}
+    out["sentences"] = len(rows)
+    return out
+
+
+def _touched(gold: list[Any], pred: list[Any]) -> float:
+    by_doc: dict[str, list[Any]] = defaultdict(list)
+    for p in pred:
+        by_doc[p.doc_id].append(p)
+    hit = sum(any(p.start < g.end and g.start < p.end for p in by_doc[g.doc_id]) for g in gold)
+    return hit / max(1, len(gold))
+
+
+def validation(checkpoint: Path, min_span_score: float | None) -> dict[str, Any]:
+    from worker.nlp.corpus import load_documents
+    from worker.nlp.metrics import evaluate
+    from worker.nlp.training import load_corpora, predict_checkpoint
+
+    sets: dict[str, list[Any]] = {}
+    for lang in LANGUAGES[1:]:
+        sets[lang] = load_documents(TRANSLATED / lang / "val")
+    if SPANISH.is_dir():
+        _, val, _ = load_corpora([SPANISH / "spaccc-train", SPANISH / "cardioccc-train"])
+        sets["es (108 notes)"] = val
+    out: dict[str, Any] = {}
+    for name, docs in sets.items():
+        gold, pred, labels = predict_checkpoint(checkpoint, docs, min_span_score=min_span_score)
+        overall = evaluate(gold, pred, labels).overall
+        out[name] = {
+            "notes": len(docs),
+            "gold": len(gold),
+            "strict_f1": round(overall.strict_f1, 4),
+            "overlap_f1": round(overall.overlap_f1, 4),
+            "touched": round(_touched(gold, pred), 4),
+        }
+        print(name, out[name], file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--min-span-score", type=float, default=None, help="override the checkpoint's threshold")
+    parser.add_argument("--only", choices=("short", "val"), default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    from worker.nlp.tagger import ClinicalTagger, TaggerPipeline
+
+    torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {"checkpoint": str(args.checkpoint)}
+    tagger = ClinicalTagger.from_pretrained(args.checkpoint)
+    if args.min_span_score is not None:
+        tagger.config.min_span_score = args.min_span_score
+    result["model_revision"] = tagger.config.model_revision
+    result["min_span_score"] = tagger.config.min_span_score
+    if args.only in (None, "short"):
+        result["short_notes"] = short_notes(TaggerPipeline(tagger))
+    if args.only in (None, "val"):
+        result["validation"] = validation(args.checkpoint, args.min_span_score)
+    print(json.dumps(result, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
