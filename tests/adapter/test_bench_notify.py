@@ -62,7 +62,8 @@ def test_the_benchmark_finds_the_message_of_a_real_notification(
     check = bench.check_queues(redis_url, prefix, ["bench-t-1"])
     assert check.ok, check.problems
     assert check.tasks == {"io": {"worker.tasks.process_note": 1}}
-    assert [(m.queue, m.task, m.args) for m in check.messages] == [("io", "worker.tasks.process_note", ["bench-t-1", "1"])]
+    messages = [(m.queue, m.task, m.args) for m in check.messages]
+    assert messages == [("io", "worker.tasks.process_note", ["bench-t-1", "1"])]
 
     # A note that was accepted but left no message fails the check.
     missing = bench.check_queues(redis_url, prefix, ["bench-t-1", "bench-t-2"])
