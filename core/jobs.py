@@ -67,9 +67,10 @@ class JobQueue(Protocol):
         """Send a job on its own (raises when the queue is unavailable)."""
 
 
-def celery_envelope(task: str, args: list[Any]) -> Envelope | None:
-    """The task message ``send_task(task, args)`` would push, built without sending it; None for a route
-    that is not a plain direct queue (those are left to ``send_task``)."""
+def celery_envelope(task: str, args: list[Any], priority: int = 0) -> Envelope | None:
+    """The task message ``send_task(task, args, priority=priority)`` would push, built without sending it; None
+    for a route that is not a plain direct queue (those are left to ``send_task``). kombu's Redis transport keeps
+    a list per priority step (0, 3, 6, 9; 0 is served first): ``priority`` must be one of them."""
     from kombu.serialization import dumps
 
     from core.celery_app import get_celery_app
@@ -96,13 +97,14 @@ def celery_envelope(task: str, args: list[Any]) -> Envelope | None:
             **properties,
             "delivery_mode": getattr(queue.exchange, "delivery_mode", None) or 2,
             "delivery_info": {"exchange": "", "routing_key": queue.name},
-            "priority": 0,
+            "priority": priority,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
         },
     }
     prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
-    return Envelope(prefix + queue.name, json.dumps(message))
+    suffix = f"\x06\x16{priority}" if priority else ""  # kombu.transport.redis.Channel._q_for_pri
+    return Envelope(prefix + queue.name + suffix, json.dumps(message))
 
 
 def _plain_repr(args: list[Any], limit: int) -> str | None:

@@ -366,8 +366,13 @@ def plan_transaction(
     *,
     terminology: Terminology | None = None,
     existing: Sequence[dict[str, Any]] = (),
+    attest: bool = False,
 ) -> WritebackPlan:
-    """The transaction for one note version, given the resources the EHR holds for the note (``existing``)."""
+    """The transaction for one note version, given the resources the EHR holds for the note (``existing``).
+
+    ``attest`` (a re-read by another model, ``fhir-ner reprocess``): the Provenance naming this model is written
+    even when every resource is kept, and it points at all of them; without it, only new resources get one.
+    """
     mapped = map_mentions(context, mentions, profile, model, namespace, terminology)
     derived = parse_existing(existing, namespace, context.document_id)
     plan = reconcile([m.mention_key for m in mapped], derived, context.version_id)
@@ -378,14 +383,16 @@ def plan_transaction(
     to_create = set(plan.create)
     created = [m for m in mapped if m.mention_key in to_create]
     entries: list[dict[str, Any]] = []
-    if created:
+    if created or (attest and plan.kept):
         device_value, device = device_resource(model, namespace)
         device_url = _full_url(namespace, device_value)
         entries.append(_entry(device_url, device, namespace, device_value))
         # A rerun after a write that stopped part-way: what that run already wrote for this version is kept,
         # and the Provenance (written last) must point at it too.
         targets: list[dict[str, str]] = [
-            {"reference": kept.reference} for kept in plan.kept if kept.document_version == context.version_id
+            {"reference": kept.reference}
+            for kept in plan.kept
+            if attest or kept.document_version == context.version_id
         ]
         for item in created:
             url = _full_url(namespace, item.identifier_value)

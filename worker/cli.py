@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from core.cli import CliError
+from worker.backfill_cli import COMMANDS as BULK_COMMANDS
 from worker.coding import COMMANDS as CODING_COMMANDS
 
 
@@ -329,4 +330,4 @@ def dlq_retry(letter_id: str | None, retry_all: bool) -> None:
 
 
 #: What the ``fhir_ner.commands`` entry point adds to ``fhir-ner``.
-COMMANDS: list[click.Command] = [worker, demo, predict, evaluate, extract, train, dlq, *CODING_COMMANDS]
+COMMANDS: list[click.Command] = [worker, demo, predict, evaluate, extract, train, dlq, *CODING_COMMANDS, *BULK_COMMANDS]

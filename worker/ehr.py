@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -266,6 +266,24 @@ class EhrClient:
         if response.status_code >= 400:
             raise EhrError(f"GET {path}: HTTP {response.status_code}", response.status_code)
         return response.content
+
+    def respond(
+        self, method: str, path: str, headers: dict[str, str] | None = None, params: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """A request whose status and headers the caller reads itself (Bulk Data kick-off, status polling)."""
+        return self._send(method, self.url_for(path), headers=dict(headers or {}), params=params)
+
+    def stream_lines(self, path: str) -> Iterator[str]:
+        """The lines of a (large) response body as they arrive: one request, no retries (the caller resumes)."""
+        url = self.url_for(path)
+        headers = {"Accept": "application/fhir+ndjson"}
+        token = self.auth.token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        with self._client.stream("GET", url, headers=headers) as response:
+            if response.status_code >= 400:
+                raise EhrError(f"GET {urlsplit(url).path}: HTTP {response.status_code}", response.status_code)
+            yield from response.iter_lines()
 
     def write(self, bundle: dict[str, Any], name: str) -> dict[str, Any]:
         """POST a transaction Bundle to the base URL and return the transaction-response.

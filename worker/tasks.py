@@ -130,12 +130,16 @@ def write_mentions(
     document: dict[str, Any], attachment_index: int, version_id: str, mentions: list[Mention], model: ModelInfo
 ) -> dict[str, Any]:
     """Map the mentions and write them back in one transaction, retiring what earlier versions said."""
+    from core.backfill import queued_by_reprocess
+    from worker.backfill import profile_fingerprint
     from worker.terminology import get_terminology
 
     settings = get_settings()
     context = context_from_document_reference(document, attachment_index)
     profile = get_profile()
     terminology = get_terminology(profile)
+    # A note re-read for `fhir-ner reprocess`: its Provenance names the new model even if nothing changed.
+    attest = queued_by_reprocess(get_redis(), settings.key_prefix, context.document_id, version_id)
     with _writer() as writer:
         existing = writer.derived_resources(settings.identifier_namespace, context.document_id, retirable_types())
         plan = plan_transaction(
@@ -147,11 +151,13 @@ def write_mentions(
             _recorded(),
             terminology=terminology,
             existing=existing,
+            attest=attest,
         )
         recorder = RecordingWriter(writer)
         result = write_plan(recorder, plan, f"{context.document_id}-{version_id}")
         keep_review_record(context, mentions, plan, profile, model, recorder)
-        return {"mentions": len(mentions), **result}
+        # Which model and profile the note's resources now stand for (what `fhir-ner reprocess` compares).
+        return {"mentions": len(mentions), "model": model.revision, "profile": profile_fingerprint(), **result}
 
 
 def process_document(document: dict[str, Any], version_id: str) -> dict[str, Any]:
@@ -309,9 +315,12 @@ def _run_stage(
 
 
 def _send(task: str, document_id: str, version_id: str) -> None:
+    """Queue the note's next stage, at the priority its job came with (a backfill's notes stay behind live ones)."""
+    from core.backfill import note_priority
     from core.celery_app import get_celery_app
 
-    get_celery_app().send_task(task, args=[document_id, version_id])
+    priority = note_priority(get_redis(), get_settings().key_prefix, document_id, version_id)
+    get_celery_app().send_task(task, args=[document_id, version_id], priority=priority)
 
 
 def load_document(document_id: str, version_id: str) -> dict[str, Any]:

