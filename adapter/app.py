@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapter.outcomes import outcome_response
 from adapter.review import install_review_pages
-from adapter.routers import health, notify
+from adapter.routers import backfills, health, notify
 from adapter.watch import watch_forever
 from core.logging_config import request_id_from, request_id_var
 from core.notifications import warm_up
@@ -74,6 +74,7 @@ def create_app() -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(notify.router)
+    app.include_router(backfills.router)
     install_review_pages(app)  # /review: off (404) unless FHIR_NER_REVIEW_TOKENS is set
 
     @app.exception_handler(RequestValidationError)

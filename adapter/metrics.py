@@ -82,6 +82,47 @@ class RedisCollector(Collector):
         )
         for name, documentation in _TOTALS.items():
             yield CounterMetricFamily(f"fhir_ner_{name}", documentation, value=totals.get(name, 0))
+        yield from _backfill_metrics()
+
+
+def _backfill_metrics() -> Iterator[GaugeMetricFamily]:
+    """The backfill and reprocess runs' progress (``GET /backfills`` in numbers), one series per run."""
+    from core.backfill import COUNTS, BulkState
+    from core.deps import get_redis
+    from core.settings import get_settings
+
+    try:
+        runs = BulkState(get_redis(), get_settings().key_prefix).runs()
+    except Exception as error:
+        logger.warning("metrics: backfill runs unavailable (%s)", type(error).__name__)
+        return
+    notes = GaugeMetricFamily(
+        "fhir_ner_backfill_notes",
+        "Notes of each backfill/reprocess run by outcome (scanned, queued, duplicates, skipped, up_to_date).",
+        labels=["run", "kind", "outcome"],
+    )
+    total = GaugeMetricFamily("fhir_ner_backfill_total", "Notes the run's source announced.", labels=["run", "kind"])
+    running = GaugeMetricFamily(
+        "fhir_ner_backfill_running", "1 while the run's driver is alive, else 0.", labels=["run", "kind", "state"]
+    )
+    rate = GaugeMetricFamily(
+        "fhir_ner_backfill_rate",
+        "Notes per second the run may queue now (after the EHR's 429s).",
+        labels=["run", "kind"],
+    )
+    eta = GaugeMetricFamily("fhir_ner_backfill_eta_seconds", "Estimated seconds left.", labels=["run", "kind"])
+    for run in runs:
+        labels = [str(run["name"]), str(run.get("kind") or "")]
+        for outcome in COUNTS:
+            notes.add_metric([*labels, outcome], float(run.get(outcome) or 0))
+        if run.get("total") is not None:
+            total.add_metric(labels, float(run["total"]))
+        running.add_metric([*labels, str(run.get("state") or "")], 1.0 if run.get("driver_alive") else 0.0)
+        if run.get("effective_rate") is not None:
+            rate.add_metric(labels, float(run["effective_rate"]))
+        if run.get("eta_seconds") is not None:
+            eta.add_metric(labels, float(run["eta_seconds"]))
+    yield from (notes, total, running, rate, eta)
 
 
 REGISTRY.register(RedisCollector())

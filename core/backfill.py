@@ -176,7 +176,19 @@ class BulkState:
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(self.run_key(name))
-        return [_decode_run(raw) for raw in pipe.execute() if raw]
+            pipe.exists(self._key("bulk", "lock", name))
+        answers = pipe.execute()
+        found = []
+        for raw, locked in zip(answers[::2], answers[1::2], strict=True):
+            if not raw:
+                continue
+            record = _decode_run(raw)
+            record["driver_alive"] = bool(locked)
+            if record["state"] in ("running", "starting") and not locked:
+                record["state"] = "interrupted"  # its driver died (kill -9, lost machine): run it again to resume
+                record["eta_seconds"] = None
+            found.append(record)
+        return found
 
     # ------------------------------------------------------------------ one driver per run
     def lock(self, name: str, owner: str, ttl: float) -> bool:

@@ -187,3 +187,36 @@ def test_rerun_of_a_finished_dry_run_counts_again(population: dict[str, Any], bu
     second = run(dry_run=True, since="2023-01-01", until="2023-02-01", rate=1000.0)
     assert first["name"] == second["name"] and first["scanned"] == second["scanned"] > 0
     assert json.loads(json.dumps(second["params"]))["since"] == "2023-01-01T00:00:00Z"
+
+
+def test_get_backfills_and_metrics_show_the_runs(population: dict[str, Any], bulk_env: dict[str, str]) -> None:
+    from fastapi.testclient import TestClient
+
+    from adapter.app import create_app
+    from core.backfill import BulkState
+    from core.deps import get_redis
+    from core.settings import get_settings
+
+    record = run(dry_run=True, since="2022-01-01", until="2022-02-01", rate=1000.0, source="search")
+    state = BulkState(get_redis(), get_settings().key_prefix)
+    # A run whose driver was killed (state still "running", its lock gone) shows as interrupted.
+    state.open_run("backfill-killed", "backfill", {"since": None})
+    state.update("backfill-killed", state="running", total=100, scanned=40)
+    with TestClient(create_app()) as client:
+        assert client.get("/backfills").status_code == 401
+        answer = client.get("/backfills", headers={"Authorization": "Bearer test-token"})
+        metrics = client.get("/metrics").text
+    assert answer.status_code == 200
+    runs = {r["name"]: r for r in answer.json()["backfills"]}
+    shown = runs[record["name"]]
+    assert (shown["state"], shown["source"], shown["scanned"], shown["queued"]) == (
+        "dry-run",
+        "search",
+        record["scanned"],
+        record["queued"],
+    )
+    assert "position" not in shown
+    assert runs["backfill-killed"]["state"] == "interrupted" and not runs["backfill-killed"]["driver_alive"]
+    labels = f'kind="backfill",outcome="queued",run="{record["name"]}"'
+    assert f"fhir_ner_backfill_notes{{{labels}}} {float(record['queued'])}" in metrics
+    assert 'fhir_ner_backfill_total{kind="backfill",run="backfill-killed"} 100.0' in metrics
