@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 export FHIR_NER_TEST_REDIS_URL := $(TEST_REDIS_URL)
 
-.PHONY: install node redis demo test lint typecheck dockerlint unit train-default train-default-cpu bench bench-notify clean
+.PHONY: install node redis browser demo test lint typecheck dockerlint unit train-default train-default-cpu bench bench-notify clean
 
 # One line per step; pip's own output (warnings included) goes to $(PIP_LOG), shown only when pip fails.
 PIP_LOG := $(VENV)/pip-install.log
@@ -35,6 +35,10 @@ node: tests/ehr/node_modules/.package-lock.json
 redis: install
 	@bash tests/ensure-redis.sh "$(TEST_REDIS_URL)"
 
+# The review pages' browser tests (marker `browser`): Debian's chromium, driven by Playwright (a dev dependency).
+browser: install
+	@bash tests/ensure-chromium.sh
+
 demo: install
 	@echo "running the demo"; HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/fhir-ner demo --output demo-output
 
@@ -47,7 +51,7 @@ typecheck: install
 dockerlint: install
 	$(BIN)/hadolint docker/Dockerfile.api docker/Dockerfile.worker
 
-unit: install node redis
+unit: install node redis browser
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck dockerlint unit

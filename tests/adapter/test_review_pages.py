@@ -232,6 +232,8 @@ def test_every_post_needs_the_session_csrf_token(client: TestClient) -> None:
         assert client.post(path, data={**data, "csrf": "wrong"}).status_code == 403, path
         foreign = client.post(path, data={**data, "csrf": csrf}, headers={"Origin": "https://evil.example"})
         assert foreign.status_code == 403, path
+        cross_site = client.post(path, data={**data, "csrf": csrf}, headers={"Sec-Fetch-Site": "cross-site"})
+        assert cross_site.status_code == 403, path
     assert get_redis().llen(broker_queue_key("io")) == 0  # nothing was sent
     # The header form works for scripts.
     response = client.post("/review/dlq/retry", data={"letter": "x"}, headers={"X-CSRF-Token": csrf})

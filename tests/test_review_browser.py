@@ -1,0 +1,340 @@
+"""The review pages in a real browser (issue 16): Debian's chromium driven by Playwright, against the real API
+(``fhir-ner serve``), a real worker (the tiny tagger) and the test EHR. Screenshots go to
+``test-artifacts/review/`` (two of them are in the README).
+
+Marker ``browser``; ``make test`` installs the browser (``tests/ensure-chromium.sh``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import REPO_ROOT, WorkerProcess
+from ehr.harness import FhirTestServer
+from test_end_to_end import backport_notification, create
+from tiny_models import SAMPLE_NOTES
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
+
+CHROMIUM = os.environ.get("FHIR_NER_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "review"
+REVIEWER, TOKEN = "Dr Ana Ruiz", "ana-browser-token-1"
+NOTIFY_HEADERS = {"Authorization": "Bearer test-token", "Content-Type": "application/fhir+json"}
+BROKEN_PROFILE = "name: broken\nlabels:\n  DISEASE:\n    mapper: no-such-mapper\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    url: str
+    ehr: FhirTestServer
+    env: dict[str, str]
+    patient: str
+    notes: dict[str, tuple[str, str, str]]  # name -> (document id, version, text)
+
+    def api(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", headers={"Authorization": "Bearer test-token"}, timeout=10)
+
+
+def _wait_done(stack: Stack, document_id: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        response = stack.api(f"/documents/{document_id}")
+        if response.status_code == 200:
+            last = response.json()
+            if {v["status"] for v in last["versions"].values()} & {"done", "failed", "dead-lettered"}:
+                assert "done" in {v["status"] for v in last["versions"].values()}, last
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"{document_id} not done: {last}")
+
+
+def _note(ehr: FhirTestServer, patient: str, text: str) -> dict[str, Any]:
+    return create(
+        ehr,
+        {
+            "resourceType": "DocumentReference",
+            "status": "current",
+            "docStatus": "final",
+            "subject": {"reference": f"Patient/{patient}"},
+            "date": "2026-11-20T09:30:00Z",
+            "content": [
+                {
+                    "attachment": {
+                        "contentType": "text/plain; charset=utf-8",
+                        "language": "es",
+                        "data": base64.b64encode(text.encode()).decode(),
+                    }
+                }
+            ],
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(
+    fhir_server: FhirTestServer, tiny_tagger_path: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    fhir_server.reset()
+    logs = tmp_path_factory.mktemp("review-browser")
+    prefix = f"fhir-ner-test-{uuid.uuid4().hex[:10]}"
+    env = {
+        "FHIR_NER_ENVIRONMENT": "test",
+        "FHIR_NER_REDIS_URL": redis_url,
+        "FHIR_NER_KEY_PREFIX": prefix,
+        "FHIR_NER_SUBSCRIPTION_TOKENS": "test-token",
+        "FHIR_NER_IDENTIFIER_NAMESPACE": "urn:fhir-ner-adapter:test",
+        "FHIR_NER_EHR_MAX_TRANSACTION_ENTRIES": "8",
+        "FHIR_NER_EHR_BASE_URL": fhir_server.base_url,
+        "FHIR_NER_MODEL_PATH": str(tiny_tagger_path),
+        "FHIR_NER_TERMINOLOGY": "off",
+        "FHIR_NER_RECOVERY_CHECK_SECONDS": "0",
+        "FHIR_NER_REVIEW_TOKENS": f"{REVIEWER}:{TOKEN}",
+        "FHIR_NER_REVIEW_TRY_TIMEOUT_SECONDS": "120",
+    }
+    worker = WorkerProcess(env, logs / "worker.log").start()
+    port = _free_port()
+    log = (logs / "api.log").open("ab")
+    api = subprocess.Popen(
+        [sys.executable, "-m", "adapter.cli", "serve", "--port", str(port)],
+        env={**os.environ, **env},
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert api.poll() is None, (logs / "api.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the API did not start"
+            time.sleep(0.3)
+        patient = create(fhir_server, {"resourceType": "Patient", "name": [{"family": "Prueba", "given": ["Ana"]}]})
+        stack = Stack(url, fhir_server, env, patient["id"], {})
+        for event, (name, text) in enumerate(
+            [("first", SAMPLE_NOTES[0]), ("second", SAMPLE_NOTES[2]), ("third", SAMPLE_NOTES[3])], start=1
+        ):
+            document = _note(fhir_server, patient["id"], text)
+            response = httpx.post(
+                f"{url}/fhir/notify",
+                content=json.dumps(backport_notification(document, event)),
+                headers=NOTIFY_HEADERS,
+                timeout=10,
+            )
+            assert response.status_code == 200, response.text
+            stack.notes[name] = (document["id"], document["meta"]["versionId"], text)
+        for document_id, _, _ in stack.notes.values():
+            _wait_done(stack, document_id)
+        yield stack
+    finally:
+        api.terminate()
+        api.wait(timeout=20)
+        worker.stop()
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"no browser at {CHROMIUM}: make test installs it (tests/ensure-chromium.sh)"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture()
+def page(browser: Any, stack: Stack) -> Iterator[Any]:
+    context = browser.new_context(base_url=stack.url, viewport={"width": 1280, "height": 900})
+    opened = context.new_page()
+    yield opened
+    context.close()
+
+
+def shot(page: Any, name: str, full_page: bool = True) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    return path
+
+
+def log_in(page: Any, next_path: str = "/review") -> None:
+    """With the keyboard only: the token field has focus, type, press Enter."""
+    page.goto(f"/review/login?next={next_path}")
+    assert page.evaluate("document.activeElement.id") == "token"
+    page.keyboard.type(TOKEN)
+    page.keyboard.press("Enter")
+    page.wait_for_url(lambda url: "/review/login" not in url and url.endswith(next_path))
+
+
+def test_without_login_every_page_redirects_to_the_login_and_serves_no_note_text(page: Any, stack: Stack) -> None:
+    document_id, version, text = stack.notes["first"]
+    for path in (
+        "/review",
+        f"/review/notes/{document_id}",
+        f"/review/notes/{document_id}?version={version}",
+        "/review/try",
+    ):
+        response = page.goto(path)
+        assert response is not None and response.ok
+        assert "/review/login" in page.url, path
+        body = page.content()
+        for mention in ("fiebre", "neumonía", "radiografía"):
+            assert mention not in body
+    shot(page, "login")
+    # A wrong token: refused, still nothing shown.
+    page.fill("#token", "not-the-token")
+    page.keyboard.press("Enter")
+    assert page.locator("[role=alert]").inner_text() == "Unknown token."
+    cookies = {c["name"]: c for c in page.context.cookies()}
+    assert "fhir_ner_review" not in cookies
+
+
+def test_a_processed_note_shows_each_mention_at_its_offsets(page: Any, stack: Stack) -> None:
+    document_id, _, text = stack.notes["first"]
+    log_in(page, f"/review/notes/{document_id}")
+    cookie = next(c for c in page.context.cookies() if c["name"] == "fhir_ner_review")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert page.evaluate("document.cookie") == ""  # invisible to scripts
+    marks = page.locator("mark.mention")
+    assert marks.count() == 4
+    for index in range(marks.count()):
+        mark = marks.nth(index)
+        start, end = int(mark.get_attribute("data-start")), int(mark.get_attribute("data-end"))
+        assert mark.locator(".mention-text").inner_text() == text[start:end]
+        label = mark.get_attribute("data-label")
+        assert mark.locator(".tag").inner_text().startswith(label)  # written out, not only a colour
+    # The whole note text is shown, in order, around the marks.
+    shown = page.evaluate(
+        """() => Array.from(document.querySelector('pre.note').childNodes).map(n =>
+               n.nodeType === 3 ? n.textContent : n.querySelector('.mention-text').textContent).join('')"""
+    )
+    assert shown == text
+    # Keyboard: Tab reaches the mentions; focus shows the details; Escape hides them.
+    first = marks.first
+    first.focus()
+    tip = first.locator(".tip")
+    assert tip.is_visible()
+    assert "confidence" in tip.inner_text()
+    assert "became Observation/" in tip.inner_text() or "became Condition/" in tip.inner_text()
+    page.keyboard.press("Escape")
+    assert not tip.is_visible()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.classList.contains('mention')")
+    # The side panel links every written resource on the EHR, and the Provenance; they exist there.
+    links = page.locator("aside a[href^='http']")
+    hrefs = [links.nth(i).get_attribute("href") for i in range(links.count())]
+    assert any("/Provenance/" in h for h in hrefs)
+    for href in hrefs:
+        assert href.startswith(stack.ehr.base_url)
+        assert httpx.get(href, timeout=10).status_code == 200
+    assert "tiny-test" in page.locator("aside").inner_text()
+    page.locator("mark.mention").nth(2).focus()
+    shot(page, "note")
+
+
+def test_the_note_view_reads_at_200_percent_zoom(browser: Any, stack: Stack) -> None:
+    """200% zoom of a 1280-pixel window: a 640-CSS-pixel viewport at device scale 2. Nothing needs sideways
+    scrolling and the text is still all there."""
+    document_id, _, text = stack.notes["second"]
+    context = browser.new_context(base_url=stack.url, viewport={"width": 640, "height": 900}, device_scale_factor=2)
+    page = context.new_page()
+    try:
+        log_in(page, f"/review/notes/{document_id}")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+        assert page.locator("pre.note").is_visible()
+        for mark in page.locator("mark.mention .mention-text").all():
+            assert mark.inner_text() in text
+        # Negated, historical and hypothetical are written out (colour is never the only signal).
+        tags = " ".join(t.inner_text() for t in page.locator("mark.mention .tag").all())
+        assert "NEGATED" in tags.upper() and "HISTORICAL" in tags.upper() and "HYPOTHETICAL" in tags.upper()
+        shot(page, "note-zoom-200")
+    finally:
+        context.close()
+
+
+def test_the_queue_lists_the_notes_and_links_to_them(page: Any, stack: Stack) -> None:
+    log_in(page)
+    rows = page.locator("table.queue tbody tr")
+    assert rows.count() == 3
+    assert page.locator("table.queue .status").all_inner_texts() == ["done"] * 3
+    page.select_option("#status", "dead-lettered")
+    page.locator("form.filters button").click()
+    assert page.locator("table.queue").count() == 0
+    page.select_option("#status", "done")
+    page.locator("form.filters button").click()
+    assert page.locator("table.queue tbody tr").count() == 3
+    shot(page, "queue")
+    document_id = stack.notes["third"][0]
+    page.locator(f"a[href='/review/notes/{document_id}']").click()
+    page.wait_for_url(f"**/review/notes/{document_id}")
+    assert page.locator("mark.mention").count() >= 1
+
+
+def test_the_playground_shows_a_profile_error_for_broken_yaml_and_a_bundle_for_a_text(page: Any, stack: Stack) -> None:
+    provenances_before = httpx.get(f"{stack.ehr.base_url}/Provenance", timeout=10).json().get("total")
+    log_in(page, "/review/try")
+    page.fill("#text", SAMPLE_NOTES[0])
+    page.check("input[name=profile_choice][value=uploaded]")
+    page.fill("#profile_yaml", BROKEN_PROFILE)
+    page.locator("form.try button[type=submit]").click()
+    error = page.locator("#profile-error")
+    error.wait_for()
+    assert "Error: uploaded profile: invalid mapping profile: <root>: Value error, label DISEASE" in error.inner_text()
+    assert "unknown mapper 'no-such-mapper'" in error.inner_text()
+    shot(page, "try-profile-error")
+    # The same page, the shipped profile: the worker tags it; the Bundle is collapsible and validated.
+    page.check("input[name=profile_choice][value=shipped]")
+    page.select_option("#language", "es")
+    page.locator("form.try button[type=submit]").click()
+    page.locator("#validation").wait_for(timeout=150_000)
+    assert page.locator("#validation").inner_text().startswith("Valid: valid FHIR R4 transaction Bundle")
+    marks = page.locator("pre.note mark.mention .mention-text")
+    assert sorted(marks.all_inner_texts()) == sorted(["fiebre", "tos", "neumonía", "radiografía de tórax"])
+    bundle = page.locator("details.bundle")
+    assert not bundle.locator("pre").is_visible()
+    bundle.locator("summary").focus()
+    page.keyboard.press("Enter")
+    assert bundle.locator("pre").is_visible()
+    written = json.loads(bundle.locator("pre").inner_text())
+    assert written["type"] == "transaction"
+    shot(page, "try")
+    # Nothing was written.
+    assert httpx.get(f"{stack.ehr.base_url}/Provenance", timeout=10).json().get("total") == provenances_before
