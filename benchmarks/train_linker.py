@@ -42,9 +42,9 @@ warnings.simplefilter("ignore", DeprecationWarning)
 from mappings.terminology import CodeSystemData, normalise  # noqa: E402
 from worker.linker import (  # noqa: E402
     SYSTEM_OF_LABEL,
+    icd10cm_with,
     make_linker_encoder,
     save_index,
-    with_synonyms,
 )
 from worker.terminology import QUERY_PREFIX, SourceIndex, load_icd10cm  # noqa: E402
 
@@ -265,6 +265,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "worker" / "linker")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fhir-ner-linker"))
     parser.add_argument("--frozen-layers", type=int, default=10)
+    parser.add_argument("--skip-base", action="store_true", help="no dev figures of the encoder before training")
     parser.add_argument("--eval-every-epoch", action="store_true", help="dev figures after each epoch (slower)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
@@ -295,8 +296,8 @@ def main() -> int:
     write_synonyms(train, icd_base, pcs, args.out)
     from worker.linker import load_icd10pcs
 
-    data = {"icd-10-cm": with_synonyms(icd_base, args.out), "icd-10-pcs": load_icd10pcs(args.out)}
-    names: dict[str, dict[str, list[str]]] = {s: collections.defaultdict(list) for s in data}
+    data = {"icd-10-cm": icd10cm_with(icd_base, args.out), "icd-10-pcs": load_icd10pcs(args.out)}
+    names: dict[str, dict[str, list[str]]] = {s: collections.defaultdict(list) for s in data}  # code -> names
     for system, d in data.items():
         for entry in d.entries:
             target = d.billable(entry.code, categories=system == "icd-10-pcs")
@@ -311,7 +312,6 @@ def main() -> int:
             if (target := target_code(SYSTEM_OF_LABEL[label], code, icd_base, pcs)) is not None
         }
     )
-    multi = [code for code, terms in names["icd-10-cm"].items() if len(terms) >= 2]
 
     resolved = resolve_encoder("multilingual-e5-small")
     model, tokenizer = load_encoder(resolved)
@@ -321,6 +321,14 @@ def main() -> int:
     every = {t for d in data.values() for texts in SourceIndex(d).groups.values() for t in texts}
     every |= {m for m, _ in mention_pairs} | {r[3] for r in dev}
     cache.fill(sorted(every))
+    # Only names in the index (embedded codes) are positives; mentions of codes outside it are not trained on.
+    for system in names:
+        names[system] = {c: [t for t in terms if t in cache.states] for c, terms in names[system].items()}
+    mention_pairs = [(m, key) for m, key in mention_pairs if names[key.split("|")[0]].get(key.split("|")[1])]
+    # (name, other name) pairs of the embedded ICD-10-CM codes that have several names
+    multi = [
+        code for code, terms in names["icd-10-cm"].items() if len(terms) >= 2 and all(t in cache.states for t in terms)
+    ]
 
     def build_indexes() -> tuple[dict[str, SourceIndex], dict[str, tuple[list[str], np.ndarray]]]:
         model.eval()
@@ -331,9 +339,10 @@ def main() -> int:
         return indexes, groups
 
     report: dict = {"epochs": []}
-    indexes, _ = build_indexes()
-    report["base"] = evaluate(split, cache, indexes, dev)
-    print("base e5:", report["base"], file=sys.stderr)
+    if not args.skip_base:
+        indexes, _ = build_indexes()
+        report["base"] = evaluate(split, cache, indexes, dev)
+        print("base e5:", report["base"], file=sys.stderr)
 
     optimiser = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     steps_per_epoch = math.ceil((len(mention_pairs) + args.icd_pairs) / args.batch)
@@ -358,7 +367,6 @@ def main() -> int:
         rng.shuffle(batches)
         start, losses = time.time(), []
         for step, batch in enumerate(batches):
-            cache.fill([p[1] for p in batch])
             anchors = pooled(split, *cache.batch([p[0] for p in batch]))
             positives = pooled(split, *cache.batch([p[1] for p in batch]))
             logits = anchors @ positives.T / args.temperature
@@ -374,7 +382,7 @@ def main() -> int:
             loss.backward()
             optimiser.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step % 20 == 0:
                 print(
                     f"epoch {epoch + 1} step {step}/{len(batches)} loss {np.mean(losses[-20:]):.3f} "

@@ -73,12 +73,37 @@ def with_synonyms(data: CodeSystemData, folder: Path | None = None, language: st
     return CodeSystemData(data.name, data.url, (*data.entries, *extra), data.version, data.unbillable, data.unembedded)
 
 
+def embedded_icd_codes(data: CodeSystemData, folder: Path | None = None) -> set[str]:
+    """The ICD-10-CM codes searched by nearest neighbour: every code CodiEsp train coded (as its billable leaf),
+    every three-character category's default leaf and every billable three-character code (I10, R99)."""
+    codes = {code for system, code, _, _ in read_synonyms(folder) if system == data.name}
+    for code in data.codes():
+        if len(code) == 3:
+            target = data.billable(code)
+            if target is not None:
+                codes.add(target)
+    return codes
+
+
 @lru_cache(maxsize=1)
 def load_icd10cm_linked() -> CodeSystemData:
-    """ICD-10-CM (:func:`worker.terminology.load_icd10cm`) with the shipped Spanish synonyms."""
+    """ICD-10-CM (:func:`worker.terminology.load_icd10cm`) with the shipped Spanish synonyms.
+
+    The ~47,000 billable codes are all matched by text; the nearest-neighbour index holds the codes of
+    :func:`embedded_icd_codes` (about 3,000: embedding all of them takes an hour on a busy 2-core machine).
+    """
     from worker.terminology import load_icd10cm
 
-    return with_synonyms(load_icd10cm())
+    return icd10cm_with(load_icd10cm())
+
+
+def icd10cm_with(data: CodeSystemData, folder: Path | None = None) -> CodeSystemData:
+    linked = with_synonyms(data, folder)
+    embedded = embedded_icd_codes(linked, folder)
+    unembedded = frozenset(
+        code for code in linked.codes() if code not in embedded and linked.billable(code) not in embedded
+    )
+    return CodeSystemData(linked.name, linked.url, linked.entries, linked.version, linked.unbillable, unembedded)
 
 
 def read_pcs_titles(folder: Path | None = None) -> dict[str, tuple[str, bool]]:

@@ -1,0 +1,97 @@
+"""What coding adds to a note: CPU time of coding a note's mentions next to tagging it, and the index's memory.
+
+    .venv/bin/python benchmarks/bench_coding.py [--notes 30] [--threads 2] [--data DIR_OF_TXT]
+
+Per note (default: the CodiEsp dev texts in ../shared/data/es/codiesp/dev/text_files, in order): the shipped
+tagger tags it (``TaggerPipeline.predict``), then every mention is coded as the mappers code it (one ``lookup``
+per note with each label's request; the shipped linker). CPU time is the process's (``time.process_time``),
+after one warm-up note. Memory: resident set size before and after the two code systems' indexes are loaded
+(the encoder is loaded first, so it is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+warnings.simplefilter("ignore", DeprecationWarning)
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/es/codiesp/dev/text_files")
+    parser.add_argument("--notes", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    files = sorted(args.data.glob("*.txt"))[: args.notes + 1]
+    if not files:
+        print(f"no notes in {args.data}: put CodiEsp there or pass --data DIR (any folder of *.txt)", file=sys.stderr)
+        return 1
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from mappings.profile import load_profile
+    from mappings.terminology import code_request
+    from worker.predict import load_pipeline
+    from worker.terminology import terminology_for
+
+    pipeline = load_pipeline(None, 8, args.threads)
+    profile = load_profile()
+    service = terminology_for(profile, "auto", cache_root=Path("/tmp/fhir-ner-bench-empty-cache"))
+    assert service is not None and service.store is not None
+    service.store.encoder.encode(["warm-up"])
+    before = rss_mb()
+    for name in ("icd-10-cm", "icd-10-pcs"):
+        service.index(name)
+    index_mb = rss_mb() - before
+    matrices_mb = sum(service.index(n).matrix.nbytes for n in ("icd-10-cm", "icd-10-pcs")) / 2**20  # type: ignore[union-attr]
+
+    tag_cpu = code_cpu = 0.0
+    mentions = notes = 0
+    for position, file in enumerate(files):
+        text = file.read_text(encoding="utf-8")
+        start = time.process_time()
+        (spans,) = pipeline.predict([text])
+        tagged = time.process_time()
+        requests = []
+        for span in spans:
+            options = profile.labels[span.label].codes if span.label in profile.labels else None
+            if options is not None:
+                requests.append(code_request(text[span.start : span.end], span.label, options, "es"))
+        service.lookup(requests)
+        coded = time.process_time()
+        if position == 0:
+            continue  # warm-up
+        notes += 1
+        mentions += len(requests)
+        tag_cpu += tagged - start
+        code_cpu += coded - tagged
+    report = {
+        "notes": notes,
+        "mentions_per_note": round(mentions / notes, 1),
+        "tagging_cpu_s_per_note": round(tag_cpu / notes, 3),
+        "coding_cpu_s_per_note": round(code_cpu / notes, 3),
+        "coding_share_of_note_cpu": round(code_cpu / (tag_cpu + code_cpu), 4),
+        "coding_added_to_tagging": round(code_cpu / tag_cpu, 4),
+        "index_rss_mb": round(index_mb, 1),
+        "index_matrices_mb": round(matrices_mb, 1),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
