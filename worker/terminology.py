@@ -66,6 +66,7 @@ QUERY_PREFIX = "query: "
 # In auto mode a code system with at most this many distinct strings to embed is embedded on first use.
 AUTO_EMBED_LIMIT = 2000
 _NEIGHBOURS = 64  # nearest strings looked at before grouping them by code
+QUERY_CACHE = 20_000  # distinct mention texts whose query vectors a service remembers
 
 
 def default_cache_root() -> Path:
@@ -459,6 +460,7 @@ class TerminologyService:
         self.limit = limit
         self._indexes: dict[str, SourceIndex] = {}
         self._lock = threading.Lock()
+        self._query_cache: dict[str, np.ndarray] = {}
         # {system name: {label: min_score}} for the encoder in use (the shipped linker's, worker/linker/).
         self.calibrated: dict[str, dict[str, float]] = {}
 
@@ -518,7 +520,7 @@ class TerminologyService:
                     pending.setdefault(name, []).append(position)
         if pending and self.store is not None:
             texts = sorted({requests[p].text for positions in pending.values() for p in positions})
-            vectors = dict(zip(texts, (encode or self.store.encoder.encode)(texts), strict=True))
+            vectors = self._vectors(texts, encode)
             for name, positions in pending.items():
                 index = self._indexes[name]
                 by_prefix: dict[tuple[tuple[str, ...], bool], list[int]] = {}
@@ -534,6 +536,23 @@ class TerminologyService:
                             if key not in found[position] or found[position][key].score < candidate.score:
                                 found[position][key] = candidate
         return [sorted(found[position].values(), key=self._rank_key) for position in range(len(requests))]
+
+    def _vectors(self, texts: list[str], encode: Callable[[list[str]], np.ndarray] | None) -> dict[str, np.ndarray]:
+        """Query vectors; the last :data:`QUERY_CACHE` distinct mentions are remembered (notes repeat them)."""
+        assert self.store is not None
+        if encode is not None:
+            return dict(zip(texts, encode(texts), strict=True))
+        with self._lock:
+            found = {text: self._query_cache[text] for text in texts if text in self._query_cache}
+        missing = [text for text in texts if text not in found]
+        if missing:
+            fresh = dict(zip(missing, self.store.encoder.encode(missing), strict=True))
+            found.update(fresh)
+            with self._lock:
+                self._query_cache.update(fresh)
+                while len(self._query_cache) > QUERY_CACHE:
+                    self._query_cache.pop(next(iter(self._query_cache)))
+        return found
 
     def _rank_key(self, candidate: CandidateCode) -> tuple[float, bool, int, str, str]:
         index = self._indexes.get(candidate.source or "")
