@@ -338,3 +338,28 @@ def test_the_playground_shows_a_profile_error_for_broken_yaml_and_a_bundle_for_a
     shot(page, "try")
     # Nothing was written.
     assert httpx.get(f"{stack.ehr.base_url}/Provenance", timeout=10).json().get("total") == provenances_before
+
+
+def test_the_patient_view_lists_what_was_derived_with_links_to_the_sentences(page: Any, stack: Stack) -> None:
+    document_id, _, text = stack.notes["first"]
+    log_in(page, f"/review/notes/{document_id}")
+    page.locator(f"a[href='/review/patients/{stack.patient}']").click()
+    page.wait_for_url(f"**/review/patients/{stack.patient}")
+    problems = page.locator("#h-Condition + p + ul.problems > li, #h-Condition ~ ul.problems > li")
+    titles = [
+        t.lower()
+        for t in page.locator("section[aria-labelledby=h-Condition] .problems > li > strong").all_inner_texts()
+    ]
+    assert "neumonía" in titles and "diabetes mellitus" in titles
+    assert problems.count() >= 2
+    assert page.locator("section[aria-labelledby=h-Observation]").is_visible()
+    assert page.locator("section[aria-labelledby=h-Procedure]").is_visible()
+    shot(page, "patient")
+    # Each line leads to the sentence it came from, and the highlighted mention there is the same words.
+    source = page.locator("section[aria-labelledby=h-Condition] .sources a", has_text="neumonía").first
+    said = source.locator("mark.said").inner_text()
+    source.click()
+    page.wait_for_url(f"**/review/notes/{document_id}?version=*")
+    anchor = page.url.rsplit("#", 1)[1]
+    assert page.locator(f"#{anchor} .mention-text").inner_text() == said == "neumonía"
+    assert said in text

@@ -219,6 +219,36 @@ async def note(request: Request, document_id: str, version: str = "") -> Respons
     )
 
 
+# Patient view ----------------------------------------------------------------------------------------------------
+@router.get("/patients/{patient_id}")
+async def patient(request: Request, patient_id: str, refuted: bool = False) -> Response:
+    reviewer = current_reviewer(request)
+    store = review_store()
+    notes = store.patient_notes(patient_id) if _valid_id(patient_id) else []
+    latest: list[dict[str, Any]] = []
+    for document_id in notes:
+        records = store.records(document_id)
+        if records:
+            latest.append(records[max(records, key=render.version_key)])
+    if not latest:
+        return page("missing.html", request, reviewer, status_code=404, what=f"Patient/{patient_id}")
+    sections = render.problem_list(latest)
+    hidden = sum(1 for group in sections["Condition"] if group["refuted"])
+    if not refuted:
+        sections["Condition"] = [group for group in sections["Condition"] if not group["refuted"]]
+    return page(
+        "patient.html",
+        request,
+        reviewer,
+        patient_id=patient_id,
+        sections=sections,
+        notes=len(latest),
+        refuted=refuted,
+        hidden=hidden,
+        ehr=(latest[0].get("ehr_base_url") or "").rstrip("/") or None,
+    )
+
+
 def _valid_id(value: str) -> bool:
     return 0 < len(value) <= 64 and all(c.isalnum() or c in "-." for c in value)
 

@@ -70,3 +70,61 @@ def short_system(system: str) -> str:
         "http://loinc.org": "LOINC",
     }
     return known.get(system, system.rsplit("/", 1)[-1] or system)
+
+
+SECTIONS = ("Condition", "Observation", "Procedure", "FamilyMemberHistory")
+
+
+def _group_key(mention: dict[str, Any]) -> tuple[str, str]:
+    """Same code, same line; uncoded mentions group by their normalised text."""
+    codes = mention.get("codes") or []
+    if codes:
+        first = codes[0]
+        return f"{first.get('system')}|{first.get('code')}", f"{first.get('code')} {first.get('display') or ''}".strip()
+    text = " ".join(str(mention["text"]).lower().split())
+    return f"text|{text}", str(mention["text"])
+
+
+def problem_list(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """What the adapter holds for a patient, from the latest version of each note: one line per code (or text)
+    per resource type, each with the sentences it came from. A Condition group is ``refuted`` when every
+    Condition in it is."""
+    groups: dict[str, dict[tuple[str, str], dict[str, Any]]] = {kind: {} for kind in SECTIONS}
+    for record in records:
+        text = str(record.get("text") or "")
+        for mention in record.get("mentions", []):
+            kind = mention.get("resource_type")
+            if not mention.get("resource") or kind not in groups:
+                continue
+            key, title = _group_key(mention)
+            group = groups[kind].setdefault(
+                (key, ""), {"title": title, "codes": mention.get("codes") or [], "sources": [], "statuses": set()}
+            )
+            before, said, after = (
+                sentence_around(text, int(mention["start"]), int(mention["end"])) if text else ("", "", "")
+            )
+            group["statuses"].add(str(mention.get("status") or ""))
+            group["sources"].append(
+                {
+                    "document": record["document"],
+                    "version": record["version"],
+                    "index": mention["index"],
+                    "resource": mention["resource"],
+                    "assertion": mention.get("assertion"),
+                    "status": mention.get("status"),
+                    "before": before,
+                    "said": said or mention["text"],
+                    "after": after,
+                    "date": record.get("date"),
+                }
+            )
+    result: dict[str, list[dict[str, Any]]] = {}
+    for kind, found in groups.items():
+        lines = []
+        for group in found.values():
+            statuses = group.pop("statuses")
+            group["refuted"] = kind == "Condition" and statuses == {"refuted"}
+            group["statuses"] = sorted(s for s in statuses if s)
+            lines.append(group)
+        result[kind] = sorted(lines, key=lambda g: (g["refuted"], str(g["title"]).lower()))
+    return result

@@ -124,7 +124,14 @@ def page_csrf(client: TestClient, path: str = "/review") -> str:
     return found.group(1)
 
 
-PAGES = ["/review", "/review/notes/note-1", "/review/notes/note-1?version=1", "/review/try"]
+PAGES = [
+    "/review",
+    "/review/notes/note-1",
+    "/review/notes/note-1?version=1",
+    "/review/patients/p-1",
+    "/review/patients/p-1?refuted=true",
+    "/review/try",
+]
 
 
 def test_the_pages_are_off_unless_reviewer_tokens_are_configured(app_env: dict[str, str]) -> None:
@@ -390,6 +397,55 @@ def test_the_playground_shows_profile_errors_like_the_cli_and_says_when_no_worke
     message = json.loads(messages[0])
     assert message["headers"]["task"] == "worker.review_tasks.try_text"
     assert "fiebre" not in json.dumps(message)  # the text waits in Redis, never in the task message
+
+
+def test_the_patient_view_groups_conditions_by_code_hides_refuted_ones_and_links_to_sentences(
+    client: TestClient,
+) -> None:
+    from core.deps import get_redis
+    from core.review import ReviewStore
+    from core.settings import get_settings
+
+    record = seed_note()
+    store = ReviewStore(get_redis(), get_settings().key_prefix)
+    pneumonia = {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "J18.9", "display": "Pneumonia"}
+    text = "Control. Persiste neumonía basal. Sin asma."
+    start, asthma = text.index("neumonía"), text.index("asma")
+    second = {
+        **record,
+        "document": "note-2",
+        "text": text,
+        "mentions": [
+            {**record["mentions"][2], "index": 0, "start": start, "end": start + 8, "resource": "Condition/c2"},
+            {
+                **record["mentions"][2],
+                "index": 1,
+                "text": "asma",
+                "start": asthma,
+                "end": asthma + 4,
+                "assertion": "negated",
+                "status": "refuted",
+                "resource": "Condition/c3",
+                "codes": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "J45.909", "display": "Asthma"}],
+            },
+        ],
+    }
+    store.put_record("note-2", "1", second)
+    login(client)
+    page = client.get("/review/patients/p-1").text
+    # One line for pneumonia, with both sentences it came from, linked to the mention in each note.
+    assert page.count("<strong>J18.9 Pneumonia</strong>") == 1
+    assert 'href="/review/notes/note-1?version=1#m-2"' in page
+    assert 'href="/review/notes/note-2?version=1#m-0"' in page
+    assert "Persiste <mark class=\"said\">neumonía</mark> basal." in page
+    assert "Diagnóstico de <mark class=\"said\">neumonía</mark>." in page
+    # Refuted asthma is hidden unless asked for.
+    assert "J45.909" not in page and "1 refuted condition(s) hidden" in page
+    shown = client.get("/review/patients/p-1", params={"refuted": "true"}).text
+    assert "J45.909 Asthma" in shown and "refuted" in shown
+    # Observations and procedures have their own sections.
+    assert "Observations" in page and "fiebre" in page
+    assert client.get("/review/patients/nobody").status_code == 404
 
 
 def test_review_tokens_must_be_name_token_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
