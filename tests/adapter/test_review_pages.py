@@ -408,7 +408,6 @@ def test_the_patient_view_groups_conditions_by_code_hides_refuted_ones_and_links
 
     record = seed_note()
     store = ReviewStore(get_redis(), get_settings().key_prefix)
-    pneumonia = {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "J18.9", "display": "Pneumonia"}
     text = "Control. Persiste neumonía basal. Sin asma."
     start, asthma = text.index("neumonía"), text.index("asma")
     second = {
