@@ -297,6 +297,31 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# A run's notes reach the EHR (their write stage) no faster than the run's rate, whatever the workers' backlog:
+# each takes the next slot, 1.1/rate after the previous one (10% margin for scheduling jitter).
+# KEYS: slot key, run hash. ARGV: now. Returns the wait.
+_PACE = """
+local rate = tonumber(redis.call('HGET', KEYS[2], 'effective_rate') or '')
+if not rate or rate <= 0 then return '0' end
+local now = tonumber(ARGV[1])
+local slot = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
+redis.call('SET', KEYS[1], tostring(slot + 1.1 / rate), 'EX', 3600)
+return tostring(slot - now)
+"""
+
+
+def pace_bulk_note(client: redis.Redis, prefix: str, document_id: str, version_id: str) -> float:
+    """Seconds this note's write stage must wait so its run's notes reach the EHR at its rate (0: not a bulk
+    note, or its slot has come)."""
+    run = client.get(f"{prefix}:bulk:note:{document_id}:{version_id}")
+    if run is None:
+        return 0.0
+    name = _text(run)
+    keys = [f"{prefix}:bulk:pace:{name}", f"{prefix}:bulk:run:{name}"]
+    wait = client.eval(_PACE, 2, *keys, repr(time.time()))
+    return max(0.0, float(_text(wait)))
+
+
 def _decode_run(raw: dict[Any, Any]) -> dict[str, Any]:
     text = {
         (k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))

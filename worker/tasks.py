@@ -366,6 +366,10 @@ def finish_note(document_id: str, version_id: str) -> dict[str, Any] | Handoff:
         )
         _send(PROCESS_NOTE, document_id, version_id)
         return Handoff("restarted")
+    # A backfill's note reaches the EHR at its run's rate, however many of them the workers have in hand.
+    from core.backfill import pace_bulk_note
+
+    time.sleep(pace_bulk_note(get_redis(), get_settings().key_prefix, document_id, version_id))
     result = write_mentions(output.document, output.attachment_index, version_id, output.mentions, output.model)
     store.discard(document_id, version_id)
     return result
