@@ -519,14 +519,21 @@ def export_checkpoint(src: Path, dst: Path) -> Path:
 
 
 def predict_checkpoint(
-    checkpoint: Path, docs: Sequence[Document], batch_size: int = 8, min_span_score: float | None = None
+    checkpoint: Path,
+    docs: Sequence[Document],
+    batch_size: int = 8,
+    min_span_score: float | None = None,
+    precision: str | None = None,
 ) -> tuple[list[Span], list[Span], list[str]]:
     """Gold spans, predicted spans (with scores) and labels of a saved checkpoint on notes, through the
-    production inference path (TaggerPipeline); ``min_span_score`` overrides the checkpoint's threshold."""
+    production inference path (TaggerPipeline); ``min_span_score`` overrides the checkpoint's threshold.
+    ``precision`` defaults to the reference arithmetic: fp32 on a CPU (never a recorded int8), bf16 on a GPU."""
     tagger = ClinicalTagger.from_pretrained(checkpoint)
     if min_span_score is not None:
         tagger.config.min_span_score = min_span_score
-    predicted = TaggerPipeline(tagger, batch_size=batch_size).predict([d.text for d in docs])
+    precision = precision or ("auto" if torch.cuda.is_available() else "fp32")
+    pipeline = TaggerPipeline(tagger, batch_size=batch_size, precision=precision)
+    predicted = pipeline.predict([d.text for d in docs])
     pred = [span for d, spans in zip(docs, predicted, strict=True) for span in _to_spans(d.doc_id, spans)]
     gold = [Span(d.doc_id, s.label, s.start, s.end) for d in docs for s in d.spans]
     return gold, pred, tagger.labels
@@ -807,6 +814,7 @@ def train(
     train_dirs: Sequence[Path] = (),
     val_dirs: Sequence[Path] = (),
     cache_dir: Path | None = None,
+    calibrate: bool = True,
 ) -> TrainResult:
     """Train a tagger on annotated folders and save the best epoch's checkpoint to ``output``.
 
@@ -816,6 +824,8 @@ def train(
     training windows (smoke tests and throughput measurements). ``train_dirs`` / ``val_dirs`` are folders
     used whole for training / validation (``data_dirs`` are split by file name); ``cache_dir`` (default:
     ``work_dir/cache``) holds the cached lower-layer states, which runs on the same data can share.
+    ``calibrate=False`` skips the final threshold calibration (a full pass over the validation notes); the
+    scores returned are then the best epoch's, without a threshold.
     """
     started = time.perf_counter()
     if threads:
@@ -1032,7 +1042,9 @@ def train(
 
     if not (output / WEIGHTS_FILE).is_file():
         raise RuntimeError(f"training ended without a checkpoint in {output}")
-    if val_docs:
+    if val_docs and not calibrate:
+        scores = next(h["val"] for h in history if h["epoch"] == best_epoch)
+    elif val_docs:
         threshold, final = calibrate_checkpoint(output, val_docs)
         _say(
             f"validation (saved checkpoint, TaggerPipeline, spans scoring >= {threshold}):\n" + format_report(final),

@@ -1,0 +1,138 @@
+"""Int8 inference (ONNX Runtime): same decoding guarantees, cached export, `auto` only when validated."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import SAMPLE_NOTES, TRAINING_SPANS
+
+from worker.nlp import quantize
+from worker.nlp.decoding import refine_span
+from worker.nlp.tagger import ClinicalTagger, TaggerPipeline
+
+pytest.importorskip("onnxruntime")
+
+# Multi-byte characters, combining marks, emoji, CJK, tabs and runs of spaces: offsets must stay exact.
+AWKWARD_NOTES = [
+    "Paciente con fiebre 🤒 y tos.\tDiagnóstico de neumonía (NAC).  Se realizó radiografía de tórax…",
+    "Niega dolor torácico; 患者 hipertensión arterial conocida.\n\n\nEcocardiograma: normal.",
+    "Cafe\u0301 y te\u0301 sin disnea — diabetes mellitus tipo 2 (DM2); colecistectomía ✔.",
+    " ".join(SAMPLE_NOTES * 6),  # several windows once the window is shrunk below
+]
+
+
+def spans_of(pipeline: TaggerPipeline, texts: list[str]) -> list[set[tuple[str, int, int]]]:
+    return [{(s.label, s.start, s.end) for s in doc} for doc in pipeline.predict(texts)]
+
+
+@pytest.fixture(scope="module")
+def int8_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("int8-cache")
+
+
+def test_layer_groups_name_the_sensitive_layers() -> None:
+    groups = quantize.parameter_groups
+    assert groups("encoder.encoder.layer.0.attention.output.dense", 12) == {"first", "attn_out"}
+    assert groups("encoder.encoder.layer.11.output.dense", 12) == {"last", "ffn_out"}
+    assert groups("encoder.encoder.layer.5.intermediate.dense", 12) == {"ffn_in"}
+    assert groups("encoder.encoder.layer.3.attention.self.key", 12) == {"key"}
+    assert groups("encoder.embeddings.word_embeddings", 12) == {"embeddings"}
+    assert groups("head.classifier", 12) == {"head"}
+    with pytest.raises(ValueError, match="unknown layer groups"):
+        quantize.check_groups(["attention"])
+
+
+def test_int8_finds_the_same_spans_as_fp32(tiny_tagger_path: Path, int8_cache: Path) -> None:
+    fp32 = TaggerPipeline(ClinicalTagger.from_pretrained(tiny_tagger_path), precision="fp32")
+    int8 = TaggerPipeline(ClinicalTagger.from_pretrained(tiny_tagger_path), precision="int8", cache_dir=int8_cache)
+    assert int8.precision == "int8" and isinstance(int8.runner, quantize.OnnxRunner)
+    assert all(p.device.type == "meta" for p in int8.tagger.parameters())  # torch weights released
+    assert spans_of(int8, SAMPLE_NOTES) == spans_of(fp32, SAMPLE_NOTES)
+    for index, (text, found) in enumerate(zip(SAMPLE_NOTES, int8.predict(SAMPLE_NOTES), strict=True)):
+        assert {(s.label, text[s.start : s.end]) for s in found} == set(TRAINING_SPANS[index])
+
+
+def test_int8_keeps_decodings_guarantees_on_awkward_text(tiny_encoder: Path, int8_cache: Path) -> None:
+    """A random (untrained) tagger tags all over the place; every span must still be exact and inside."""
+    torch.manual_seed(3)
+    tagger = ClinicalTagger.from_encoder(str(tiny_encoder), cnn_channels=16, cnn_kernel_size=3, dropout=0.0)
+    pipeline = TaggerPipeline(tagger, precision="int8", cache_dir=int8_cache, batch_size=3)
+    pipeline.window, pipeline.overlap = 40, 12  # the long note is read in overlapping windows
+    results = pipeline.predict(AWKWARD_NOTES)
+    assert sum(len(found) for found in results) > 10
+    assert pipeline.stats["windows"] > len(AWKWARD_NOTES)
+    for text, found in zip(AWKWARD_NOTES, results, strict=True):
+        tokens = pipeline._tokenize(text)[1]
+        for span in found:
+            assert 0 <= span.start < span.end <= len(text)
+            surface = text[span.start : span.end]
+            assert surface == surface.strip() and surface
+            assert refine_span(text, span.start, span.end) == (span.start, span.end)  # already snapped and trimmed
+            assert any(s < span.end and e > span.start for s, e in tokens)  # covers a token of the note
+            assert 0.0 <= span.score <= 1.0
+
+
+def test_the_int8_graph_is_built_once_and_keyed_by_recipe(tiny_tagger_path: Path, int8_cache: Path) -> None:
+    cache = int8_cache
+    first = quantize.int8_model_path(ClinicalTagger.from_pretrained(tiny_tagger_path), cache)
+    built = first.stat().st_mtime_ns
+    again = quantize.int8_model_path(ClinicalTagger.from_pretrained(tiny_tagger_path), cache)
+    assert again == first and again.stat().st_mtime_ns == built
+    meta = json.loads((first.parent / "meta.json").read_text())
+    assert meta["keep_fp32"] == list(quantize.DEFAULT_KEEP_FP32) and meta["per_channel"] is True
+    tagger = ClinicalTagger.from_pretrained(tiny_tagger_path)
+    tagger.config.extra[quantize.RECORD_KEY] = {"keep_fp32": ["head"]}
+    other = quantize.int8_model_path(tagger, cache)
+    assert other.parent != first.parent
+    assert json.loads((other.parent / "meta.json").read_text())["keep_fp32"] == ["head"]
+    assert not list(cache.glob(".*.tmp"))  # no half-built entries left behind
+
+
+def test_auto_runs_int8_on_cpu_only_when_this_checkpoint_was_validated(
+    tiny_tagger_path: Path, tmp_path: Path, int8_cache: Path
+) -> None:
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_tagger_path, checkpoint)
+    assert TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu").precision == "fp32"
+
+    def record(meets_bar: bool, digest: str) -> None:
+        config = json.loads((checkpoint / "tagger_config.json").read_text())
+        config["extra"][quantize.RECORD_KEY] = {"meets_bar": meets_bar, "weights_sha256": digest}
+        (checkpoint / "tagger_config.json").write_text(json.dumps(config))
+
+    digest = quantize.weights_digest(checkpoint)
+    record(True, digest)
+    # Same weights and config as the tiny checkpoint: its cached graph is reused (keyed by content, not path).
+    auto = TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu", cache_dir=int8_cache)
+    assert auto.precision == "int8"
+    record(False, digest)  # int8 missed the bar
+    assert TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu").precision == "fp32"
+    record(True, "0" * 64)  # a record copied from other weights is not trusted
+    assert TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu").precision == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), precision="int4")
+
+
+def test_smoothing_moves_outliers_into_the_weights_without_changing_the_function(tiny_tagger_path: Path) -> None:
+    tagger = ClinicalTagger.from_pretrained(tiny_tagger_path)
+    ids = torch.tensor([tagger.tokenizer(SAMPLE_NOTES[0])["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        before, _ = tagger(ids, mask)
+        absmax = quantize.activation_absmax(tagger, [ids[0].tolist()])
+        assert set(absmax) == {
+            n
+            for n, _ in tagger.named_modules()
+            if n.endswith(("intermediate.dense", "output.dense")) and "attention" not in n
+        }
+        scales = quantize.smoothing_scales(tagger, absmax)
+        quantize.apply_smoothing(tagger, scales)
+        after, _ = tagger(ids, mask)
+    assert isinstance(tagger.get_submodule("encoder.encoder.layer.0.output.dense"), quantize.SmoothedLinear)
+    assert torch.allclose(before, after, atol=1e-4)
+    # The smoothed layers keep their groups, so keep_fp32 still finds them in the exported graph.
+    assert quantize.parameter_groups("encoder.encoder.layer.1.output.dense.linear", 2) == {"last", "ffn_out"}

@@ -1,0 +1,456 @@
+"""Int8 inference on CPUs: which layers to quantise, and how.
+
+The tagger's arithmetic is the encoder's linear layers (projections and feed-forward, ~94% of its FLOPs);
+int8 runs them on the CPU's integer dot-product instructions (AVX2 ``vpmaddubsw``, AVX-512/AVX VNNI
+``vpdpbusd``, AMX tiles). Which variant keeps the model's accuracy was measured on the default model's
+validation notes (``benchmarks/bench_int8.py``; figures in the README, "Inference speed (CPU)").
+
+Layers are named by groups so that a variant can keep the sensitive ones in fp32:
+
+- ``embeddings``: the word, position and token-type tables (only ONNX Runtime quantises a lookup);
+- ``first`` / ``last``: encoder block 0 / the last block;
+- ``query``, ``key``, ``value``: the attention's input projections; ``attn_out``: its output projection;
+- ``ffn_in`` / ``ffn_out``: the feed-forward layer's expansion and its projection back;
+- ``head``: the CNN head and the per-label classifiers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+GROUPS = ("embeddings", "first", "last", "query", "key", "value", "attn_out", "ffn_in", "ffn_out", "head")
+_LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
+_SUFFIX_GROUP = {
+    "attention.self.query": "query",
+    "attention.self.key": "key",
+    "attention.self.value": "value",
+    "attention.output.dense": "attn_out",
+    "intermediate.dense": "ffn_in",
+    "output.dense": "ffn_out",
+}
+
+
+def parameter_groups(name: str, n_layers: int) -> set[str]:
+    """The groups a module of the tagger (by its qualified name) belongs to."""
+    groups: set[str] = set()
+    if name.startswith("head"):
+        groups.add("head")
+    if ".embeddings" in name or name.startswith("embeddings"):
+        groups.add("embeddings")
+    layer = _LAYER.search(name)
+    if layer:
+        index = int(layer.group(1))
+        if index == 0:
+            groups.add("first")
+        if index == n_layers - 1:
+            groups.add("last")
+        rest = name[layer.end() :].removesuffix(".linear")  # a smoothed layer wraps the original one
+        for suffix, group in _SUFFIX_GROUP.items():
+            if rest == suffix:
+                groups.add(group)
+                break
+    return groups
+
+
+def check_groups(keep_fp32: Iterable[str]) -> list[str]:
+    keep = sorted(set(keep_fp32))
+    unknown = [g for g in keep if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown layer groups {unknown}; known: {', '.join(GROUPS)}")
+    return keep
+
+
+def quantize_dynamic_torch(
+    tagger: nn.Module, per_channel: bool = True, keep_fp32: Iterable[str] = (), engine: str | None = None
+) -> list[str]:
+    """PyTorch dynamic int8 (int8 weights, activations quantised per batch) of the tagger's linear layers,
+    in place; returns the names of the layers quantised. Layers in a ``keep_fp32`` group stay fp32."""
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+    keep = set(check_groups(keep_fp32))
+    if engine:
+        torch.backends.quantized.engine = engine
+    n_layers = _n_layers(tagger)
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    spec: dict[str | type[nn.Module], Any] = {}
+    for name, module in tagger.named_modules():
+        if isinstance(module, nn.Linear) and not (parameter_groups(name, n_layers) & keep):
+            spec[name] = qconfig
+    quantize_dynamic(tagger, spec, dtype=torch.qint8, inplace=True)
+    return [name for name in spec if isinstance(name, str)]
+
+
+def _n_layers(tagger: nn.Module) -> int:
+    encoder = getattr(tagger, "encoder", None)
+    config = getattr(encoder, "config", None)
+    return int(getattr(config, "num_hidden_layers", 0) or 0)
+
+
+# --------------------------------------------------------------------------- smoothing activation outliers
+
+# Inputs of the feed-forward layers carry one or two outlier channels (absolute values ~30 where the median
+# channel stays under 1): with one uint8 scale per tensor they leave the other channels a few levels, which
+# is where dynamic int8 lost its accuracy (SQNR 14-15 dB into ffn_out, 25 dB into ffn_in; 33+ dB elsewhere).
+# As in SmoothQuant (Xiao et al., 2023), each input channel j is divided by s_j and the weight's column j
+# multiplied by it, so the product is unchanged and the outliers move into the (per-channel) weights. The
+# encoder is post-LayerNorm (the LayerNorm output is also the residual stream), so the division cannot be
+# folded into the LayerNorm: it stays an explicit multiply before the layer, cheap beside the product.
+SMOOTHED_GROUPS = ("ffn_in", "ffn_out")
+SMOOTHING_FILE = "int8_smoothing.safetensors"  # beside model.safetensors: per layer, its s (from training notes)
+
+
+class SmoothedLinear(nn.Module):
+    """linear(x / s) with the weight's columns scaled by s: the same function, smaller activation outliers."""
+
+    def __init__(self, linear: nn.Linear, scale: torch.Tensor) -> None:
+        super().__init__()
+        with torch.no_grad():
+            linear.weight.mul_(scale.to(linear.weight.dtype))
+        self.linear = linear
+        self.register_buffer("inverse", (1.0 / scale).to(linear.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x * self.inverse)  # type: ignore[no-any-return]
+
+
+def _smoothable(tagger: nn.Module) -> dict[str, nn.Linear]:
+    n_layers = _n_layers(tagger)
+    return {
+        name: module
+        for name, module in tagger.named_modules()
+        if isinstance(module, nn.Linear) and parameter_groups(name, n_layers) & set(SMOOTHED_GROUPS)
+    }
+
+
+@torch.no_grad()
+def activation_absmax(tagger: nn.Module, windows: Iterable[list[int]]) -> dict[str, torch.Tensor]:
+    """Per input channel, the largest |activation| entering each smoothable layer over calibration windows."""
+    found: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in _smoothable(tagger).items():
+
+        def record(_: nn.Module, inputs: tuple[torch.Tensor, ...], __: torch.Tensor, name: str = name) -> None:
+            peak = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(dim=0).float()
+            found[name] = torch.maximum(found[name], peak) if name in found else peak
+
+        hooks.append(module.register_forward_hook(record))
+    try:
+        for window in windows:
+            ids = torch.tensor([window])
+            tagger(ids, torch.ones_like(ids))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def smoothing_scales(tagger: nn.Module, absmax: dict[str, torch.Tensor], alpha: float = 0.5) -> dict[str, torch.Tensor]:
+    """s_j = max|x_j|^alpha / max|w_j|^(1 - alpha), SmoothQuant's balance between activations and weights."""
+    layers = _smoothable(tagger)
+    scales = {}
+    for name, peak in absmax.items():
+        weight_peak = layers[name].weight.detach().abs().amax(dim=0).float().clamp(min=1e-5)
+        scales[name] = (peak.clamp(min=1e-5) ** alpha / weight_peak ** (1 - alpha)).clamp(min=1e-3, max=1e3)
+    return scales
+
+
+def apply_smoothing(tagger: nn.Module, scales: dict[str, torch.Tensor]) -> None:
+    """Replace each named linear layer by its SmoothedLinear, in place."""
+    for name, scale in scales.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = tagger.get_submodule(parent_name)
+        setattr(parent, child, SmoothedLinear(getattr(parent, child), scale))
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+ONNX_OPSET = 17
+
+
+def _onnx_groups(node_name: str, op_type: str, n_layers: int) -> set[str]:
+    """Groups of a node of the fused graph (``optimize_onnx``): fused ops carry their own names."""
+    if op_type in ("EmbedLayerNormalization", "Gather"):
+        return {"embeddings"}
+    if op_type == "Attention":  # Attention_<layer>: the fused query/key/value projection
+        index = int(node_name.rsplit("_", 1)[1])
+        groups = {"query", "key", "value"}
+        if index == 0:
+            groups.add("first")
+        if index == n_layers - 1:
+            groups.add("last")
+        return groups
+    # Exported nodes are named after the module path: /tagger/encoder/encoder/layer.0/intermediate/dense/MatMul
+    module = ".".join(node_name.strip("/").split("/")[:-1])
+    return parameter_groups(module.removeprefix("tagger."), n_layers)
+
+
+class _Exportable(nn.Module):
+    def __init__(self, tagger: nn.Module) -> None:
+        super().__init__()
+        self.tagger = tagger
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.tagger(input_ids, attention_mask)
+        return logits  # type: ignore[no-any-return]
+
+
+def export_onnx(tagger: Any, path: str | Path) -> None:
+    """The fp32 tagger (encoder + head) as one ONNX graph with dynamic batch and length.
+
+    Eager attention is exported (not SDPA): ONNX Runtime's transformer optimiser recognises its pattern and
+    fuses it into one ``Attention`` op per layer (with ``EmbedLayerNormalization``, ``SkipLayerNormalization``
+    and ``BiasGelu``), which SDPA's exported pattern does not get.
+    """
+    encoder = tagger.encoder
+    previous = encoder.config._attn_implementation
+    encoder.set_attn_implementation("eager")
+    try:
+        ids = torch.full((2, 16), 5, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        axes = {0: "batch", 1: "tokens"}
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(
+                _Exportable(tagger).eval(),
+                (ids, mask),
+                str(path),
+                input_names=["input_ids", "attention_mask"],
+                output_names=["logits"],
+                dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes},
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+    finally:
+        encoder.set_attn_implementation(previous)
+
+
+def optimize_onnx(src: str | Path, dst: str | Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """ONNX Runtime's BERT fusions (offline, so every session starts from the fused graph)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    model.save_model_to_file(str(dst))
+    return {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+
+
+def quantize_onnx_dynamic(
+    src: str | Path, dst: str | Path, n_layers: int, per_channel: bool = True, keep_fp32: Iterable[str] = ()
+) -> list[str]:
+    """ONNX Runtime dynamic int8 (int8 weights, uint8 activations quantised per call) of the fused graph;
+    returns the names of the nodes kept in fp32."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    keep = set(check_groups(keep_fp32))
+    graph = onnx.load(str(src), load_external_data=False).graph
+    quantisable = {"MatMul", "Attention", "EmbedLayerNormalization", "Gather", "Conv"}
+    excluded = [
+        n.name for n in graph.node if n.op_type in quantisable and _onnx_groups(n.name, n.op_type, n_layers) & keep
+    ]
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        per_channel=per_channel,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=excluded,
+        extra_options={"DefaultTensorType": 1},  # fused ops carry no type information for shape inference
+    )
+    return excluded
+
+
+class OnnxRunner:
+    """An ONNX Runtime session with the tagger's forward signature: (ids, mask) -> logits."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = str(path)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        feed = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
+        (logits,) = self.session.run(["logits"], feed)
+        return torch.from_numpy(logits)
+
+
+def quantize_onnx_static(
+    src: str | Path,
+    dst: str | Path,
+    n_layers: int,
+    windows: Iterable[list[int]],
+    keep_fp32: Iterable[str] = (),
+    method: str = "MinMax",
+) -> list[str]:
+    """ONNX Runtime static int8 (QDQ): activation scales fixed from calibration windows (training notes).
+
+    Only MatMul and Conv take QDQ pairs; the fused ``Attention`` op has no QDQ form, so the query/key/value
+    projection stays fp32 here. Returns the names of the nodes kept in fp32.
+    """
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    keep = set(check_groups(keep_fp32))
+    graph = onnx.load(str(src), load_external_data=False).graph
+    excluded = [
+        n.name
+        for n in graph.node
+        if n.op_type in ("MatMul", "Conv") and _onnx_groups(n.name, n.op_type, n_layers) & keep
+    ]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(
+                {"input_ids": np.asarray([w], dtype=np.int64), "attention_mask": np.ones((1, len(w)), dtype=np.int64)}
+                for w in windows
+            )
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.items, None)
+
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Conv"],
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=excluded,
+        calibrate_method=getattr(CalibrationMethod, method),
+        extra_options={"DefaultTensorType": 1},
+    )
+    return excluded
+
+
+# --------------------------------------------------------------------------- the int8 model of a checkpoint
+
+# The recipe `--precision int8` uses unless the checkpoint's record names another (chosen by measurement).
+DEFAULT_KEEP_FP32: tuple[str, ...] = ("embeddings",)
+RECIPE_VERSION = 1  # bump when the exported graph changes: it is part of the cache key
+RECORD_KEY = "int8"  # tagger_config.json: extra.int8 = what was chosen and how it scored
+ACCURACY_BAR = 0.005  # strict and overlap F1 within half a point of fp32 on the validation notes
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of a checkpoint's weights file: ties a record (and a cached graph) to these exact weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with (folder / "model.safetensors").open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def int8_record(tagger: Any) -> dict[str, Any] | None:
+    record = tagger.config.extra.get(RECORD_KEY)
+    return record if isinstance(record, dict) else None
+
+
+def onnxruntime_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def int8_validated(tagger: Any) -> bool:
+    """True when the checkpoint records that its int8 model met the accuracy bar, for these very weights."""
+    record = int8_record(tagger)
+    if not record or not record.get("meets_bar") or tagger.source is None or not onnxruntime_available():
+        return False
+    return bool(record.get("weights_sha256") == weights_digest(Path(tagger.source)))
+
+
+def recipe(tagger: Any) -> dict[str, Any]:
+    record = int8_record(tagger) or {}
+    keep = record.get("keep_fp32", list(DEFAULT_KEEP_FP32))
+    return {"method": "onnxruntime-dynamic", "per_channel": True, "keep_fp32": check_groups(keep)}
+
+
+def int8_model_path(tagger: Any, cache_dir: Path | None = None) -> Path:
+    """The checkpoint's int8 ONNX graph, exported, fused and quantised on first use, then cached.
+
+    The cache entry is keyed by the weights' digest, the config, the recipe and the library versions; it
+    appears complete or not at all (built in a temporary folder, renamed into place under a file lock).
+    """
+    import hashlib
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    import onnxruntime
+
+    from worker.nlp.e5_convert import _default_cache_root, file_lock
+
+    if not onnxruntime_available():
+        raise RuntimeError("int8 inference needs onnxruntime (pip install onnxruntime)")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    if tagger.source is not None:
+        weights = weights_digest(Path(tagger.source))
+    else:  # a tagger built in memory: its parameters are the identity
+        digest = hashlib.sha256()
+        for name, tensor in sorted(tagger.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        weights = digest.hexdigest()
+    chosen = recipe(tagger)
+    config = {k: v for k, v in vars(tagger.config).items() if k != "extra"}
+    identity = json.dumps(
+        [weights, config, chosen, RECIPE_VERSION, torch.__version__, onnxruntime.__version__], sort_keys=True
+    )
+    folder = root / f"tagger-int8-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    model = folder / "tagger.int8.onnx"
+    if model.is_file():
+        return model
+    with file_lock(root / ".tagger-int8.lock"):
+        if model.is_file():
+            return model
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=root))
+        try:
+            encoder_config = tagger.encoder.config
+            export_onnx(tagger, tmp / "raw.onnx")
+            fused = optimize_onnx(
+                tmp / "raw.onnx", tmp / "fused.onnx", encoder_config.num_attention_heads, encoder_config.hidden_size
+            )
+            kept = quantize_onnx_dynamic(
+                tmp / "fused.onnx",
+                tmp / model.name,
+                encoder_config.num_hidden_layers,
+                per_channel=chosen["per_channel"],
+                keep_fp32=chosen["keep_fp32"],
+            )
+            for name in ("raw.onnx", "fused.onnx"):
+                (tmp / name).unlink()
+            meta = {**chosen, "weights_sha256": weights, "fused": fused, "kept_fp32_nodes": kept}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            os.chmod(tmp, 0o755)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model
+
+
+def release_weights(tagger: nn.Module) -> None:
+    """Drop the tagger's torch weights (an ONNX Runtime session runs it from now on); config and tokenizer stay."""
+    tagger.to_empty(device="meta")
