@@ -1,0 +1,126 @@
+"""The shipped linker: a fresh install codes Spanish, Italian and English mentions with no build step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mappings.profile import load_profile
+from mappings.terminology import CodeRequest
+from worker.coding import code_mentions
+from worker.linker import (
+    LINKER_DIR,
+    ShippedIndex,
+    load_icd10pcs,
+    quantise,
+    read_synonyms,
+    save_index,
+    shipped_linker_available,
+    thresholds,
+)
+from worker.terminology import TerminologyService, terminology_for
+
+pytestmark = pytest.mark.skipif(not shipped_linker_available(), reason="worker/linker/ has no trained linker")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TerminologyService]:
+    # An empty disk cache: everything must come from the shipped index.
+    found = terminology_for(load_profile(), "auto", cache_root=tmp_path_factory.mktemp("empty-cache"))
+    assert found is not None
+    yield found
+
+
+def first(service: TerminologyService, text: str, label: str, language: str) -> str:
+    profile = load_profile()
+    (result,) = code_mentions([text], label, language, 5, profile, service)
+    return result.candidates[0][1]
+
+
+def test_the_shipped_artefacts_are_small_and_complete() -> None:
+    sizes = {p.name: p.stat().st_size for p in LINKER_DIR.iterdir() if p.is_file()}
+    assert {"model.safetensors", "linker.json", "index.npz", "synonyms.tsv", "pcs.tsv", "thresholds.json"} <= set(sizes)
+    assert sum(sizes.values()) < 40 * 2**20
+    calibrated = thresholds()
+    assert set(calibrated["icd-10-cm"]) == {"DISEASE", "SYMPTOM"} and set(calibrated["icd-10-pcs"]) == {"PROCEDURE"}
+    assert all(system in {"icd-10-cm", "icd-10-pcs"} for system, *_ in read_synonyms())
+
+
+def test_a_fresh_install_codes_without_embedding_the_code_systems(service: TerminologyService) -> None:
+    for name in ("icd-10-cm", "icd-10-pcs"):
+        index = service.index(name)
+        assert index.matrix is not None
+        assert index.matrix.nbytes < 300 * 2**20
+    assert service.store is not None and service.store.encoder.encoded == 0  # nothing embedded but queries
+    assert first(service, "neumonía", "DISEASE", "es") == "J18.9"  # a shipped Spanish synonym: no encoding
+    assert service.store.encoder.encoded == 0
+    first(service, "fibrillazione atriale parossistica", "DISEASE", "it")
+    assert service.store.encoder.encoded == 1  # only the query
+
+
+@pytest.mark.parametrize(
+    ("text", "label", "language", "code"),
+    [
+        ("hipertensión arterial", "DISEASE", "es", "I10"),
+        ("diabetes mellitus tipo 2", "DISEASE", "es", "E11.9"),
+        ("ipotiroidismo", "DISEASE", "it", "E03.9"),
+        ("fibrillazione atriale", "DISEASE", "it", "I48.91"),
+        ("hematuria", "SYMPTOM", "es", "R31.9"),
+        ("cefalea", "SYMPTOM", "es", "R51.9"),
+        ("fiebre", "SYMPTOM", "es", "R50.9"),
+        ("heart failure", "DISEASE", "en", "I50.9"),
+    ],
+)
+def test_common_mentions_get_their_billable_code(
+    service: TerminologyService, text: str, label: str, language: str, code: str
+) -> None:
+    assert first(service, text, label, language) == code
+
+
+def test_procedures_are_coded_with_icd10pcs(service: TerminologyService) -> None:
+    (found,) = service.lookup([CodeRequest("radiografía de tórax", "PROCEDURE", ("icd-10-pcs",), "es", {}, True)])
+    assert found[0].system == "http://www.cms.gov/Medicare/Coding/ICD10"
+    assert found[0].code.startswith("BW0")  # plain radiography of the chest
+    # Partial codes (as CodiEsp codes) are categories: not returned where a profile does not allow them.
+    partial = {
+        c for c, (_, complete) in __import__("worker.linker", fromlist=["x"]).read_pcs_titles().items() if not complete
+    }
+    assert partial and load_icd10pcs().billable(next(iter(partial))) is None
+
+
+def test_the_written_codes_follow_the_calibrated_thresholds(service: TerminologyService) -> None:
+    profile = load_profile()
+    (result,) = code_mentions(["zzzz qqqq"], "DISEASE", "es", 5, profile, service)
+    assert result.written() is None or result.candidates[0][3] >= thresholds()["icd-10-cm"]["DISEASE"]
+    assert service.threshold("icd-10-cm", "DISEASE") == thresholds()["icd-10-cm"]["DISEASE"]
+
+
+def test_the_shipped_index_is_only_used_for_the_strings_and_encoder_it_was_built_from(tmp_path: Path) -> None:
+    matrix = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    q, scale = quantise(matrix)
+    assert np.abs(q * scale[:, None] - matrix).max() < 0.01
+    save_index(tmp_path / "index.npz", {"sys-display": (["a", "b", "c"], matrix)}, "rev-1")
+    index = ShippedIndex(tmp_path / "index.npz")
+    got = index.get("sys-display", ["a", "b", "c"], "rev-1")
+    assert got is not None and np.allclose(got, matrix, atol=0.01)
+    assert index.get("sys-display", ["a", "b", "d"], "rev-1") is None  # other strings
+    assert index.get("sys-display", ["a", "b", "c"], "rev-2") is None  # another encoder revision
+    assert index.get("sys-other", ["a"], "rev-1") is None
+
+
+def test_the_issues_wrong_codes_are_gone(service: TerminologyService) -> None:
+    # Each was reproduced with the previous terminology (plain e5, fixed 0.92): nonsense or wrongly written codes.
+    assert first(service, "cefalea", "DISEASE", "es") == "R51.9"  # was Q67.3 Plagiocephaly
+    assert first(service, "hipernefroma derecha", "DISEASE", "es") == "C64.1"  # was R50.9 Fever
+    assert first(service, "metástasis hepáticas", "DISEASE", "es") == "C78.7"  # was K75.9
+    assert first(service, "edema macular", "DISEASE", "es") != "H18.20"  # Corneal edema, written at 0.936
+    (hematoma,) = code_mentions(["hematoma"], "DISEASE", "es", 5, load_profile(), service)
+    assert hematoma.written() != "K66.1"  # Hemoperitoneum, written at 0.929
+    (hta,) = code_mentions(["hipertensión arterial"], "DISEASE", "es", 5, load_profile(), service)
+    assert hta.written() == "I10"  # was dropped at 0.9145
+    (death,) = code_mentions(["muerte"], "DISEASE", "es", 5, load_profile(), service)
+    assert death.written() == "R99"  # R99 was not loaded at all
