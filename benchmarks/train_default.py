@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "--mix", default="", help="per-epoch share of each group's windows, e.g. spaccc-train=0.15,crops=0.5"
     )
     parser.add_argument("--cache", type=Path, default=None, help="layer-cache folder (default: the stage's)")
+    parser.add_argument("--no-calibrate", action="store_true", help="skip the final threshold calibration")
     args = parser.parse_args(argv)
     if not all((args.data / name).is_dir() for name in CORPORA):
         raise SystemExit(MISSING_DATA.format(path=args.data))
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         train_dirs=[TRANSLATED / lang / "train" for lang in languages],
         val_dirs=[TRANSLATED / lang / "val" for lang in languages],
         cache_dir=args.cache,
+        calibrate=not args.no_calibrate,
     )
     summary = {
         "model_revision": config.model_revision,
