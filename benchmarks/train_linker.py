@@ -43,10 +43,9 @@ from mappings.terminology import CodeSystemData, normalise  # noqa: E402
 from worker.linker import (  # noqa: E402
     SYSTEM_OF_LABEL,
     icd10cm_with,
-    make_linker_encoder,
     save_index,
 )
-from worker.terminology import QUERY_PREFIX, SourceIndex, load_icd10cm  # noqa: E402
+from worker.terminology import QUERY_PREFIX, LinkerEncoder, SourceIndex, load_icd10cm  # noqa: E402
 
 MISSING = (
     "CodiEsp not found at {path}. Put the CodiEsp gold standard there (train/trainX.tsv, dev/devX.tsv; "
@@ -413,7 +412,7 @@ def main() -> int:
     config["recipe"]["data"] = "CodiEsp train (dev for the figures)"
     (args.out / "linker.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
     # The index, embedded by the saved (float16) weights exactly as the worker will load them.
-    encoder = make_linker_encoder(folder=args.out)
+    encoder = LinkerEncoder(folder=args.out)
     from worker.linker import apply_linker_weights
 
     apply_linker_weights(model, args.out)

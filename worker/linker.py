@@ -12,8 +12,8 @@ language without a build step:
 - ``thresholds.json``: per system and label, the score under which a code is not written (chosen on CodiEsp dev
   for >= 90% precision of written codes).
 
-The terminology service (:mod:`worker.terminology`) uses these through :class:`LinkerEncoder` and
-:class:`ShippedStore`; nothing here is specific to a note.
+The terminology service (:mod:`worker.terminology`) uses these through its ``LinkerEncoder`` and the
+:class:`ShippedIndex` its embedding store reads first. This module imports nothing of the worker's.
 """
 
 from __future__ import annotations
@@ -83,18 +83,6 @@ def embedded_icd_codes(data: CodeSystemData, folder: Path | None = None) -> set[
             if target is not None:
                 codes.add(target)
     return codes
-
-
-@lru_cache(maxsize=1)
-def load_icd10cm_linked() -> CodeSystemData:
-    """ICD-10-CM (:func:`worker.terminology.load_icd10cm`) with the shipped Spanish synonyms.
-
-    The ~47,000 billable codes are all matched by text; the nearest-neighbour index holds the codes of
-    :func:`embedded_icd_codes` (about 3,000: embedding all of them takes an hour on a busy 2-core machine).
-    """
-    from worker.terminology import load_icd10cm
-
-    return icd10cm_with(load_icd10cm())
 
 
 def icd10cm_with(data: CodeSystemData, folder: Path | None = None) -> CodeSystemData:
@@ -170,30 +158,6 @@ def apply_linker_weights(model: Any, folder: Path | None = None) -> str:
         raise ValueError(f"{path}: weights for another encoder ({missing[:3]} ...)")
     model.load_state_dict(state, strict=False)
     return _weights_digest(path)
-
-
-def make_linker_encoder(cache_dir: Path | None = None, folder: Path | None = None) -> Any:
-    """A :class:`worker.terminology.TextEncoder` that runs the shipped fine-tuned encoder."""
-    from worker.terminology import TextEncoder
-
-    class LinkerEncoder(TextEncoder):
-        def _load(self) -> None:
-            if self._model is not None:
-                return
-            with self._lock:
-                if self._model is not None:
-                    return
-                from worker.nlp.encoders import load_encoder, resolve_encoder
-
-                resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
-                model, tokenizer = load_encoder(resolved)
-                digest = apply_linker_weights(model, folder)
-                model.eval()
-                if self.device:
-                    model.to(self.device)
-                self._tokenizer, self._revision, self._model = tokenizer, f"{resolved.revision}+linker-{digest}", model
-
-    return LinkerEncoder(LINKER_ENCODER, cache_dir)
 
 
 # --------------------------------------------------------------------------------------------------

