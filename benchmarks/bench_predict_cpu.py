@@ -1,16 +1,21 @@
 """CPU throughput: our TaggerPipeline against transformers' TokenClassificationPipeline.
 
 Same encoder (the built-in multilingual-e5-small unless --encoder), same notes, same thread count.
-Each method runs in its own subprocess so peak memory (max RSS) is measured cleanly.
+Each method runs in its own subprocess so peak memory (max RSS) is measured cleanly; the methods alternate
+for ``--rounds`` rounds, and each run's load average (1 minute, before and after) is printed beside it.
+Methods: ``ours`` (precision auto), ``ours-fp32``, ``ours-int8``, ``ours-bf16``, ``hf`` (fp32).
+Run ``--precision int8`` once beforehand (or benchmarks/calibrate_int8.py) so the int8 graph is cached.
 
-    .venv/bin/python benchmarks/bench_predict_cpu.py --notes 60 --threads 2
+    .venv/bin/python benchmarks/bench_predict_cpu.py --notes 24 --threads 2 --methods ours-fp32,ours-int8,hf
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -96,7 +101,7 @@ def child(method: str, encoder: str, count: int, batch_size: int, threads: int) 
     if method == "hf":
         result = run_hf(encoder, notes, batch_size)
     else:
-        result = run_ours(encoder, notes, batch_size, "fp32" if method == "ours-fp32" else "auto")
+        result = run_ours(encoder, notes, batch_size, method.removeprefix("ours-") if "-" in method else "auto")
     result["notes"] = len(notes)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -108,14 +113,18 @@ def main() -> None:
     parser.add_argument("--notes", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child", choices=["ours", "ours-fp32", "hf"])
+    parser.add_argument("--child", choices=["ours", "ours-fp32", "ours-int8", "ours-bf16", "hf"])
+    parser.add_argument("--methods", default="ours,hf", help="comma-separated, run alternately")
     parser.add_argument("--rounds", type=int, default=2, help="alternate the methods this many times; best kept")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.encoder, args.notes, args.batch_size, args.threads)
         return
     rows: dict[str, dict[str, Any]] = {}
-    for method in ("ours", "hf") * args.rounds:
+    runs: dict[str, list[dict[str, Any]]] = {}
+    methods = [m for m in args.methods.split(",") if m]
+    for method in methods * args.rounds:
+        load_before = os.getloadavg()[0]
         out = subprocess.run(
             [
                 sys.executable,
@@ -137,20 +146,26 @@ def main() -> None:
             cwd=REPO,
         )
         result = json.loads(out.stdout.strip().splitlines()[-1])
+        result["load"] = (load_before, os.getloadavg()[0])
+        runs.setdefault(method, []).append(result)
+        print(
+            f"  {method:<10} {result['tokens'] / result['seconds']:>7.0f} tokens/s"
+            f"  peak {result['peak_rss_mb']:>5.0f} MB  load {result['load'][0]:.2f} -> {result['load'][1]:.2f}",
+            flush=True,
+        )
         if method not in rows or result["seconds"] < rows[method]["seconds"]:
             rows[method] = result
     print(f"encoder {args.encoder}, {args.notes} notes, batch {args.batch_size}, {args.threads} threads")
-    print(f"{'method':<28}{'tokens/s':>10}{'notes/s':>10}{'peak MB':>10}")
-    names = {
-        "ours": f"fhir-ner ({rows['ours']['precision']})",
-        "hf": "HF pipeline (simple, stride)",
-    }
-    for method, name in names.items():
+    print(f"{'method (best of rounds)':<28}{'tokens/s':>10}{'median':>10}{'notes/s':>10}{'peak MB':>10}{'x HF':>7}")
+    for method in methods:
         r = rows[method]
+        name = "HF pipeline (simple, stride)" if method == "hf" else f"fhir-ner ({r['precision']})"
+        median = statistics.median(x["tokens"] / x["seconds"] for x in runs[method])
+        ratio = rows["hf"]["seconds"] / r["seconds"] if "hf" in rows else float("nan")
         print(
-            f"{name:<28}{r['tokens'] / r['seconds']:>10.0f}{r['notes'] / r['seconds']:>10.2f}{r['peak_rss_mb']:>10.0f}"
+            f"{name:<28}{r['tokens'] / r['seconds']:>10.0f}{median:>10.0f}{r['notes'] / r['seconds']:>10.2f}"
+            f"{r['peak_rss_mb']:>10.0f}{ratio:>6.2f}x"
         )
-    print(f"throughput ratio (ours / HF): {rows['hf']['seconds'] / rows['ours']['seconds']:.2f}x")
 
 
 if __name__ == "__main__":

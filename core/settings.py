@@ -78,6 +78,11 @@ class Settings(BaseSettings):
         default=None, description="Where converted encoders are cached (default ~/.cache/fhir-ner/encoders)."
     )
     torch_threads: int | None = Field(default=None, description="CPU threads for PyTorch (default: all cores).")
+    precision: Literal["auto", "fp32", "int8", "bf16"] = Field(
+        default="auto",
+        description="Tagger arithmetic: auto = bf16 on a GPU; on a CPU int8 (ONNX Runtime) when the checkpoint "
+        "records that its int8 model met the accuracy bar, else fp32.",
+    )
     inference_batch_size: int = Field(
         default=8, ge=1, description="Windows per forward pass (halved on out-of-memory, for that worker's life)."
     )

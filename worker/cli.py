@@ -84,17 +84,28 @@ def demo(output: Path, model_path: Path | None) -> None:
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="Tagger checkpoint (default: shipped).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="CPU threads for PyTorch.")
-def predict(input_dir: Path, output: Path, model: Path | None, batch_size: int, threads: int | None) -> None:
+@click.option(
+    "--precision",
+    default=None,
+    type=click.Choice(["auto", "fp32", "int8", "bf16"]),
+    help="auto: bf16 on a GPU; on a CPU int8 when the checkpoint validated it, else fp32 [default: FHIR_NER_PRECISION "
+    "or auto].",
+)
+def predict(
+    input_dir: Path, output: Path, model: Path | None, batch_size: int, threads: int | None, precision: str | None
+) -> None:
     """Tag every *.txt in --input and write one span TSV."""
     if not input_dir.is_dir():
         raise CliError(f"--input {input_dir}: not a folder")
+    from core.settings import get_settings
     from worker.nlp.encoders import EncoderNotFoundError
     from worker.nlp.tagger import CheckpointError
     from worker.predict import load_pipeline, predict_folder
 
+    settings = get_settings()
     try:
-        pipeline = load_pipeline(model, batch_size, threads)
-    except (FileNotFoundError, CheckpointError, EncoderNotFoundError) as error:
+        pipeline = load_pipeline(model, batch_size, threads, precision or settings.precision, settings.cache_dir)
+    except (FileNotFoundError, CheckpointError, EncoderNotFoundError, ValueError, RuntimeError) as error:
         raise CliError(str(error)) from None
     from worker.runtime import get_profile
     from worker.terminology import code_for, get_terminology
@@ -105,8 +116,8 @@ def predict(input_dir: Path, output: Path, model: Path | None, batch_size: int, 
     )
     rate = run.tokens / run.seconds if run.seconds else 0.0
     click.echo(
-        f"{run.documents} notes, {run.spans} spans → {output} ({run.tokens} tokens, {rate:.0f} tokens/s)"
-        + (f"; {len(run.failed)} file(s) skipped" if run.failed else ""),
+        f"{run.documents} notes, {run.spans} spans → {output} ({run.tokens} tokens, {rate:.0f} tokens/s, "
+        f"{pipeline.precision})" + (f"; {len(run.failed)} file(s) skipped" if run.failed else ""),
         err=True,
     )
 
@@ -181,7 +192,9 @@ def extract(
 
     checkpoint = model or (Path(settings.model_path) if settings.model_path else None)
     try:
-        pipeline = load_pipeline(checkpoint, settings.inference_batch_size, settings.torch_threads)
+        pipeline = load_pipeline(
+            checkpoint, settings.inference_batch_size, settings.torch_threads, settings.precision, settings.cache_dir
+        )
     except (FileNotFoundError, CheckpointError, EncoderNotFoundError) as error:
         raise CliError(str(error)) from None
     mentions, model_info = tag_note(text, pipeline)

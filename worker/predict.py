@@ -87,6 +87,7 @@ def predict_folder(
         "encoder": tagger.config.encoder,
         "encoder_revision": tagger.config.encoder_revision,
         "labels": tagger.labels,
+        "precision": pipeline.precision,
         "documents": len(notes),
         "failed": [{"file": f, "reason": r} for f, r in failed],
     }
@@ -94,10 +95,17 @@ def predict_folder(
     return PredictionRun(len(notes), len(all_spans), failed, int(pipeline.stats["tokens"]), pipeline.stats["seconds"])
 
 
-def load_pipeline(model: Path | None, batch_size: int, threads: int | None = None) -> TaggerPipeline:
+def load_pipeline(
+    model: Path | None,
+    batch_size: int,
+    threads: int | None = None,
+    precision: str = "auto",
+    cache_dir: Path | None = None,
+) -> TaggerPipeline:
     from worker.runtime import default_model_path
 
     checkpoint = model or default_model_path()
     if checkpoint is None:
         raise FileNotFoundError("no tagger checkpoint: pass --model PATH (the default model is not installed)")
-    return TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), batch_size=batch_size, threads=threads)
+    tagger = ClinicalTagger.from_pretrained(checkpoint, cache_dir=cache_dir)
+    return TaggerPipeline(tagger, batch_size=batch_size, threads=threads, precision=precision, cache_dir=cache_dir)

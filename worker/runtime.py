@@ -46,9 +46,13 @@ def get_pipeline() -> TaggerPipeline:
                     )
                 tagger = ClinicalTagger.from_pretrained(checkpoint, cache_dir=settings.cache_dir)
                 _pipeline = TaggerPipeline(
-                    tagger, batch_size=settings.inference_batch_size, threads=settings.torch_threads
+                    tagger,
+                    batch_size=settings.inference_batch_size,
+                    threads=settings.torch_threads,
+                    precision=settings.precision,
+                    cache_dir=settings.cache_dir,
                 )
-                logger.info("tagger loaded", extra={"model": tagger.config.encoder})
+                logger.info("tagger loaded", extra={"model": tagger.config.encoder, "precision": _pipeline.precision})
     return _pipeline
 
 

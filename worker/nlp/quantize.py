@@ -413,6 +413,9 @@ def int8_model_path(tagger: Any, cache_dir: Path | None = None) -> Path:
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
         weights = digest.hexdigest()
     chosen = recipe(tagger)
+    smoothing = Path(tagger.source) / SMOOTHING_FILE if tagger.source is not None else None
+    if smoothing is not None and smoothing.is_file():
+        chosen["smoothing"] = hashlib.sha256(smoothing.read_bytes()).hexdigest()
     config = {k: v for k, v in vars(tagger.config).items() if k != "extra"}
     identity = json.dumps(
         [weights, config, chosen, RECIPE_VERSION, torch.__version__, onnxruntime.__version__], sort_keys=True
@@ -427,6 +430,10 @@ def int8_model_path(tagger: Any, cache_dir: Path | None = None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=root))
         try:
             encoder_config = tagger.encoder.config
+            if "smoothing" in chosen and smoothing is not None:
+                from safetensors.torch import load_file
+
+                apply_smoothing(tagger, load_file(str(smoothing)))  # the tagger's weights are released after
             export_onnx(tagger, tmp / "raw.onnx")
             fused = optimize_onnx(
                 tmp / "raw.onnx", tmp / "fused.onnx", encoder_config.num_attention_heads, encoder_config.hidden_size

@@ -136,3 +136,37 @@ def test_smoothing_moves_outliers_into_the_weights_without_changing_the_function
     assert torch.allclose(before, after, atol=1e-4)
     # The smoothed layers keep their groups, so keep_fp32 still finds them in the exported graph.
     assert quantize.parameter_groups("encoder.encoder.layer.1.output.dense.linear", 2) == {"last", "ffn_out"}
+
+
+def test_predict_precision_flag_and_setting(
+    tiny_tagger_path: Path, tmp_path: Path, int8_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from adapter.cli import main
+    from core.settings import Settings, get_settings
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for index, text in enumerate(SAMPLE_NOTES):
+        (notes / f"note{index}.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setenv("FHIR_NER_CACHE_DIR", str(int8_cache))
+    monkeypatch.setenv("FHIR_NER_PRECISION", "fp32")
+    get_settings.cache_clear()
+    try:
+        outputs = {}
+        for flag in (["--precision", "int8"], []):
+            pred = tmp_path / f"pred{len(flag)}.tsv"
+            args = ["predict", "--input", str(notes), "--output", str(pred), "--model", str(tiny_tagger_path), *flag]
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 0, result.output
+            outputs[len(flag)] = pred.read_text(encoding="utf-8")
+            precision = json.loads(Path(f"{pred}.meta.json").read_text())["precision"]
+            assert precision == ("int8" if flag else "fp32")  # the flag wins over FHIR_NER_PRECISION
+        strip_scores = [[line.split("\t")[:5] for line in text.splitlines()] for text in outputs.values()]
+        assert strip_scores[0] == strip_scores[1]  # same spans, same exact text slices
+    finally:
+        get_settings.cache_clear()
+    monkeypatch.setenv("FHIR_NER_PRECISION", "int4")
+    with pytest.raises(ValueError):
+        Settings()

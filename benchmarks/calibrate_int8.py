@@ -1,0 +1,99 @@
+"""Calibrate and validate a checkpoint's int8 model; record in the checkpoint what was chosen and how it scored.
+
+1. Smoothing scales for the feed-forward inputs (worker/nlp/quantize.py) from training notes of the
+   checkpoint's split (never its validation notes), saved as ``int8_smoothing.safetensors`` in the checkpoint.
+2. The validation notes `fhir-ner train` held out are tagged in fp32 and in int8 (ONNX Runtime, the graph
+   `--precision int8` builds and caches), both with the checkpoint's span threshold.
+3. ``tagger_config.json`` gets ``extra.int8``: the recipe, both scores, and ``meets_bar`` (strict and overlap
+   F1 within 0.5 points of fp32). `--precision auto` runs int8 on a CPU only when ``meets_bar`` is true and the
+   record's weights digest is this checkpoint's.
+
+    .venv/bin/python benchmarks/calibrate_int8.py --checkpoint worker/models/default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data" / "es"
+CORPORA = ("spaccc-train", "cardioccc-train")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-fp32", default=",".join(("embeddings",)), help="layer groups kept in fp32")
+    parser.add_argument("--calibration-notes", type=int, default=32)
+    parser.add_argument("--no-smoothing", action="store_true")
+    args = parser.parse_args()
+
+    import onnxruntime
+    from safetensors.torch import save_file
+
+    from worker.nlp import quantize
+    from worker.nlp.metrics import evaluate, report_to_json
+    from worker.nlp.tagger import CONFIG_FILE, ClinicalTagger, TaggerPipeline
+    from worker.nlp.training import load_corpora, predict_checkpoint
+
+    keep = quantize.check_groups([g for g in args.keep_fp32.split(",") if g])
+    train, val, _ = load_corpora([args.data / name for name in CORPORA], val_fraction=args.val_fraction, seed=args.seed)
+    config_file = args.checkpoint / CONFIG_FILE
+
+    def write_record(record: dict[str, object]) -> None:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config.setdefault("extra", {})[quantize.RECORD_KEY] = record
+        config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    smoothing = args.checkpoint / quantize.SMOOTHING_FILE
+    calibration = 0
+    if args.no_smoothing:
+        smoothing.unlink(missing_ok=True)
+    else:
+        tagger = ClinicalTagger.from_pretrained(args.checkpoint)
+        pipeline = TaggerPipeline(tagger, device="cpu", precision="fp32")
+        step = max(1, len(train) // args.calibration_notes)
+        windows = []
+        for doc in train[::step][: args.calibration_notes]:
+            ids, _ = pipeline._tokenize(doc.text)
+            for start in range(0, max(1, len(ids)), pipeline.window):
+                windows.append(pipeline.prefix_ids + ids[start : start + pipeline.window] + pipeline.suffix_ids)
+        calibration = min(args.calibration_notes, len(train[::step]))
+        scales = quantize.smoothing_scales(tagger, quantize.activation_absmax(tagger, windows))
+        save_file({k: v.contiguous() for k, v in scales.items()}, str(smoothing), metadata={"format": "pt"})
+        smoothing.chmod(0o644)
+        del tagger, pipeline
+    write_record({"keep_fp32": keep})  # the recipe the int8 graph is built with
+
+    scores = {}
+    for precision in ("fp32", "int8"):
+        gold, pred, labels = predict_checkpoint(args.checkpoint, val, precision=precision)
+        overall = report_to_json(evaluate(gold, pred, labels))["overall"]
+        scores[precision] = {k: round(float(overall[k]), 4) for k in ("strict_f1", "overlap_f1")}
+    delta = {k: round(scores["int8"][k] - scores["fp32"][k], 4) for k in ("strict_f1", "overlap_f1")}
+    record = {
+        **quantize.recipe(ClinicalTagger.from_pretrained(args.checkpoint)),
+        "smoothing": [] if args.no_smoothing else list(quantize.SMOOTHED_GROUPS),
+        "calibration_notes": calibration,
+        "validation_notes": len(val),
+        "fp32": scores["fp32"],
+        "int8": scores["int8"],
+        "delta": delta,
+        "bar": quantize.ACCURACY_BAR,
+        "meets_bar": all(d >= -quantize.ACCURACY_BAR for d in delta.values()),
+        "weights_sha256": quantize.weights_digest(args.checkpoint),
+        "onnxruntime": onnxruntime.__version__,
+    }
+    write_record(record)
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
