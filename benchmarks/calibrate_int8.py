@@ -30,9 +30,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep-fp32", default=",".join(("embeddings",)), help="layer groups kept in fp32")
+    parser.add_argument("--keep-fp32", default="embeddings,head", help="layer groups kept in fp32")
     parser.add_argument("--calibration-notes", type=int, default=32)
-    parser.add_argument("--no-smoothing", action="store_true")
+    parser.add_argument("--method", choices=["static", "dynamic"], default="static")
+    parser.add_argument("--smoothing", action="store_true", help="smooth the feed-forward inputs (measured: no gain)")
+    parser.add_argument(
+        "--fp32",
+        default=None,
+        help="STRICT,OVERLAP: fp32 scores already measured on these notes (bench_int8.py fp32), not re-run",
+    )
     args = parser.parse_args()
 
     import onnxruntime
@@ -53,10 +59,10 @@ def main() -> None:
         config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     smoothing = args.checkpoint / quantize.SMOOTHING_FILE
+    smoothing.unlink(missing_ok=True)
+    (args.checkpoint / quantize.CALIBRATION_FILE).unlink(missing_ok=True)
     calibration = 0
-    if args.no_smoothing:
-        smoothing.unlink(missing_ok=True)
-    else:
+    if args.smoothing or args.method == "static":
         tagger = ClinicalTagger.from_pretrained(args.checkpoint)
         pipeline = TaggerPipeline(tagger, device="cpu", precision="fp32")
         step = max(1, len(train) // args.calibration_notes)
@@ -66,21 +72,28 @@ def main() -> None:
             for start in range(0, max(1, len(ids)), pipeline.window):
                 windows.append(pipeline.prefix_ids + ids[start : start + pipeline.window] + pipeline.suffix_ids)
         calibration = min(args.calibration_notes, len(train[::step]))
-        scales = quantize.smoothing_scales(tagger, quantize.activation_absmax(tagger, windows))
-        save_file({k: v.contiguous() for k, v in scales.items()}, str(smoothing), metadata={"format": "pt"})
-        smoothing.chmod(0o644)
+        if args.method == "static":  # training notes' token windows: the activation ranges come from them
+            quantize.save_calibration_windows(args.checkpoint, windows)
+        if args.smoothing:
+            scales = quantize.smoothing_scales(tagger, quantize.activation_absmax(tagger, windows))
+            save_file({k: v.contiguous() for k, v in scales.items()}, str(smoothing), metadata={"format": "pt"})
+            smoothing.chmod(0o644)
         del tagger, pipeline
-    write_record({"keep_fp32": keep})  # the recipe the int8 graph is built with
+    method = f"onnxruntime-{args.method}"
+    write_record({"keep_fp32": keep, "method": method})  # the recipe the int8 graph is built with
 
     scores = {}
-    for precision in ("fp32", "int8"):
+    if args.fp32:
+        strict, overlap = (float(x) for x in args.fp32.split(","))
+        scores["fp32"] = {"strict_f1": strict, "overlap_f1": overlap}
+    for precision in ("int8",) if args.fp32 else ("fp32", "int8"):
         gold, pred, labels = predict_checkpoint(args.checkpoint, val, precision=precision)
         overall = report_to_json(evaluate(gold, pred, labels))["overall"]
         scores[precision] = {k: round(float(overall[k]), 4) for k in ("strict_f1", "overlap_f1")}
     delta = {k: round(scores["int8"][k] - scores["fp32"][k], 4) for k in ("strict_f1", "overlap_f1")}
     record = {
         **quantize.recipe(ClinicalTagger.from_pretrained(args.checkpoint)),
-        "smoothing": [] if args.no_smoothing else list(quantize.SMOOTHED_GROUPS),
+        "smoothing": list(quantize.SMOOTHED_GROUPS) if args.smoothing else [],
         "calibration_notes": calibration,
         "validation_notes": len(val),
         "fp32": scores["fp32"],

@@ -342,7 +342,10 @@ def quantize_onnx_static(
 # --------------------------------------------------------------------------- the int8 model of a checkpoint
 
 # The recipe `--precision int8` uses unless the checkpoint's record names another (chosen by measurement).
-DEFAULT_KEEP_FP32: tuple[str, ...] = ("embeddings",)
+DEFAULT_KEEP_FP32: tuple[str, ...] = ("embeddings", "head")
+# Static int8 (activation ranges calibrated on training notes) needs those notes' token windows: the
+# calibration script stores them in the checkpoint, so the graph can be rebuilt wherever it is used.
+CALIBRATION_FILE = "int8_calibration.safetensors"
 RECIPE_VERSION = 1  # bump when the exported graph changes: it is part of the cache key
 RECORD_KEY = "int8"  # tagger_config.json: extra.int8 = what was chosen and how it scored
 ACCURACY_BAR = 0.005  # strict and overlap F1 within half a point of fp32 on the validation notes
@@ -379,9 +382,33 @@ def int8_validated(tagger: Any) -> bool:
 
 
 def recipe(tagger: Any) -> dict[str, Any]:
+    """How the int8 graph is built: the record's choice, else static when calibration windows are there."""
     record = int8_record(tagger) or {}
     keep = record.get("keep_fp32", list(DEFAULT_KEEP_FP32))
-    return {"method": "onnxruntime-dynamic", "per_channel": True, "keep_fp32": check_groups(keep)}
+    calibrated = tagger.source is not None and (Path(tagger.source) / CALIBRATION_FILE).is_file()
+    method = record.get("method") or ("onnxruntime-static" if calibrated else "onnxruntime-dynamic")
+    return {"method": method, "per_channel": True, "keep_fp32": check_groups(keep)}
+
+
+def save_calibration_windows(folder: Path, windows: list[list[int]]) -> None:
+    from safetensors.torch import save_file
+
+    ids = torch.tensor([i for w in windows for i in w], dtype=torch.int32)
+    lengths = torch.tensor([len(w) for w in windows], dtype=torch.int32)
+    save_file({"ids": ids, "lengths": lengths}, str(folder / CALIBRATION_FILE), metadata={"format": "pt"})
+    (folder / CALIBRATION_FILE).chmod(0o644)
+
+
+def load_calibration_windows(folder: Path) -> list[list[int]]:
+    from safetensors.torch import load_file
+
+    data = load_file(str(folder / CALIBRATION_FILE))
+    ids = data["ids"].tolist()
+    windows, start = [], 0
+    for length in data["lengths"].tolist():
+        windows.append(ids[start : start + length])
+        start += length
+    return windows
 
 
 def int8_model_path(tagger: Any, cache_dir: Path | None = None) -> Path:
@@ -416,6 +443,10 @@ def int8_model_path(tagger: Any, cache_dir: Path | None = None) -> Path:
     smoothing = Path(tagger.source) / SMOOTHING_FILE if tagger.source is not None else None
     if smoothing is not None and smoothing.is_file():
         chosen["smoothing"] = hashlib.sha256(smoothing.read_bytes()).hexdigest()
+    if chosen["method"] == "onnxruntime-static":
+        if tagger.source is None or not (Path(tagger.source) / CALIBRATION_FILE).is_file():
+            raise RuntimeError(f"static int8 needs {CALIBRATION_FILE} in the checkpoint (benchmarks/calibrate_int8.py)")
+        chosen["calibration"] = hashlib.sha256((Path(tagger.source) / CALIBRATION_FILE).read_bytes()).hexdigest()
     config = {k: v for k, v in vars(tagger.config).items() if k != "extra"}
     identity = json.dumps(
         [weights, config, chosen, RECIPE_VERSION, torch.__version__, onnxruntime.__version__], sort_keys=True
@@ -438,15 +469,25 @@ def int8_model_path(tagger: Any, cache_dir: Path | None = None) -> Path:
             fused = optimize_onnx(
                 tmp / "raw.onnx", tmp / "fused.onnx", encoder_config.num_attention_heads, encoder_config.hidden_size
             )
-            kept = quantize_onnx_dynamic(
-                tmp / "fused.onnx",
-                tmp / model.name,
-                encoder_config.num_hidden_layers,
-                per_channel=chosen["per_channel"],
-                keep_fp32=chosen["keep_fp32"],
-            )
-            for name in ("raw.onnx", "fused.onnx"):
-                (tmp / name).unlink()
+            if chosen["method"] == "onnxruntime-static":
+                kept = quantize_onnx_static(
+                    tmp / "fused.onnx",
+                    tmp / model.name,
+                    encoder_config.num_hidden_layers,
+                    load_calibration_windows(Path(tagger.source)),
+                    keep_fp32=chosen["keep_fp32"],
+                )
+            else:
+                kept = quantize_onnx_dynamic(
+                    tmp / "fused.onnx",
+                    tmp / model.name,
+                    encoder_config.num_hidden_layers,
+                    per_channel=chosen["per_channel"],
+                    keep_fp32=chosen["keep_fp32"],
+                )
+            for leftover in tmp.iterdir():  # the raw and fused graphs, ONNX Runtime's augmented calibration copy
+                if leftover.name != model.name:
+                    leftover.unlink()
             meta = {**chosen, "weights_sha256": weights, "fused": fused, "kept_fp32_nodes": kept}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             os.chmod(tmp, 0o755)

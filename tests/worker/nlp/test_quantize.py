@@ -170,3 +170,21 @@ def test_predict_precision_flag_and_setting(
     monkeypatch.setenv("FHIR_NER_PRECISION", "int4")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_static_int8_is_built_from_the_checkpoints_calibration_windows(
+    tiny_tagger_path: Path, tmp_path: Path, int8_cache: Path
+) -> None:
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_tagger_path, checkpoint)
+    fp32 = TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), precision="fp32")
+    tokenizer = fp32.tokenizer
+    windows = [list(tokenizer(text)["input_ids"]) for text in SAMPLE_NOTES]
+    quantize.save_calibration_windows(checkpoint, windows)
+    assert quantize.load_calibration_windows(checkpoint) == windows
+    tagger = ClinicalTagger.from_pretrained(checkpoint)
+    assert quantize.recipe(tagger)["method"] == "onnxruntime-static"
+    int8 = TaggerPipeline(tagger, precision="int8", cache_dir=int8_cache)
+    meta = json.loads((Path(int8.runner.path).parent / "meta.json").read_text())
+    assert meta["method"] == "onnxruntime-static" and meta["calibration"]
+    assert spans_of(int8, SAMPLE_NOTES) == spans_of(fp32, SAMPLE_NOTES)
