@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--redis", default=os.environ.get("FHIR_NER_TEST_REDIS_URL", "redis://127.0.0.1:6379/14"))
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
+    # Read before importing the tests' helpers: conftest installs tests/repo_guard.py, which hides ../shared.
+    texts = notes_of(args.notes + 1, args.chars)
 
     import redis
     from conftest import WorkerProcess
@@ -68,7 +70,6 @@ def main() -> None:
     from test_end_to_end import create
 
     prefix = f"bench-e2e-{uuid.uuid4().hex[:8]}"
-    texts = notes_of(args.notes + 1, args.chars)
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / prefix
     workdir.mkdir(parents=True)
     with FhirTestServer() as ehr:

@@ -378,6 +378,8 @@ def int8_validated(tagger: Any) -> bool:
     record = int8_record(tagger)
     if not record or not record.get("meets_bar") or tagger.source is None or not onnxruntime_available():
         return False
+    if not record.get("auto", True):  # met the accuracy bar, but its owner chose fp32 for auto (speed, memory)
+        return False
     return bool(record.get("weights_sha256") == weights_digest(Path(tagger.source)))
 
 

@@ -111,6 +111,10 @@ def test_auto_runs_int8_on_cpu_only_when_this_checkpoint_was_validated(
     assert auto.precision == "int8"
     record(False, digest)  # int8 missed the bar
     assert TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu").precision == "fp32"
+    config = json.loads((checkpoint / "tagger_config.json").read_text())
+    config["extra"][quantize.RECORD_KEY] = {"meets_bar": True, "weights_sha256": digest, "auto": False}
+    (checkpoint / "tagger_config.json").write_text(json.dumps(config))  # validated, but kept out of auto
+    assert TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu").precision == "fp32"
     record(True, "0" * 64)  # a record copied from other weights is not trusted
     assert TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu").precision == "fp32"
     with pytest.raises(ValueError, match="precision must be one of"):
