@@ -44,3 +44,31 @@ def test_demo_without_a_model_says_so_in_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["demo", "--output", str(tmp_path), "--model", str(tmp_path / "none")])
     assert result.exit_code == 1
     assert result.output.startswith("Error:") and "not a tagger checkpoint" in result.output
+
+
+def test_demo_with_the_shipped_model_codes_spanish_and_italian_and_keeps_history_active(
+    app_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: what a newcomer sees first. Past history ("Antecedentes de hipertensión arterial y diabetes
+    mellitus tipo 2") stays on the problem list, and notes in Spanish and Italian get ICD-10-CM codes."""
+    monkeypatch.setenv("FHIR_NER_REDIS_URL", "redis://127.0.0.1:1/0")  # the in-process transport: no Redis needed
+    output = tmp_path / "demo-output"
+    result = CliRunner().invoke(main, ["demo", "--output", str(output)])
+    assert result.exit_code == 0, result.output
+
+    def conditions(name: str) -> dict[str, tuple[set[str], str]]:
+        bundle = json.loads((output / name).read_text(encoding="utf-8"))
+        found = {}
+        for entry in bundle["entry"]:
+            resource = entry["resource"]
+            if resource["resourceType"] == "Condition":
+                codes = {c["code"] for c in resource["code"].get("coding", []) if c["system"].endswith("icd-10-cm")}
+                found[resource["code"]["text"]] = (codes, resource["clinicalStatus"]["coding"][0]["code"])
+        return found
+
+    spanish = conditions("demo-es-neumonia-1.json")
+    assert spanish["hipertensión arterial"] == ({"I10"}, "active")
+    assert spanish["diabetes mellitus tipo 2"] == ({"E11.9"}, "active")
+    italian = conditions("demo-it-cardiologia-1.json")
+    assert italian["fibrillazione atriale"][0] == {"I48.91"}
+    assert italian["insufficienza cardiaca"][0] == {"I50.9"}
