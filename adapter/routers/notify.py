@@ -18,7 +18,6 @@ from typing import Annotated, Any
 import redis
 from fastapi import APIRouter, Header, Path, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from adapter import metrics
 from adapter.auth import bearer_matches, signature_matches
@@ -216,9 +215,7 @@ async def _receive(request: Request, put_id: str | None = None) -> Response:
         if put_id is not None:
             _check_put(notification, put_id)
         try:
-            # Redis round trip in a worker thread: while it waits for Redis the event loop reads and checks
-            # other notifications, and their round trips overlap (README, "Acknowledgement benchmark").
-            outcome = await run_in_threadpool(get_intake().accept, notification)
+            outcome = get_intake().accept(notification)
         except IntakeRejectedError as error:
             raise _RefusalError(400, "invalid", str(error)) from None
         except QueueUnavailableError:
