@@ -47,7 +47,11 @@ def route_task(name: str, *_: object, **__: object) -> dict[str, str]:
 @lru_cache(maxsize=1)
 def get_celery_app() -> Celery:
     settings = get_settings()
-    app = Celery("fhir_ner", broker=settings.redis_url, include=["worker.tasks", "worker.review_tasks"])
+    app = Celery(
+        "fhir_ner",
+        broker=settings.redis_url,
+        include=["worker.tasks", "worker.review_tasks", "worker.review_actions"],
+    )
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

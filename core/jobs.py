@@ -34,6 +34,7 @@ TASKS = {
     # The review pages' jobs (worker/review_tasks.py): argument is an id of a request kept in Redis.
     "review_try": "worker.review_tasks.try_text",
     "retry_dead_letter": "worker.review_tasks.retry_dead_letter",
+    "review_action": "worker.review_actions.apply_action",  # a reviewer's confirm/reject/correct/add (I/O queue)
 }
 TASK_PROCESS_NOTE = TASKS["process_note"]
 TASK_RETRACT_NOTE = TASKS["retract_note"]

@@ -17,6 +17,7 @@ Note text lives only in values here, never in key names, task messages or logs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -28,6 +29,88 @@ from core.state import NOTE_TTL_SECONDS
 
 TRY_TTL_SECONDS = 600
 ACTION_KINDS = ("confirm", "reject", "correct", "add")
+ACTION_STATES = ("queued", "done", "failed")
+#: Kinds whose target is a resource, whatever note version it is looked at from; the others carry offsets
+#: into one version's text.
+RESOURCE_ACTIONS = ("confirm", "reject")
+
+
+def action_id(document_id: str, version_id: str, kind: str, resource: str | None, payload: dict[str, Any]) -> str:
+    """Deterministic and reviewer-independent: the same action sent twice (a double submit, two reviewers
+    agreeing) is one action. Confirm and reject name the resource only; correct and add their version's offsets."""
+    version = "" if kind in RESOURCE_ACTIONS else version_id
+    body = json.dumps([document_id, version, kind, resource or "", payload], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+def feedback_document(record: dict[str, Any], actions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reviewed note as a training document: its text and the model's mentions, minus the rejected ones,
+    with the corrections, plus the added ones. Only done actions count; correct and add only for the version
+    they were made on (their offsets are into that version's text)."""
+    version = str(record.get("version"))
+    mentions: list[dict[str, Any]] = [
+        {
+            "label": m["label"],
+            "start": int(m["start"]),
+            "end": int(m["end"]),
+            "resource": m.get("resource"),
+            "index": m.get("index"),
+            "reviewed": None,
+        }
+        for m in record.get("mentions", [])
+        if not m.get("added_by")
+    ]
+    for action in sorted(actions, key=lambda a: float(a.get("created") or 0)):
+        if action.get("state") != "done":
+            continue
+        kind = action.get("kind")
+        same_version = str(action.get("version")) == version
+        if kind == "add":
+            if same_version:
+                payload = action["payload"]
+                mentions.append(
+                    {
+                        "label": payload["label"],
+                        "start": int(payload["start"]),
+                        "end": int(payload["end"]),
+                        "resource": action.get("created_resource"),
+                        "index": None,
+                        "reviewed": "added",
+                    }
+                )
+            continue
+        for mention in mentions:
+            targeted = (action.get("resource") and mention["resource"] == action.get("resource")) or (
+                same_version and mention["index"] is not None and mention["index"] == action.get("index")
+            )
+            if not targeted:
+                continue
+            if kind == "reject":
+                mention["reviewed"] = "rejected"
+            elif kind == "confirm" and mention["reviewed"] is None:
+                mention["reviewed"] = "confirmed"
+            elif kind == "correct" and same_version:
+                payload = action["payload"]
+                mention.update(
+                    label=payload["label"], start=int(payload["start"]), end=int(payload["end"]), reviewed="corrected"
+                )
+                if action.get("created_resource"):
+                    mention["resource"] = action["created_resource"]
+    text = str(record.get("text") or "")
+    kept = [
+        {**{k: m[k] for k in ("label", "start", "end", "reviewed")}, "text": text[m["start"] : m["end"]]}
+        for m in mentions
+        if m["reviewed"] != "rejected" and 0 <= m["start"] < m["end"] <= len(text)
+    ]
+    kept.sort(key=lambda m: (m["start"], m["end"], m["label"]))
+    return {
+        "document": record.get("document"),
+        "version": version,
+        "language": record.get("language"),
+        "text": text,
+        "mentions": kept,
+        "updated": time.time(),
+    }
 
 
 def _text(value: bytes | str) -> str:
@@ -118,6 +201,17 @@ class ReviewStore:
         return [a for a in found if a is not None]
 
     # Training documents from reviews --------------------------------------------------------------------------
+    def note_actions(self, document_id: str) -> dict[str, Any]:
+        """The latest action per target on a note, for the note view: ``resource`` -> action and
+        ``index:{version}:{i}`` -> action."""
+        shown: dict[str, Any] = {}
+        for action in self.actions(document_id):
+            if action.get("resource"):
+                shown[str(action["resource"])] = action
+            if action.get("index") is not None:
+                shown[f"index:{action.get('version')}:{action['index']}"] = action
+        return shown
+
     def put_feedback(self, document_id: str, document: dict[str, Any]) -> None:
         self.client.set(self.key("feedback", document_id), json.dumps(document))
 

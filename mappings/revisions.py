@@ -11,6 +11,9 @@ its derivation reference points at a version of this very note; anything else is
 - A retracted note (``DocumentReference.status`` entered-in-error) retires every live resource.
 - If the EHR holds resources derived from a *newer* version (numeric version ids), the note version being
   processed is stale (a late delivery): nothing is written.
+- A reviewer's word wins (``mappings/review.py``, the ``{namespace}/review`` tag): a finding a reviewer rejected is
+  never created again, whatever later versions say, and a resource a reviewer confirmed, corrected or added is
+  kept even when the new version no longer yields it (only a retracted note retires it).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class DerivedResource:
     document_version: str | None
     mention_key: str | None
     retired: bool
+    review: str | None = None  # the reviewer's tag: confirmed, rejected, corrected or added
 
     @property
     def reference(self) -> str:
@@ -59,7 +63,16 @@ def parse_derived(resource: dict[str, Any], namespace: str, document_id: str) ->
         document_version=source[1],
         mention_key=identifier_value(resource, mention_key_system(namespace)),
         retired=get_retirement(resource_type).is_retired(resource),
+        review=_review_state(resource, namespace),
     )
+
+
+def _review_state(resource: dict[str, Any], namespace: str) -> str | None:
+    system = f"{namespace}/review"  # mappings.review.review_tag_system (that module imports this one)
+    for tag in (resource.get("meta") or {}).get("tag") or []:
+        if tag.get("system") == system and tag.get("code"):
+            return str(tag["code"])
+    return None
 
 
 def parse_existing(resources: Iterable[dict[str, Any]], namespace: str, document_id: str) -> list[DerivedResource]:
@@ -99,10 +112,11 @@ def reconcile(new_keys: Sequence[str], existing: Sequence[DerivedResource], vers
     live = [e for e in existing if not e.retired]
     wanted = set(new_keys)
     live_keys = {e.mention_key for e in live if e.mention_key}
+    rejected = {e.mention_key for e in existing if e.review == "rejected" and e.mention_key}
     return Reconciliation(
-        create=[key for key in new_keys if key not in live_keys],
-        kept=[e for e in live if e.mention_key in wanted],
-        retire=[e for e in live if e.mention_key not in wanted],
+        create=[key for key in new_keys if key not in live_keys and key not in rejected],
+        kept=[e for e in live if e.mention_key in wanted or e.review],
+        retire=[e for e in live if e.mention_key not in wanted and not e.review],
     )
 
 

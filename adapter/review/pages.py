@@ -166,6 +166,8 @@ async def queue(request: Request, status: str = "", q: str = "", message: str = 
 _MESSAGES = {
     "retry-requested": "Retry requested: a worker sends the job back to its queue.",
     "retry-missing": "That job is no longer dead-lettered.",
+    "action-queued": "Action queued: a worker writes it to the EHR (reload to see it done).",
+    "action-exists": "That action was recorded already; it is not sent twice.",
 }
 
 
@@ -183,14 +185,28 @@ async def retry_dead_letter(request: Request) -> Response:
 
 # Note view -------------------------------------------------------------------------------------------------------
 @router.get("/notes/{document_id}")
-async def note(request: Request, document_id: str, version: str = "") -> Response:
+async def note(request: Request, document_id: str, version: str = "", message: str = "") -> Response:
     reviewer = current_reviewer(request)
+    return _note_page(request, reviewer, document_id, version, message=message if message in _MESSAGES else "")
+
+
+def _note_page(
+    request: Request,
+    reviewer: Reviewer,
+    document_id: str,
+    version: str,
+    status_code: int = 200,
+    message: str = "",
+    error: str | None = None,
+) -> Response:
     statuses = get_note_state().get_status(document_id) if _valid_id(document_id) else {}
-    records = review_store().records(document_id) if _valid_id(document_id) else {}
+    store = review_store()
+    records = store.records(document_id) if _valid_id(document_id) else {}
     if not statuses and not records:
         return page("missing.html", request, reviewer, status_code=404, what=f"DocumentReference/{document_id}")
     versions = sorted(set(statuses) | set(records), key=render.version_key)
-    chosen = version if version in versions else (max(records, key=render.version_key) if records else versions[-1])
+    latest = max(records, key=render.version_key) if records else None
+    chosen = version if version in versions else (latest or versions[-1])
     record = records.get(chosen)
     pieces: list[dict[str, Any]] = []
     if record and record.get("text") is not None:
@@ -204,10 +220,14 @@ async def note(request: Request, document_id: str, version: str = "") -> Respons
         }
         for v in versions
     ]
+    actions = store.actions(document_id) if records else []
+    # Actions are taken on the latest recorded version (what the EHR holds now), on its text.
+    reviewable = bool(record and chosen == latest and record.get("text") is not None)
     return page(
         "note.html",
         request,
         reviewer,
+        status_code=status_code,
         document_id=document_id,
         version=chosen,
         record=record,
@@ -216,7 +236,106 @@ async def note(request: Request, document_id: str, version: str = "") -> Respons
         history=history,
         ehr=ehr.rstrip("/") if ehr else None,
         labels=sorted({m["label"] for m in (record or {}).get("mentions", [])}),
+        review={
+            "on": reviewable,
+            "csrf": reviewer.csrf,
+            "document": document_id,
+            "version": chosen,
+            "by_target": store.note_actions(document_id) if records else {},
+            "labels": render.KNOWN_LABELS,
+            "systems": ACTION_SYSTEMS,
+        },
+        actions=actions,
+        message=_MESSAGES.get(message, ""),
+        error=error,
     )
+
+
+#: Code systems a reviewer may pick for a corrected or added mention (the ones the shipped profile writes).
+ACTION_SYSTEMS = {
+    "http://hl7.org/fhir/sid/icd-10-cm": "ICD-10-CM",
+    "http://www.cms.gov/Medicare/Coding/ICD10": "ICD-10-PCS",
+    "http://snomed.info/sct": "SNOMED CT",
+}
+_CODE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-")
+
+
+def _span_payload(form: Any, text: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(payload, None) for a valid start/end/label/code, else (None, what is wrong)."""
+    try:
+        start, end = int(str(form.get("start") or "")), int(str(form.get("end") or ""))
+    except ValueError:
+        return None, "Start and end must be character offsets (whole numbers)."
+    if not 0 <= start < end <= len(text):
+        return None, f"The span must lie inside the note text: 0 ≤ start < end ≤ {len(text)}."
+    label = str(form.get("label") or "")
+    if label not in render.KNOWN_LABELS:
+        return None, f"Label must be one of {', '.join(render.KNOWN_LABELS)}."
+    code = str(form.get("code") or "").strip()
+    system = str(form.get("system") or "")
+    if code and (len(code) > 20 or not set(code) <= _CODE_CHARS):
+        return None, "A code is letters, digits, dots and dashes (at most 20)."
+    if code and system not in ACTION_SYSTEMS:
+        return None, "Choose the code's system."
+    return {"start": start, "end": end, "label": label, "system": system if code else "", "code": code}, None
+
+
+@router.post("/notes/{document_id}/actions")
+async def note_action(request: Request, document_id: str) -> Response:
+    """A reviewer's confirm / reject / correct / add: checked here, kept in Redis, written by a worker."""
+    from core.review import ACTION_KINDS, action_id
+
+    reviewer = current_reviewer(request)
+    form = await request.form()
+    check_csrf(request, reviewer.csrf, str(form.get("csrf") or ""))
+    version = str(form.get("version") or "")
+    kind = str(form.get("kind") or "")
+    store = review_store()
+    record = store.records(document_id).get(version) if _valid_id(document_id) and len(version) <= 64 else None
+    if record is None:
+        return page("missing.html", request, reviewer, status_code=404, what=f"DocumentReference/{document_id}")
+    if kind not in ACTION_KINDS:
+        return _note_page(request, reviewer, document_id, version, 400, error="Unknown action.")
+    resource = str(form.get("resource") or "") if kind != "add" else ""
+    mention = next((m for m in record.get("mentions", []) if resource and m.get("resource") == resource), None)
+    if kind != "add" and mention is None:
+        return page("missing.html", request, reviewer, status_code=404, what=resource[:100] or "that resource")
+    payload: dict[str, Any] = {}
+    if kind in ("correct", "add"):
+        if record.get("text") is None:
+            return _note_page(request, reviewer, document_id, version, 400, error="The note text is no longer held.")
+        found, problem = _span_payload(form, str(record["text"]))
+        if found is None:
+            return _note_page(request, reviewer, document_id, version, 400, error=problem)
+        payload = found
+    identifier = action_id(document_id, version, kind, resource or None, payload)
+    action = {
+        "id": identifier,
+        "document": document_id,
+        "version": version,
+        "kind": kind,
+        "resource": resource or None,
+        "index": mention.get("index") if mention else None,
+        "mention": {k: mention.get(k) for k in ("label", "start", "end", "assertion", "resource_type", "mention_key")}
+        if mention
+        else None,
+        "payload": payload,
+        "reviewer": reviewer.name,
+        "state": "queued",
+        "message": None,
+        "created": time.time(),
+    }
+    if store.put_action(action):
+        _send("review_action", identifier)
+        message = "action-queued"
+    else:
+        existing = store.action(identifier) or {}
+        message = "action-exists"
+        if existing.get("state") == "failed":  # sent again after a failure: try once more
+            store.update_action(identifier, state="queued", message=None, reviewer=reviewer.name)
+            _send("review_action", identifier)
+            message = "action-queued"
+    return RedirectResponse(f"/review/notes/{document_id}?version={version}&message={message}#actions", status_code=303)
 
 
 # Patient view ----------------------------------------------------------------------------------------------------

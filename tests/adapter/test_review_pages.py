@@ -460,3 +460,146 @@ def test_review_tokens_must_be_name_token_pairs(monkeypatch: pytest.MonkeyPatch)
         assert "FHIR_NER_REVIEW_TOKENS takes name:token pairs" in str(error.value)
     monkeypatch.setenv("FHIR_NER_REVIEW_TOKENS", " Ana : token-aaaa-1 ,Bob:token-bbbb-2")
     assert Settings().reviewers() == [("Ana", "token-aaaa-1"), ("Bob", "token-bbbb-2")]
+
+
+# Reviewer actions -------------------------------------------------------------------------------------------------
+def _action_form(client: TestClient, **fields: str) -> dict[str, str]:
+    return {"csrf": page_csrf(client, "/review/notes/note-1"), "version": "1", **fields}
+
+
+def test_the_note_view_offers_confirm_reject_correct_and_add_on_the_latest_version(client: TestClient) -> None:
+    from core.deps import get_redis
+    from core.review import ReviewStore
+    from core.settings import get_settings
+
+    record = seed_note()
+    login(client)
+    page = client.get("/review/notes/note-1").text
+    # A confirm and a reject form per written resource, a correct form, and the add form; none for disnea.
+    assert page.count('name="kind" value="confirm"') == 3
+    assert page.count('name="kind" value="reject"') == 3
+    assert page.count('name="kind" value="correct"') == 3
+    assert page.count('name="kind" value="add"') == 1
+    assert 'aria-label="Confirm neumonía (Condition/c1)"' in page
+    assert '<label for="add-start">Start</label>' in page and 'id="add-start"' in page
+    # Each form carries the session's CSRF token.
+    assert page.count(f'name="csrf" value="{page_csrf(client)}"') >= 11
+    # An older version is shown without controls (actions go on what the EHR holds now).
+    ReviewStore(get_redis(), get_settings().key_prefix).put_record("note-1", "2", {**record, "version": "2"})
+    old = client.get("/review/notes/note-1", params={"version": "1"}).text
+    assert 'value="confirm"' not in old
+
+
+def test_an_action_needs_login_and_the_csrf_token(client: TestClient) -> None:
+    from core.celery_app import broker_queue_key
+    from core.deps import get_redis
+
+    seed_note()
+    data = {"version": "1", "kind": "confirm", "resource": "Condition/c1"}
+    assert client.post("/review/notes/note-1/actions", data=data).status_code == 303  # to the login
+    login(client)
+    csrf = page_csrf(client)
+    assert client.post("/review/notes/note-1/actions", data=data).status_code == 403
+    assert client.post("/review/notes/note-1/actions", data={**data, "csrf": "wrong"}).status_code == 403
+    foreign = client.post(
+        "/review/notes/note-1/actions", data={**data, "csrf": csrf}, headers={"Origin": "https://evil.example"}
+    )
+    assert foreign.status_code == 403
+    assert get_redis().llen(broker_queue_key("io")) == 0
+
+
+def test_an_action_on_a_resource_of_another_note_or_an_unknown_note_is_a_404(client: TestClient) -> None:
+    from core.celery_app import broker_queue_key
+    from core.deps import get_redis
+
+    seed_note()
+    login(client)
+    form = _action_form(client, kind="reject")
+    for path, resource in [
+        ("/review/notes/note-1/actions", "Condition/not-in-this-note"),
+        ("/review/notes/note-1/actions", ""),
+        ("/review/notes/nope/actions", "Condition/c1"),
+    ]:
+        response = client.post(path, data={**form, "resource": resource})
+        assert response.status_code == 404, (path, resource)
+        assert "Not found" in response.text or "not found" in response.text.lower()
+    other_version = {**form, "version": "9", "resource": "Condition/c1"}
+    assert client.post("/review/notes/note-1/actions", data=other_version).status_code == 404
+    assert get_redis().llen(broker_queue_key("io")) == 0
+
+
+def test_a_double_submit_is_one_action_and_one_task(client: TestClient) -> None:
+    from core.celery_app import broker_queue_key
+    from core.deps import get_redis
+    from core.review import ReviewStore
+    from core.settings import get_settings
+
+    seed_note()
+    login(client)
+    form = _action_form(client, kind="confirm", resource="Condition/c1")
+    first = client.post("/review/notes/note-1/actions", data=form)
+    assert first.status_code == 303
+    assert first.headers["location"] == "/review/notes/note-1?version=1&message=action-queued#actions"
+    again = client.post("/review/notes/note-1/actions", data=form)
+    assert again.headers["location"].endswith("message=action-exists#actions")
+    store = ReviewStore(get_redis(), get_settings().key_prefix)
+    (action,) = store.actions("note-1")
+    assert action["kind"] == "confirm" and action["state"] == "queued" and action["reviewer"] == "Dr Ana Ruiz"
+    assert action["mention"]["label"] == "DISEASE"
+    messages = get_redis().lrange(broker_queue_key("io"), 0, -1)
+    assert len(messages) == 1
+    message = json.loads(messages[0])
+    assert message["headers"]["task"] == "worker.review_actions.apply_action"
+    assert json.loads(__import__("base64").b64decode(message["body"]))[0] == [action["id"]]  # the id only
+    assert SECRET not in json.dumps(message)
+    page = client.get(first.headers["location"]).text
+    assert "Action queued" in page and "confirm: <strong>queued</strong>" in page
+    # A failed action sent again is tried again; a done one is not.
+    store.update_action(action["id"], state="failed", message="the EHR did not take it")
+    assert "failed" in client.get("/review/notes/note-1").text
+    client.post("/review/notes/note-1/actions", data=form)
+    assert store.action(action["id"])["state"] == "queued"
+    assert get_redis().llen(broker_queue_key("io")) == 2
+
+
+def test_corrections_and_additions_are_checked_against_the_note_text(client: TestClient) -> None:
+    from core.deps import get_redis
+    from core.review import ReviewStore
+    from core.settings import get_settings
+
+    seed_note()
+    login(client)
+    form = _action_form(client)
+    bad = [
+        ({"kind": "add", "start": "5", "end": "3", "label": "DISEASE"}, "The span must lie inside the note text"),
+        ({"kind": "add", "start": "0", "end": "999", "label": "DISEASE"}, "The span must lie inside the note text"),
+        ({"kind": "add", "start": "a", "end": "3", "label": "DISEASE"}, "whole numbers"),
+        ({"kind": "add", "start": "0", "end": "3", "label": "DRUG"}, "Label must be one of"),
+        ({"kind": "add", "start": "0", "end": "3", "label": "DISEASE", "code": "<x>"}, "A code is letters"),
+        ({"kind": "fix", "resource": "Condition/c1"}, "Unknown action."),
+    ]
+    for fields, problem in bad:
+        response = client.post("/review/notes/note-1/actions", data={**form, **fields})
+        assert response.status_code == 400, fields
+        assert problem in response.text
+    store = ReviewStore(get_redis(), get_settings().key_prefix)
+    assert store.actions("note-1") == []
+    start = NOTE_TEXT.index("Diagnóstico de neumonía")
+    good = {
+        "kind": "correct",
+        "resource": "Condition/c1",
+        "start": str(start),
+        "end": str(start + len("Diagnóstico de neumonía")),
+        "label": "DISEASE",
+        "system": "http://hl7.org/fhir/sid/icd-10-cm",
+        "code": "J18.9",
+    }
+    assert client.post("/review/notes/note-1/actions", data={**form, **good}).status_code == 303
+    (action,) = store.actions("note-1")
+    assert action["payload"] == {
+        "start": start,
+        "end": start + 23,
+        "label": "DISEASE",
+        "system": "http://hl7.org/fhir/sid/icd-10-cm",
+        "code": "J18.9",
+    }

@@ -15,3 +15,38 @@ document.addEventListener("mouseover", function (event) {
   var mention = event.target && event.target.closest ? event.target.closest(".mention") : null;
   if (mention) mention.classList.remove("tip-hidden");
 });
+
+// The add-mention form: "Use the selection" fills start and end from words selected in the note text. Only note
+// text counts (the labels and details inside each mark are skipped). The form works by keyboard without it.
+(function () {
+  var button = document.getElementById("use-selection");
+  var note = document.querySelector("pre.note");
+  if (!button || !note) return;
+  var chosen = null;
+  function offset(node, within) {
+    var walker = document.createTreeWalker(note, NodeFilter.SHOW_TEXT, {
+      acceptNode: function (n) { return n.parentElement.closest(".tag, .tip") ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT; }
+    });
+    var count = 0, n;
+    while ((n = walker.nextNode())) {
+      if (n === node) return count + within;
+      count += n.textContent.length;
+    }
+    return -1;
+  }
+  document.addEventListener("selectionchange", function () {
+    var selection = window.getSelection();
+    if (!selection || selection.rangeCount === 0 || selection.isCollapsed) return;
+    var range = selection.getRangeAt(0);
+    if (!note.contains(range.startContainer) || !note.contains(range.endContainer)) return;
+    var start = offset(range.startContainer, range.startOffset), end = offset(range.endContainer, range.endOffset);
+    if (start >= 0 && end > start) chosen = { start: start, end: end, text: selection.toString() };
+  });
+  button.hidden = false;
+  button.addEventListener("click", function () {
+    if (!chosen) return;
+    document.getElementById("add-start").value = chosen.start;
+    document.getElementById("add-end").value = chosen.end;
+    document.getElementById("selection-text").textContent = "“" + chosen.text + "”";
+  });
+})();
