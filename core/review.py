@@ -43,6 +43,35 @@ def action_id(document_id: str, version_id: str, kind: str, resource: str | None
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
+def new_action(
+    document_id: str,
+    version_id: str,
+    kind: str,
+    mention: dict[str, Any] | None,
+    payload: dict[str, Any],
+    reviewer: str,
+) -> dict[str, Any]:
+    """An action as the API keeps it for the worker: the target mention as the record has it (``None`` for add),
+    the payload (span, label, code) and who asked. The task message carries only its ``id``."""
+    resource = str(mention["resource"]) if mention and mention.get("resource") else None
+    return {
+        "id": action_id(document_id, version_id, kind, resource, payload),
+        "document": document_id,
+        "version": version_id,
+        "kind": kind,
+        "resource": resource,
+        "index": mention.get("index") if mention else None,
+        "mention": {k: mention.get(k) for k in ("label", "start", "end", "assertion", "resource_type", "mention_key")}
+        if mention
+        else None,
+        "payload": payload,
+        "reviewer": reviewer,
+        "state": "queued",
+        "message": None,
+        "created": time.time(),
+    }
+
+
 def feedback_document(record: dict[str, Any], actions: list[dict[str, Any]]) -> dict[str, Any]:
     """The reviewed note as a training document: its text and the model's mentions, minus the rejected ones,
     with the corrections, plus the added ones. Only done actions count; correct and add only for the version

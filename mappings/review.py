@@ -192,6 +192,7 @@ class ReviewWrite:
     document_version: str
     updates: Sequence[tuple[dict[str, Any], str | None]] = ()
     creates: Sequence[MappedResource] = ()
+    unchanged: Sequence[str] = ()  # ``Type/id`` already as the action leaves it (a rerun): Provenance targets only
 
 
 def review_transaction(write: ReviewWrite, namespace: str, recorded: str) -> dict[str, Any]:
@@ -206,7 +207,7 @@ def review_transaction(write: ReviewWrite, namespace: str, recorded: str) -> dic
             "request": {"method": "POST", "url": "Device", "ifNoneExist": f"identifier={namespace}|{device_value}"},
         }
     ]
-    targets: list[dict[str, str]] = []
+    targets: list[dict[str, str]] = [{"reference": reference} for reference in write.unchanged]
     for resource, version in write.updates:
         reference = f"{resource['resourceType']}/{resource['id']}"
         request: dict[str, Any] = {"method": "PUT", "url": reference}

@@ -1,4 +1,4 @@
-"""The worker's verbs of the ``fhir-ner`` command (worker, demo, predict, evaluate, extract, train, dlq).
+"""The worker's verbs of the ``fhir-ner`` command (worker, demo, predict, evaluate, extract, train, dlq, feedback).
 
 They reach the command through the ``fhir_ner.commands`` entry point (pyproject.toml), so the API's own
 command module never imports the worker. Heavy imports happen inside each verb so ``--help`` stays instant.
@@ -13,6 +13,7 @@ import click
 from core.cli import CliError
 from worker.backfill_cli import COMMANDS as BULK_COMMANDS
 from worker.coding import COMMANDS as CODING_COMMANDS
+from worker.feedback_cli import COMMANDS as FEEDBACK_COMMANDS
 
 
 @click.command()
@@ -343,4 +344,15 @@ def dlq_retry(letter_id: str | None, retry_all: bool) -> None:
 
 
 #: What the ``fhir_ner.commands`` entry point adds to ``fhir-ner``.
-COMMANDS: list[click.Command] = [worker, demo, predict, evaluate, extract, train, dlq, *CODING_COMMANDS, *BULK_COMMANDS]
+COMMANDS: list[click.Command] = [
+    worker,
+    demo,
+    predict,
+    evaluate,
+    extract,
+    train,
+    dlq,
+    *CODING_COMMANDS,
+    *BULK_COMMANDS,
+    *FEEDBACK_COMMANDS,
+]

@@ -87,6 +87,15 @@ def _mention(action: dict[str, Any], text: str) -> Mention:
     return Mention(str(payload["label"]), start, end, text[start:end], 1.0, assertion=assertion, codes=codes)
 
 
+def _update_or_unchanged(
+    write: ReviewWrite, old: dict[str, Any], new: dict[str, Any], version: str | None
+) -> ReviewWrite:
+    """A PUT of ``new``, or, when the EHR holds it already (a rerun), only the Provenance's target."""
+    if _without_server_meta(new) != _without_server_meta(old):
+        return replace(write, updates=[(new, version)])
+    return replace(write, unchanged=[f"{old['resourceType']}/{old['id']}"])
+
+
 def plan_action(client: EhrClient, action: dict[str, Any], record: dict[str, Any], namespace: str) -> ReviewWrite:
     """What the action writes, from the EHR's current resource: nothing but the Provenance when a rerun finds
     the resource as the action leaves it."""
@@ -114,8 +123,7 @@ def plan_action(client: EhrClient, action: dict[str, Any], record: dict[str, Any
             )
         else:
             new = confirmed_copy(old, namespace)
-        changed = _without_server_meta(new) != _without_server_meta(old)
-        return replace(write, updates=[(new, version)] if changed else [])
+        return _update_or_unchanged(write, old, new, version)
     text = record.get("text")
     if text is None:
         raise ReviewActionError("the note text of this version is no longer held")
@@ -136,8 +144,7 @@ def plan_action(client: EhrClient, action: dict[str, Any], record: dict[str, Any
         return replace(write, creates=[replacement])
     corrected = corrected_copy(old, context, mention, profile, namespace)
     if isinstance(corrected, dict):
-        changed = _without_server_meta(corrected) != _without_server_meta(old)
-        return replace(write, updates=[(corrected, version)] if changed else [])
+        return _update_or_unchanged(write, old, corrected, version)
     return replace(write, updates=[(rejected_copy(old, namespace), version)], creates=[corrected])
 
 

@@ -283,7 +283,7 @@ def _span_payload(form: Any, text: str) -> tuple[dict[str, Any] | None, str | No
 @router.post("/notes/{document_id}/actions")
 async def note_action(request: Request, document_id: str) -> Response:
     """A reviewer's confirm / reject / correct / add: checked here, kept in Redis, written by a worker."""
-    from core.review import ACTION_KINDS, action_id
+    from core.review import ACTION_KINDS, new_action
 
     reviewer = current_reviewer(request)
     form = await request.form()
@@ -308,23 +308,8 @@ async def note_action(request: Request, document_id: str) -> Response:
         if found is None:
             return _note_page(request, reviewer, document_id, version, 400, error=problem)
         payload = found
-    identifier = action_id(document_id, version, kind, resource or None, payload)
-    action = {
-        "id": identifier,
-        "document": document_id,
-        "version": version,
-        "kind": kind,
-        "resource": resource or None,
-        "index": mention.get("index") if mention else None,
-        "mention": {k: mention.get(k) for k in ("label", "start", "end", "assertion", "resource_type", "mention_key")}
-        if mention
-        else None,
-        "payload": payload,
-        "reviewer": reviewer.name,
-        "state": "queued",
-        "message": None,
-        "created": time.time(),
-    }
+    action = new_action(document_id, version, kind, mention, payload, reviewer.name)
+    identifier = str(action["id"])
     if store.put_action(action):
         _send("review_action", identifier)
         message = "action-queued"
