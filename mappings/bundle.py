@@ -6,7 +6,10 @@ The transaction for one note version holds:
   the model's ``Device`` and one ``Provenance`` (activity CREATE) whose targets are those resources;
 - when the EHR already holds resources derived from this note (``existing``, found by the worker), a PUT
   (``ifMatch`` on the version read) that marks each stale one entered-in-error, and one ``Provenance``
-  (activity NULLIFY) whose targets are those. Resources the version still yields are left alone.
+  (activity NULLIFY) whose targets are those. Resources the version still yields are left alone when their
+  content is what this version maps them to; when it is not (another mapping profile or model codes or files
+  the same mention differently), they are PUT in place under their ids (``ifMatch``), and the CREATE
+  ``Provenance`` names them too.
 
 See ``mappings/identity.py`` for the identifiers and tags, ``mappings/revisions.py`` for the rules.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -52,6 +55,7 @@ __all__ = [
     "mention_identifier",
     "mention_key",
     "plan_transaction",
+    "profile_fingerprint",
     "stable_hash",
     "validate_r4",
 ]
@@ -87,9 +91,10 @@ class WritebackPlan:
 
     bundle: dict[str, Any]
     created: list[MappedResource] = field(default_factory=list)
-    kept: list[DerivedResource] = field(default_factory=list)
+    kept: list[DerivedResource] = field(default_factory=list)  # with the content now written, for `updated`
     retired: list[DerivedResource] = field(default_factory=list)
     superseded_by: str | None = None
+    updated: list[DerivedResource] = field(default_factory=list)  # kept ones rewritten in place (new content)
 
     @property
     def empty(self) -> bool:
@@ -101,6 +106,11 @@ def mention_identifier(context: DocumentContext, mention: Mention, model: ModelI
     return stable_hash(
         context.document_id, context.version_id, mention.label, mention.start, mention.end, model.revision
     )
+
+
+def profile_fingerprint(profile: MappingProfile) -> str:
+    """A short hash of a mapping profile: which profile a note's resources were mapped with."""
+    return stable_hash("profile", profile.model_dump_json())[:16]
 
 
 def mention_key(document_id: str, resource_type: str, mention: Mention, occurrence: int) -> str:
@@ -287,14 +297,16 @@ def _provenance_entry(
     activity_text: str,
     agent: dict[str, Any],
     entity: dict[str, Any],
+    policy: list[str] | None = None,
 ) -> dict[str, Any]:
-    provenance = {
+    provenance: dict[str, Any] = {
         "resourceType": "Provenance",
         "target": targets,
         "recorded": recorded,
         "activity": {"coding": [{"system": DATA_OPERATION, "code": activity}], "text": activity_text},
         "agent": [agent],
         "entity": [entity],
+        **({"policy": policy} if policy else {}),
         # R4 Provenance has no identifier: a per-note-version tag makes its conditional create idempotent.
         "meta": {
             "tag": [
@@ -313,6 +325,61 @@ def _provenance_entry(
             "ifNoneExist": f"_tag={provenance_tag_system(namespace)}|{tag_value}",
         },
     }
+
+
+def _content(resource: dict[str, Any]) -> dict[str, Any]:
+    """What a derived resource says, without what only names or places it: its id and meta, its identifiers
+    (they hold the note version and the model revision) and its derivation reference (offsets in the version
+    read), and the mention's spelling in ``code.text`` is compared as its mention key compares it (a revision
+    that writes "FIEBRE" for "fiebre" keeps the resource as it is). Equal contents: the resource is still
+    derived identically and is not written again."""
+    extensions = [e for e in resource.get("extension") or [] if e.get("url") != DERIVATION_REFERENCE]
+    content = {k: v for k, v in resource.items() if k not in ("id", "meta", "identifier", "extension", "text")}
+    if extensions:
+        content["extension"] = extensions
+    if isinstance(content.get("code"), dict):
+        content["code"] = _normalised_text(content["code"])
+    if isinstance(content.get("condition"), list):  # FamilyMemberHistory.condition[].code
+        content["condition"] = [
+            {**item, "code": _normalised_text(item["code"])} if isinstance(item.get("code"), dict) else item
+            for item in content["condition"]
+        ]
+    return content
+
+
+def _normalised_text(concept: dict[str, Any]) -> dict[str, Any]:
+    text = concept.get("text")
+    return {**concept, "text": normalise(text)} if isinstance(text, str) else concept
+
+
+def _refresh_kept(
+    kept: Sequence[DerivedResource], mapped: Sequence[MappedResource], version_id: str
+) -> tuple[list[DerivedResource], list[DerivedResource]]:
+    """(kept, updated): each kept resource as it stands after this version, and those whose content changes.
+
+    A resource is kept by its mention key; a new profile or model may still map that mention to other content
+    (code, category, status), and then the resource is rewritten in place so that the EHR says what the
+    current mapping says. ``version_id`` stays the version read (the PUT's ``ifMatch``). A resource a reviewer
+    confirmed, corrected or added (``review``) stays as the reviewer left it."""
+    fresh = {m.mention_key: m for m in mapped}
+    current: list[DerivedResource] = []
+    updated: list[DerivedResource] = []
+    for derived in kept:
+        new = fresh.get(derived.mention_key or "")
+        if new is None or derived.review or _content(new.resource) == _content(derived.resource):
+            current.append(derived)
+            continue
+        rewritten = replace(derived, resource={**new.resource, "id": derived.id}, document_version=version_id)
+        current.append(rewritten)
+        updated.append(rewritten)
+    return current, updated
+
+
+def _update_entry(derived: DerivedResource) -> dict[str, Any]:
+    request: dict[str, Any] = {"method": "PUT", "url": derived.reference}
+    if derived.version_id:
+        request["ifMatch"] = f'W/"{derived.version_id}"'
+    return {"resource": derived.resource, "request": request}
 
 
 def _retirement_entries(
@@ -374,6 +441,8 @@ def plan_transaction(
     even when every resource is kept, and it points at all of them; without it, only new resources get one.
     """
     mapped = map_mentions(context, mentions, profile, model, namespace, terminology)
+    # The profile is named in the Provenance (and its tag): a re-read under another profile is attested anew.
+    fingerprint = profile_fingerprint(profile)
     derived = parse_existing(existing, namespace, context.document_id)
     plan = reconcile([m.mention_key for m in mapped], derived, context.version_id)
     if plan.superseded_by is not None:
@@ -382,27 +451,29 @@ def plan_transaction(
         )
     to_create = set(plan.create)
     created = [m for m in mapped if m.mention_key in to_create]
+    kept, updated = _refresh_kept(plan.kept, mapped, context.version_id)
     entries: list[dict[str, Any]] = []
-    if created or (attest and plan.kept):
+    if created or updated or (attest and kept):
         device_value, device = device_resource(model, namespace)
         device_url = _full_url(namespace, device_value)
         entries.append(_entry(device_url, device, namespace, device_value))
         # A rerun after a write that stopped part-way: what that run already wrote for this version is kept,
-        # and the Provenance (written last) must point at it too.
+        # and the Provenance (written last) must point at it too; so must what is rewritten now.
         targets: list[dict[str, str]] = [
-            {"reference": kept.reference}
-            for kept in plan.kept
-            if attest or kept.document_version == context.version_id
+            {"reference": derived.reference}
+            for derived in kept
+            if attest or derived.document_version == context.version_id
         ]
         for item in created:
             url = _full_url(namespace, item.identifier_value)
             entries.append(_entry(url, item.resource, namespace, item.identifier_value))
             targets.append({"reference": url})
+        entries.extend(_update_entry(derived) for derived in updated)
         entries.append(
             _provenance_entry(
                 namespace,
                 context.document_id,
-                stable_hash("provenance", context.document_id, context.version_id, model.revision),
+                stable_hash("provenance", context.document_id, context.version_id, model.revision, fingerprint),
                 targets,
                 recorded,
                 "CREATE",
@@ -412,6 +483,7 @@ def plan_transaction(
                     "who": {"reference": device_url, "display": f"{model.name} ({model.revision})"},
                 },
                 {"role": "source", "what": {"reference": context.versioned_reference}},
+                policy=[f"{namespace}/profile#{fingerprint}"],
             )
         )
     entries.extend(
@@ -420,7 +492,7 @@ def plan_transaction(
     for entry in entries:
         validate_r4(entry["resource"])
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-    return WritebackPlan(bundle, created=created, kept=plan.kept, retired=plan.retire)
+    return WritebackPlan(bundle, created=created, kept=kept, retired=plan.retire, updated=updated)
 
 
 def build_transaction(

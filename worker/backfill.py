@@ -673,7 +673,7 @@ def configured_model_revision() -> str:
 
 def profile_fingerprint() -> str:
     """A short hash of the mapping profile in force (what a note's resources were mapped with)."""
-    from mappings.identity import stable_hash
+    from mappings.bundle import profile_fingerprint as fingerprint
     from worker.runtime import get_profile
 
-    return stable_hash("profile", get_profile().model_dump_json())[:16]
+    return fingerprint(get_profile())

@@ -106,14 +106,20 @@ def write_plan(writer: ResultWriter, plan: WritebackPlan, name: str) -> dict[str
     created: list[str] = []
     existing: list[str] = []
     retired: list[str] = []
+    updated: list[str] = []
     if not plan.empty:
         response = writer.write(plan.bundle, name)
         outcome = check_transaction_response(plan.bundle, response)
-        created, existing, retired = outcome.created, outcome.existing, outcome.updated
+        created, existing = outcome.created, outcome.existing
+        # Every PUT is an update; those of kept resources rewrote their content, the others retired them.
+        rewritten = {derived.reference for derived in plan.updated}
+        updated = [ref for ref in outcome.updated if ref in rewritten]
+        retired = [ref for ref in outcome.updated if ref not in rewritten]
     return {
         "resources": created,
         "existing": existing,
         "kept": [derived.reference for derived in plan.kept],
+        "updated": updated,
         "retired": retired,
     }
 

@@ -139,3 +139,33 @@ def test_mention_keys_ignore_offsets_case_model_and_version_but_not_assertion_or
     assert keys("1", "Tos.", ("DISEASE", "Tos", "present")) != base
     two = keys("1", "Tos y tos.", ("SYMPTOM", "Tos", "present"), ("SYMPTOM", "tos", "present"))
     assert two[0] == base[0] and two[1] != base[0]
+
+
+def test_a_kept_resource_whose_mapping_changed_is_put_in_place_and_an_unchanged_one_is_not_written() -> None:
+    mentions = found(V1, ("SYMPTOM", "Fiebre", "present"), ("DISEASE", "Neumonía", "present"))
+    existing = stored(plan("1", mentions, []).bundle)
+    profile = load_profile()
+    changed = profile.model_copy(deep=True)
+    changed.labels["DISEASE"].params["category"] = "problem-list-item"
+    context = context_from_document_reference(document("1"))
+    again = plan_transaction(context, mentions, changed, MODEL, NAMESPACE, RECORDED, existing=existing)
+    condition = next(r for r in existing if r["resourceType"] == "Condition")
+    assert [d.reference for d in again.updated] == [f"Condition/{condition['id']}"] and again.retired == []
+    assert not again.created and sorted(d.reference for d in again.kept) == sorted(
+        f"{r['resourceType']}/{r['id']}" for r in existing
+    )
+    methods = [(e["request"]["method"], e["resource"]["resourceType"]) for e in again.bundle["entry"]]
+    assert methods == [("POST", "Device"), ("PUT", "Condition"), ("POST", "Provenance")]
+    put = again.bundle["entry"][1]
+    assert put["request"] == {"method": "PUT", "url": f"Condition/{condition['id']}", "ifMatch": 'W/"1"'}
+    assert put["resource"]["id"] == condition["id"]
+    assert put["resource"]["category"][0]["coding"][0]["code"] == "problem-list-item"
+    assert put["resource"]["identifier"] == condition["identifier"]  # same note version, mention and model
+    provenance = again.bundle["entry"][-1]["resource"]
+    # Its targets: what this note version's resources are now (the same version: the kept one too).
+    assert sorted(t["reference"] for t in provenance["target"]) == sorted(d.reference for d in again.kept)
+    assert provenance["policy"] != plan("1", mentions, []).bundle["entry"][-1]["resource"]["policy"]
+    # Under the profile it was written with, nothing is written; under the new one, once it holds the new content.
+    assert plan("1", mentions, existing).bundle["entry"] == []
+    rewritten = [put["resource"] if r["id"] == condition["id"] else r for r in existing]
+    assert plan_transaction(context, mentions, changed, MODEL, NAMESPACE, RECORDED, existing=rewritten).empty

@@ -257,6 +257,66 @@ def test_repeated_mentions_keep_their_identity_by_occurrence(writeback_env: Fhir
     assert live_texts(ehr, document["id"]) == ["fiebre"]
 
 
+def test_a_profile_change_rewrites_what_it_changes_in_place_and_nothing_else(
+    writeback_env: FhirTestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reprocessing with another profile: a resource whose mention is the same but whose content the profile
+    changes is updated under its id (a new version, the Provenance naming the new profile); the others are
+    left alone, and a second run rewrites nothing."""
+    import yaml
+
+    from core.deps import get_redis
+    from core.settings import get_settings
+    from mappings.bundle import profile_fingerprint
+    from worker.runtime import get_profile, reset_pipeline
+    from worker.tasks import process_document
+
+    ehr = writeback_env
+    document = note_document(ehr, "Paciente con fiebre. Diagnóstico de neumonía. Se realizó radiografía de tórax.")
+    doc_id = document["id"]
+    process_document(document, "1")
+    before = derived(ehr, doc_id)
+    assert sorted(r.split("/")[0] for r in before) == ["Condition", "Observation", "Procedure"]
+    old_profile = profile_fingerprint(get_profile())
+
+    # The new profile files symptoms under another category: same mention, same resource, other content.
+    data = yaml.safe_load(Path("mappings/profiles/default.yaml").read_text(encoding="utf-8"))
+    data["labels"]["SYMPTOM"]["params"]["category"] = "vital-signs"
+    profile_file = tmp_path / "profile.yaml"
+    profile_file.write_text(yaml.safe_dump(data), encoding="utf-8")
+    monkeypatch.setenv("FHIR_NER_MAPPING_PROFILE", str(profile_file))
+    get_settings.cache_clear()
+    reset_pipeline()
+    new_profile = profile_fingerprint(get_profile())
+    assert new_profile != old_profile
+    # What `fhir-ner reprocess` leaves for the note version it queues (core/backfill.py).
+    settings = get_settings()
+    get_redis().set(f"{settings.key_prefix}:bulk:note:{doc_id}:1", "reprocess-test")
+
+    outcome = process_document(document, "1")
+    after = derived(ehr, doc_id)
+    assert set(after) == set(before), "a resource was created or lost instead of updated in place"
+    (observation,) = [ref for ref in before if ref.startswith("Observation/")]
+    assert outcome["updated"] == [observation] and outcome["retired"] == []
+    assert sorted(outcome["kept"]) == sorted(before)
+    assert after[observation]["category"][0]["coding"][0]["code"] == "vital-signs"
+    assert after[observation]["meta"]["versionId"] == "2" and not retired(after[observation])
+    for ref in before:
+        if ref != observation:  # unchanged: not rewritten, no new version
+            assert after[ref] == before[ref]
+    provenances = search(ehr, f"Provenance?entity=DocumentReference/{doc_id}/_history/1")
+    (latest,) = [p for p in provenances if any(new_profile in policy for policy in p.get("policy", []))]
+    assert latest["activity"]["coding"][0]["code"] == "CREATE"
+    assert MODEL.revision in latest["agent"][0]["who"]["display"]
+    assert sorted(t["reference"] for t in latest["target"]) == sorted(before)
+
+    # The same note again under the same profile: nothing is rewritten, no Provenance is added.
+    again = process_document(document, "1")
+    assert again["updated"] == [] and again["retired"] == []
+    assert derived(ehr, doc_id) == after
+    assert len(search(ehr, f"Provenance?entity=DocumentReference/{doc_id}/_history/1")) == len(provenances)
+
+
 def test_only_resources_derived_from_this_note_are_touched(writeback_env: FhirTestServer) -> None:
     from worker.tasks import process_document, retract_document
 
