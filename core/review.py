@@ -84,6 +84,7 @@ def feedback_document(record: dict[str, Any], actions: list[dict[str, Any]]) -> 
             "end": int(m["end"]),
             "resource": m.get("resource"),
             "index": m.get("index"),
+            "mention_key": m.get("mention_key"),
             "reviewed": None,
         }
         for m in record.get("mentions", [])
@@ -104,13 +105,18 @@ def feedback_document(record: dict[str, Any], actions: list[dict[str, Any]]) -> 
                         "end": int(payload["end"]),
                         "resource": action.get("created_resource"),
                         "index": None,
+                        "mention_key": None,
                         "reviewed": "added",
                     }
                 )
             continue
+        key = (action.get("mention") or {}).get("mention_key")
         for mention in mentions:
-            targeted = (action.get("resource") and mention["resource"] == action.get("resource")) or (
-                same_version and mention["index"] is not None and mention["index"] == action.get("index")
+            # The same resource, the same mention of this version, or (a later version) the same finding.
+            targeted = (
+                (action.get("resource") and mention["resource"] == action.get("resource"))
+                or (same_version and mention["index"] is not None and mention["index"] == action.get("index"))
+                or (kind in RESOURCE_ACTIONS and key and mention["mention_key"] == key)
             )
             if not targeted:
                 continue

@@ -363,3 +363,165 @@ def test_the_patient_view_lists_what_was_derived_with_links_to_the_sentences(pag
     anchor = page.url.rsplit("#", 1)[1]
     assert page.locator(f"#{anchor} .mention-text").inner_text() == said == "neumonía"
     assert said in text
+
+
+# Reviewer actions ------------------------------------------------------------------------------------------------
+@dataclass
+class Reviewed:
+    document: dict[str, Any]
+    text: str
+    rejected: bool = False  # the reject test ran
+
+
+@pytest.fixture(scope="module")
+def reviewed(stack: Stack) -> Reviewed:
+    """A note of its own for the action tests (they change what the EHR holds for it), processed like the rest."""
+    text = SAMPLE_NOTES[0]
+    document = _note(stack.ehr, stack.patient, text)
+    _notify(stack, document, 4)
+    _wait_version(stack, document["id"], document["meta"]["versionId"])
+    return Reviewed(document, text)
+
+
+def _notify(stack: Stack, document: dict[str, Any], event: int) -> None:
+    response = httpx.post(
+        f"{stack.url}/fhir/notify",
+        content=json.dumps(backport_notification(document, event)),
+        headers=NOTIFY_HEADERS,
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+
+
+def _wait_version(stack: Stack, document_id: str, version: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        response = stack.api(f"/documents/{document_id}")
+        if response.status_code == 200:
+            last = response.json()["versions"].get(version)
+            if last and last["status"] in ("done", "failed", "dead-lettered"):
+                assert last["status"] == "done", last
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"{document_id}/{version} not done: {last}")
+
+
+def _ehr(stack: Stack, path: str) -> dict[str, Any]:
+    response = httpx.get(f"{stack.ehr.base_url}/{path}", timeout=10)
+    assert response.status_code == 200, response.text
+    found: dict[str, Any] = response.json()
+    return found
+
+
+def _row(page: Any, said: str) -> Any:
+    return page.locator("table.mentions tbody tr", has=page.locator("td:nth-child(2)", has_text=said)).first
+
+
+def _wait_action(page: Any, kind: str, timeout: float = 90) -> Any:
+    """Reload the note view until the worker has done the action; returns the action's row."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = page.locator(f"table.actions tr[data-kind={kind}]")
+        states = rows.locator(".action-state").all_inner_texts()
+        if any(state in ("done", "failed") for state in states):
+            assert "failed" not in states, rows.all_inner_texts()
+            return rows.last
+        assert time.monotonic() < deadline, f"{kind} not done: {states}"
+        time.sleep(0.5)
+        page.reload()
+
+
+def test_a_reviewer_confirms_a_condition_and_the_ehr_holds_it_with_their_provenance(
+    page: Any, stack: Stack, reviewed: Reviewed
+) -> None:
+    document_id = reviewed.document["id"]
+    log_in(page, f"/review/notes/{document_id}")
+    row = _row(page, "neumonía")
+    condition = row.locator("td:nth-child(7) a").first.inner_text()
+    assert condition.startswith("Condition/")
+    # By keyboard: focus the button, press Enter; the form posts and comes back to the note.
+    row.locator("button.confirm").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url("**message=action-queued*")
+    assert "Action queued" in page.locator("[role=status]").inner_text()
+    done = _wait_action(page, "confirm")
+    assert REVIEWER in done.inner_text() and condition in done.inner_text()
+    resource = _ehr(stack, condition)
+    assert resource["verificationStatus"]["coding"][0]["code"] == "confirmed"
+    link = done.locator("a[href*='/Provenance/']").get_attribute("href")
+    assert link.startswith(stack.ehr.base_url)
+    provenance = _ehr(stack, link.removeprefix(stack.ehr.base_url).lstrip("/"))
+    assert provenance["target"] == [{"reference": condition}]
+    assert [a["who"]["display"] for a in provenance["agent"]] == [REVIEWER, "fhir-ner-adapter"]
+    assert "(confirmed)" in _row(page, "neumonía").inner_text()
+    # The screenshot of the note view with its action controls (one correction form open).
+    _row(page, "radiografía").locator("details.correct summary").click()
+    shot(page, "note-actions")
+
+
+def test_a_rejected_resource_stays_entered_in_error_through_a_revision_of_the_note(
+    page: Any, stack: Stack, reviewed: Reviewed
+) -> None:
+    document_id = reviewed.document["id"]
+    log_in(page, f"/review/notes/{document_id}")
+    row = _row(page, "fiebre")
+    observation = row.locator("td:nth-child(7) a").first.inner_text()
+    row.locator("button.reject").click()
+    page.wait_for_url("**message=action-queued*")
+    _wait_action(page, "reject")
+    assert _ehr(stack, observation)["status"] == "entered-in-error"
+    assert "(entered-in-error)" in _row(page, "fiebre").inner_text()
+    reviewed.rejected = True
+    # A new revision of the note says the same and more: the worker writes it, but not the rejected finding.
+    revised = json.loads(json.dumps(_ehr(stack, f"DocumentReference/{document_id}")))
+    text = reviewed.text + " Control en una semana."
+    revised["content"][0]["attachment"]["data"] = base64.b64encode(text.encode()).decode()
+    response = httpx.put(f"{stack.ehr.base_url}/DocumentReference/{document_id}", json=revised, timeout=10)
+    assert response.status_code == 200, response.text
+    version = response.json()["meta"]["versionId"]
+    _notify(stack, response.json(), 5)
+    _wait_version(stack, document_id, version)
+    assert _ehr(stack, observation)["status"] == "entered-in-error"
+    tag = f"{stack.env['FHIR_NER_IDENTIFIER_NAMESPACE']}/document|{document_id}"
+    live = [
+        entry["resource"]
+        for entry in httpx.get(f"{stack.ehr.base_url}/Observation", params={"_tag": tag}, timeout=10).json()["entry"]
+        if entry["resource"]["status"] != "entered-in-error"
+    ]
+    assert "fiebre" not in [r["code"]["text"] for r in live]
+    page.goto(f"/review/notes/{document_id}")
+    assert f"version {version}" in page.locator("h1").inner_text()
+    assert "not written: a reviewer rejected this finding" in _row(page, "fiebre").inner_text()
+
+
+def test_a_corrected_span_is_in_the_feedback_export(
+    page: Any, stack: Stack, reviewed: Reviewed, tmp_path: Path
+) -> None:
+    from worker.nlp.corpus import read_brat_folder
+
+    document_id = reviewed.document["id"]
+    log_in(page, f"/review/notes/{document_id}")
+    row = _row(page, "radiografía de tórax")
+    row.locator("details.correct summary").click()
+    start = int(row.locator("input[name=start]").input_value())
+    end_field = row.locator("input[name=end]")
+    end_field.fill(str(start + len("radiografía")))
+    end_field.press("Enter")  # submits the form
+    page.wait_for_url("**message=action-queued*")
+    _wait_action(page, "correct")
+    assert "radiografía [" in _row(page, "radiografía").inner_text()
+    folder = tmp_path / "feedback"
+    subprocess.run(
+        [sys.executable, "-m", "adapter.cli", "feedback", "export", str(folder)],
+        env={**os.environ, **stack.env},
+        cwd=REPO_ROOT,
+        check=True,
+        timeout=120,
+    )
+    (document,) = read_brat_folder(folder)
+    assert document_id not in document.doc_id
+    spans = {(s.label, s.text) for s in document.spans}
+    assert ("PROCEDURE", "radiografía") in spans and ("PROCEDURE", "radiografía de tórax") not in spans
+    if reviewed.rejected:  # by the test before: the rejection holds for the later version's training document
+        assert ("SYMPTOM", "fiebre") not in spans
