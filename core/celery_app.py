@@ -12,10 +12,11 @@ Two queues, each served by its own pool of workers on as many machines as needed
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from celery import Celery
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 
 IO_QUEUE = "io"
 INFERENCE_QUEUE = "inference"
@@ -42,6 +43,15 @@ def broker_queue_key(kind: str) -> str:
 def route_task(name: str, *_: object, **__: object) -> dict[str, str]:
     """Inference tasks to the model queue, everything else (EHR reads and writes, recovery) to the I/O queue."""
     return {"queue": queue_name(INFERENCE_QUEUE if name in INFERENCE_TASKS else IO_QUEUE)}
+
+
+def _sentinel_options(settings: Settings) -> dict[str, Any]:
+    if not settings.redis_sentinel_master:
+        return {}
+    options: dict[str, Any] = {"master_name": settings.redis_sentinel_master}
+    if settings.redis_sentinel_password:
+        options["sentinel_kwargs"] = {"password": settings.redis_sentinel_password.get_secret_value()}
+    return options
 
 
 @lru_cache(maxsize=1)
@@ -74,7 +84,10 @@ def get_celery_app() -> Celery:
             "unacked_restore_interval": settings.broker_restore_interval,
             "unacked_restore_throttle": 1,
             "global_keyprefix": broker_key_prefix(),
+            # Sentinel (FHIR_NER_REDIS_URL=sentinel://...;sentinel://...): kombu asks them for this master.
+            **_sentinel_options(settings),
         },
+        result_backend_transport_options=_sentinel_options(settings),
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,

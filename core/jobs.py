@@ -123,7 +123,7 @@ def _broker_is_state_redis(broker_url: str) -> bool:
     from core.settings import get_settings
 
     return (
-        broker_url.startswith(("redis://", "rediss://", "unix://"))
+        broker_url.startswith(("redis://", "rediss://", "unix://", "sentinel://"))
         and broker_url == get_settings().redis_url
         and not state_redis_is_overridden()
     )

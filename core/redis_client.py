@@ -8,18 +8,52 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.commands.core import Script
+from redis.sentinel import Sentinel
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 
 _override: redis.Redis | None = None
 
 
 @lru_cache(maxsize=1)
 def _from_settings() -> redis.Redis:
-    return redis.Redis.from_url(get_settings().redis_url, socket_timeout=5, socket_connect_timeout=2)
+    return redis_from_settings(get_settings())
+
+
+def redis_from_settings(settings: Settings) -> redis.Redis:
+    """A client of ``redis_url``; with Sentinel, of the master the sentinels name now.
+
+    With Sentinel the URL is Celery's (kombu's ``sentinel://`` transport): sentinels separated by ``;``, the
+    master's password and database number in the first. The client asks the sentinels for the master on each
+    new connection, so after a failover (the old master's connections fail, and redis-py retries them) it
+    follows the new master: the broker and this client always write to the same Redis.
+    """
+    if not settings.redis_sentinel_master:
+        return redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    first = urlsplit(settings.redis_url.split(";")[0].strip())
+    db = int(first.path.strip("/") or 0)
+    sentinel_password = settings.redis_sentinel_password
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        settings.redis_sentinels(),
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        sentinel_kwargs={
+            "socket_timeout": 2,
+            "socket_connect_timeout": 2,
+            **({"password": sentinel_password.get_secret_value()} if sentinel_password else {}),
+        },
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        settings.redis_sentinel_master,
+        db=db,
+        username=unquote(first.username) if first.username else None,
+        password=unquote(first.password) if first.password else None,
+    )
+    return client
 
 
 def get_redis() -> redis.Redis:

@@ -26,7 +26,17 @@ class Settings(BaseSettings):
     )
 
     # Queue and state
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Celery broker, results and note state.")
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Celery broker, results and note state; with Sentinel, the sentinels as Celery takes them: "
+        "sentinel://[:password@]host:26379/db;sentinel://host2:26379 (password and db: the master's).",
+    )
+    redis_sentinel_master: str | None = Field(
+        default=None, description="Name of the Sentinel master group (required with sentinel:// URLs)."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None, description="Password of the sentinels themselves, when they require one."
+    )
     key_prefix: str = Field(default="fhir-ner", description="Prefix of every Redis key the adapter writes.")
 
     # EHR (FHIR server) the adapter reads notes from and writes results to
@@ -219,6 +229,26 @@ class Settings(BaseSettings):
                 "or running tasks are delivered a second time"
             )
         return self
+
+    @model_validator(mode="after")
+    def _sentinel_needs_a_master(self) -> Settings:
+        sentinel = self.redis_url.startswith("sentinel://")
+        if sentinel and not self.redis_sentinel_master:
+            raise ValueError("FHIR_NER_REDIS_URL lists sentinels: set FHIR_NER_REDIS_SENTINEL_MASTER")
+        if self.redis_sentinel_master and not sentinel:
+            raise ValueError("FHIR_NER_REDIS_SENTINEL_MASTER needs sentinel:// URLs in FHIR_NER_REDIS_URL")
+        return self
+
+    def redis_sentinels(self) -> list[tuple[str, int]]:
+        """(host, port) of each sentinel in ``redis_url`` (empty without Sentinel)."""
+        from urllib.parse import urlsplit
+
+        found: list[tuple[str, int]] = []
+        for part in self.redis_url.split(";"):
+            url = urlsplit(part.strip())
+            if url.scheme == "sentinel" and url.hostname:
+                found.append((url.hostname, url.port or 26379))
+        return found
 
     @model_validator(mode="after")
     def _no_open_door_in_production(self) -> Settings:
