@@ -455,6 +455,17 @@ def test_a_reviewer_confirms_a_condition_and_the_ehr_holds_it_with_their_provena
     assert provenance["target"] == [{"reference": condition}]
     assert [a["who"]["display"] for a in provenance["agent"]] == [REVIEWER, "fhir-ner-adapter"]
     assert "(confirmed)" in _row(page, "neumonía").inner_text()
+    # "Use the selection" fills the add form's offsets from words selected in the note (labels and tips skipped).
+    page.evaluate(
+        """() => { const note = document.querySelector('pre.note'); const marks = note.querySelectorAll('mark');
+                   const text = marks[1].nextSibling; const range = document.createRange();
+                   range.setStart(marks[0].querySelector('.mention-text').firstChild, 0); range.setEnd(text, 3);
+                   const selection = window.getSelection(); selection.removeAllRanges(); selection.addRange(range); }"""
+    )
+    page.locator("#use-selection").click()
+    start, end = int(page.locator("#add-start").input_value()), int(page.locator("#add-end").input_value())
+    assert reviewed.text[start:end] == "fiebre y tos. D"
+    assert page.locator("#selection-text").inner_text() == "“fiebre y tos. D”"
     # The screenshot of the note view with its action controls (one correction form open).
     _row(page, "radiografía").locator("details.correct summary").click()
     shot(page, "note-actions")

@@ -23,14 +23,19 @@ document.addEventListener("mouseover", function (event) {
   var note = document.querySelector("pre.note");
   if (!button || !note) return;
   var chosen = null;
-  function offset(node, within) {
+  function noteNodes() {
     var walker = document.createTreeWalker(note, NodeFilter.SHOW_TEXT, {
       acceptNode: function (n) { return n.parentElement.closest(".tag, .tip") ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT; }
     });
-    var count = 0, n;
-    while ((n = walker.nextNode())) {
-      if (n === node) return count + within;
-      count += n.textContent.length;
+    var nodes = [], n;
+    while ((n = walker.nextNode())) nodes.push(n);
+    return nodes;
+  }
+  function offset(node, within) {
+    var count = 0, nodes = noteNodes();
+    for (var i = 0; i < nodes.length; i++) {
+      if (nodes[i] === node) return count + within;
+      count += nodes[i].textContent.length;
     }
     return -1;
   }
@@ -40,7 +45,10 @@ document.addEventListener("mouseover", function (event) {
     var range = selection.getRangeAt(0);
     if (!note.contains(range.startContainer) || !note.contains(range.endContainer)) return;
     var start = offset(range.startContainer, range.startOffset), end = offset(range.endContainer, range.endOffset);
-    if (start >= 0 && end > start) chosen = { start: start, end: end, text: selection.toString() };
+    if (start >= 0 && end > start) {
+      var text = noteNodes().map(function (n) { return n.textContent; }).join("");
+      chosen = { start: start, end: end, text: text.slice(start, end) };
+    }
   });
   button.hidden = false;
   button.addEventListener("click", function () {
