@@ -164,6 +164,7 @@ def build_record(
             else:
                 entry["reason"] = "not written: a reviewer rejected this finding"
         entries.append(entry)
+    entries.extend(_reviewer_entries(plan, {m.mention_key for m in mapped}, text, profile, len(entries)))
     retired = [
         {
             "reference": derived.reference,
@@ -189,6 +190,58 @@ def build_record(
         "ehr_base_url": None if settings.writeback_dir else settings.ehr_base_url,
         "recorded": time.time(),
     }
+
+
+def _derivation_span(resource: dict[str, Any]) -> tuple[int, int] | None:
+    for extension in resource.get("extension") or []:
+        parts = {part.get("url"): part for part in extension.get("extension") or []}
+        if "offset" in parts and "length" in parts:
+            start = int(parts["offset"].get("valueInteger") or 0)
+            return start, start + int(parts["length"].get("valueInteger") or 0)
+    return None
+
+
+def _reviewer_entries(
+    plan: WritebackPlan, machine_keys: set[str], text: str | None, profile: MappingProfile, first_index: int
+) -> list[dict[str, Any]]:
+    """Resources a reviewer added (or moved to another type) that this version keeps without the model yielding
+    them: listed too, at their words in this version's text when they are still there."""
+    from mappings.registry import mapper_resource_type
+
+    entries: list[dict[str, Any]] = []
+    for derived in plan.kept:
+        if not derived.review or derived.mention_key in machine_keys:
+            continue
+        concept = derived.resource.get("code") or {}
+        said = str(concept.get("text") or "")
+        span = _derivation_span(derived.resource)
+        if text is not None and span and text[span[0] : span[1]] != said:
+            found = text.find(said) if said else -1
+            span = (found, found + len(said)) if found >= 0 else None
+        label = next(
+            (name for name, m in profile.labels.items() if mapper_resource_type(m.mapper) == derived.resource_type),
+            derived.resource_type,
+        )
+        entries.append(
+            {
+                "index": first_index + len(entries),
+                "label": label,
+                "start": span[0] if span else 0,
+                "end": span[1] if span else 0,
+                "text": said,
+                "confidence": 1.0,
+                "assertion": "present",
+                "codes": _codes(derived.resource),
+                "resource": derived.reference,
+                "resource_type": derived.resource_type,
+                "mention_key": derived.mention_key,
+                "status": _status(derived.resource),
+                "outcome": "kept",
+                "reason": f"{derived.review} by a reviewer" + ("" if span else "; its words are not in this version"),
+                "reviewed": derived.review,
+            }
+        )
+    return entries
 
 
 def keep_review_text(context: DocumentContext, text: str) -> None:

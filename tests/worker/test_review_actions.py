@@ -209,6 +209,10 @@ def test_confirm_reject_correct_and_add_write_the_ehr_with_the_reviewers_provena
     v2_record = {m["text"]: m for m in _store().records(doc_id)["2"]["mentions"]}
     assert v2_record["tos"]["resource"] is None
     assert v2_record["tos"]["reason"] == "not written: a reviewer rejected this finding"
+    # What the reviewer added is listed on the new version too, at its words in the new text.
+    kept = v2_record["cefalea"]
+    assert kept["resource"] == added["created_resource"] and kept["reviewed"] == "added"
+    assert (TEXT + " Sin cambios.")[kept["start"] : kept["end"]] == "cefalea" and kept["label"] == "SYMPTOM"
 
     # The reviewed note as a training document, exported as BRAT that training's reader reads back.
     assert export_feedback(tmp_path / "feedback") == 1
