@@ -92,7 +92,7 @@ def _provenances(ehr: FhirTestServer, reference: str) -> list[dict[str, Any]]:
 
 
 def test_confirm_reject_correct_and_add_write_the_ehr_with_the_reviewers_provenance(
-    review_ehr: FhirTestServer, tmp_path: Path
+    review_ehr: FhirTestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from worker.feedback_cli import export_feedback, feedback_name
     from worker.nlp.corpus import read_brat_folder
@@ -213,6 +213,32 @@ def test_confirm_reject_correct_and_add_write_the_ehr_with_the_reviewers_provena
     kept = v2_record["cefalea"]
     assert kept["resource"] == added["created_resource"] and kept["reviewed"] == "added"
     assert (TEXT + " Sin cambios.")[kept["start"] : kept["end"]] == "cefalea" and kept["label"] == "SYMPTOM"
+
+    # A reprocess of that version by a newer model (what `fhir-ner reprocess` queues: the same write stage, its
+    # Provenance attesting the new model): still no cough, the reviewer's resources unchanged.
+    from core.deps import get_redis
+    from core.settings import get_settings
+    from mappings.bundle import ModelInfo
+
+    def newer_model(text: str, pipeline: Any = None, language: str | None = None) -> Any:
+        return stub_tag_note(text)[0], ModelInfo("stub-tagger", "rev-2")
+
+    monkeypatch.setattr("worker.tasks.tag_note", newer_model)
+    get_redis().set(f"{get_settings().key_prefix}:bulk:note:{doc_id}:2", "reprocess-test")
+    before = {ref: r["meta"]["versionId"] for ref, r in derived(ehr, doc_id).items()}
+    process_document(v2, "2")
+    after = derived(ehr, doc_id)
+    assert sorted(r["code"]["text"] for r in after.values() if not retired(r)) == [
+        "cefalea",
+        "fiebre",
+        "neumonía",
+        "radiografía",
+    ]
+    assert {ref: r["meta"]["versionId"] for ref, r in after.items()} == before  # nothing rewritten or re-created
+    attested = [
+        p for p in search(ehr, f"Provenance?entity=DocumentReference/{doc_id}/_history/2") if len(p["agent"]) == 1
+    ]
+    assert any("rev-2" in p["agent"][0]["who"]["display"] for p in attested)
 
     # The reviewed note as a training document, exported as BRAT that training's reader reads back.
     assert export_feedback(tmp_path / "feedback") == 1
