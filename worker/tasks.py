@@ -106,20 +106,21 @@ def write_plan(writer: ResultWriter, plan: WritebackPlan, name: str) -> dict[str
     created: list[str] = []
     existing: list[str] = []
     retired: list[str] = []
-    updated: list[str] = []
+    rewritten: list[str] = []
     if not plan.empty:
         response = writer.write(plan.bundle, name)
         outcome = check_transaction_response(plan.bundle, response)
         created, existing = outcome.created, outcome.existing
         # Every PUT is an update; those of kept resources rewrote their content, the others retired them.
-        rewritten = {derived.reference for derived in plan.updated}
-        updated = [ref for ref in outcome.updated if ref in rewritten]
-        retired = [ref for ref in outcome.updated if ref not in rewritten]
+        # ("rewritten", not "updated": the status record's "updated" is its time.)
+        in_place = {derived.reference for derived in plan.updated}
+        rewritten = [ref for ref in outcome.updated if ref in in_place]
+        retired = [ref for ref in outcome.updated if ref not in in_place]
     return {
         "resources": created,
         "existing": existing,
         "kept": [derived.reference for derived in plan.kept],
-        "updated": updated,
+        "rewritten": rewritten,
         "retired": retired,
     }
 

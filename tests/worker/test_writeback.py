@@ -297,7 +297,7 @@ def test_a_profile_change_rewrites_what_it_changes_in_place_and_nothing_else(
     after = derived(ehr, doc_id)
     assert set(after) == set(before), "a resource was created or lost instead of updated in place"
     (observation,) = [ref for ref in before if ref.startswith("Observation/")]
-    assert outcome["updated"] == [observation] and outcome["retired"] == []
+    assert outcome["rewritten"] == [observation] and outcome["retired"] == []
     assert sorted(outcome["kept"]) == sorted(before)
     assert after[observation]["category"][0]["coding"][0]["code"] == "vital-signs"
     assert after[observation]["meta"]["versionId"] == "2" and not retired(after[observation])
@@ -312,7 +312,7 @@ def test_a_profile_change_rewrites_what_it_changes_in_place_and_nothing_else(
 
     # The same note again under the same profile: nothing is rewritten, no Provenance is added.
     again = process_document(document, "1")
-    assert again["updated"] == [] and again["retired"] == []
+    assert again["rewritten"] == [] and again["retired"] == []
     assert derived(ehr, doc_id) == after
     assert len(search(ehr, f"Provenance?entity=DocumentReference/{doc_id}/_history/1")) == len(provenances)
 
