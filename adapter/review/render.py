@@ -94,8 +94,8 @@ def problem_list(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]
         text = str(record.get("text") or "")
         for mention in record.get("mentions", []):
             kind = mention.get("resource_type")
-            if not mention.get("resource") or kind not in groups:
-                continue
+            if not mention.get("resource") or kind not in groups or mention.get("status") == "entered-in-error":
+                continue  # nothing written, or a reviewer rejected it
             key, title = _group_key(mention)
             group = groups[kind].setdefault(
                 (key, ""), {"title": title, "codes": mention.get("codes") or [], "sources": [], "statuses": set()}
@@ -116,6 +116,7 @@ def problem_list(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]
                     "said": said or mention["text"],
                     "after": after,
                     "date": record.get("date"),
+                    "reviewed": mention.get("reviewed"),
                 }
             )
     result: dict[str, list[dict[str, Any]]] = {}

@@ -603,3 +603,18 @@ def test_corrections_and_additions_are_checked_against_the_note_text(client: Tes
         "system": "http://hl7.org/fhir/sid/icd-10-cm",
         "code": "J18.9",
     }
+
+
+def test_the_patient_view_marks_what_a_reviewer_confirmed_and_leaves_out_what_they_rejected(client: TestClient) -> None:
+    from core.deps import get_redis
+    from core.review import ReviewStore
+    from core.settings import get_settings
+
+    record = seed_note()
+    record["mentions"][2].update(status="confirmed", reviewed="confirmed")
+    record["mentions"][0].update(status="entered-in-error", reviewed="rejected")
+    ReviewStore(get_redis(), get_settings().key_prefix).put_record("note-1", "1", record)
+    login(client)
+    page = client.get("/review/patients/p-1").text
+    assert "confirmed by a reviewer" in page
+    assert "Observation/o1" not in page and "Observation/o2" in page
