@@ -291,9 +291,13 @@ async def note_action(request: Request, document_id: str) -> Response:
     version = str(form.get("version") or "")
     kind = str(form.get("kind") or "")
     store = review_store()
-    record = store.records(document_id).get(version) if _valid_id(document_id) and len(version) <= 64 else None
+    records = store.records(document_id) if _valid_id(document_id) and len(version) <= 64 else {}
+    record = records.get(version)
     if record is None:
         return page("missing.html", request, reviewer, status_code=404, what=f"DocumentReference/{document_id}")
+    if version != max(records, key=render.version_key):
+        error = "A newer version of this note has been processed since: act on the latest version."
+        return _note_page(request, reviewer, document_id, "", 409, error=error)
     if kind not in ACTION_KINDS:
         return _note_page(request, reviewer, document_id, version, 400, error="Unknown action.")
     resource = str(form.get("resource") or "") if kind != "add" else ""

@@ -488,6 +488,10 @@ def test_the_note_view_offers_confirm_reject_correct_and_add_on_the_latest_versi
     ReviewStore(get_redis(), get_settings().key_prefix).put_record("note-1", "2", {**record, "version": "2"})
     old = client.get("/review/notes/note-1", params={"version": "1"}).text
     assert 'value="confirm"' not in old
+    stale = client.post(
+        "/review/notes/note-1/actions", data=_action_form(client, kind="confirm", resource="Condition/c1")
+    )
+    assert stale.status_code == 409 and "act on the latest version" in stale.text
 
 
 def test_an_action_needs_login_and_the_csrf_token(client: TestClient) -> None:
