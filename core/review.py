@@ -6,7 +6,9 @@ Keys, all under the deployment's prefix:
   version of a note: the text, every mention (offsets, label, assertion, confidence, codes) and what it
   became (a resource, or why none). Kept as long as the note's state (``NOTE_TTL_SECONDS``).
 * ``review:patient:{id}`` (set of note ids): the notes recorded for a patient, same lifetime.
-* ``review:session:{sid}``: a reviewer's login (name and CSRF token), ``FHIR_NER_REVIEW_SESSION_HOURS``.
+* ``review:session:{sid}``: a reviewer's login (name and CSRF token), ``FHIR_NER_REVIEW_SESSION_HOURS``; one opened
+  by a SMART launch also names the launch's patient and the user's ``fhirUser``.
+* ``review:launch:{state}``: a SMART launch waiting for its callback (PKCE verifier, endpoints), ten minutes, one use.
 * ``review:action:{id}``: a reviewer action and its outcome; ``review:actions:{note}`` lists a note's.
 * ``review:feedback:{note}``: the reviewed note as a training document (text + corrected mentions). It does
   not expire: it is what ``fhir-ner feedback export`` writes out; ``feedback export --delete`` removes it.
@@ -28,6 +30,8 @@ import redis
 from core.state import NOTE_TTL_SECONDS
 
 TRY_TTL_SECONDS = 600
+#: How long an EHR launch may take between /review/launch and its callback (the user may have to log in).
+LAUNCH_TTL_SECONDS = 600
 ACTION_KINDS = ("confirm", "reject", "correct", "add")
 ACTION_STATES = ("queued", "done", "failed")
 #: Kinds whose target is a resource, whatever note version it is looked at from; the others carry offsets
@@ -50,9 +54,11 @@ def new_action(
     mention: dict[str, Any] | None,
     payload: dict[str, Any],
     reviewer: str,
+    reviewer_reference: str | None = None,
 ) -> dict[str, Any]:
     """An action as the API keeps it for the worker: the target mention as the record has it (``None`` for add),
-    the payload (span, label, code) and who asked. The task message carries only its ``id``."""
+    the payload (span, label, code) and who asked (with their ``Practitioner/...`` when they came by a SMART
+    launch). The task message carries only its ``id``."""
     resource = str(mention["resource"]) if mention and mention.get("resource") else None
     return {
         "id": action_id(document_id, version_id, kind, resource, payload),
@@ -66,6 +72,7 @@ def new_action(
         else None,
         "payload": payload,
         "reviewer": reviewer,
+        "reviewer_reference": reviewer_reference,
         "state": "queued",
         "message": None,
         "created": time.time(),
@@ -192,10 +199,11 @@ class ReviewStore:
         return sorted(_text(m) for m in self.client.smembers(self.key("patient", patient_id)))
 
     # Sessions -----------------------------------------------------------------------------------------------
-    def open_session(self, reviewer: str, ttl_seconds: int) -> tuple[str, str]:
-        """A new login: (session id, CSRF token)."""
+    def open_session(self, reviewer: str, ttl_seconds: int, **extra: Any) -> tuple[str, str]:
+        """A new login: (session id, CSRF token). ``extra`` marks a SMART launch's session (``smart``, ``patient``,
+        ``fhir_user``)."""
         session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        payload = json.dumps({"reviewer": reviewer, "csrf": csrf, "since": time.time()})
+        payload = json.dumps({**extra, "reviewer": reviewer, "csrf": csrf, "since": time.time()})
         self.client.set(self.key("session", session_id), payload, ex=ttl_seconds)
         return session_id, csrf
 
@@ -207,6 +215,18 @@ class ReviewStore:
 
     def close_session(self, session_id: str) -> None:
         self.client.delete(self.key("session", session_id))
+
+    # SMART launches ----------------------------------------------------------------------------------------------
+    def put_launch(self, state: str, launch: dict[str, Any], ttl_seconds: int = LAUNCH_TTL_SECONDS) -> None:
+        """A launch waiting for the EHR's authorization (state -> PKCE verifier, endpoints, launch)."""
+        self.client.set(self.key("launch", state), json.dumps(launch), ex=ttl_seconds)
+
+    def take_launch(self, state: str) -> dict[str, Any] | None:
+        """The launch for this state, removed as it is read: a state is good for one callback."""
+        if not state or len(state) > 100:
+            return None
+        raw = self.client.getdel(self.key("launch", state))
+        return json.loads(raw) if raw else None
 
     # Reviewer actions -----------------------------------------------------------------------------------------
     def put_action(self, action: dict[str, Any]) -> bool:

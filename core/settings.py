@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -185,6 +186,47 @@ class Settings(BaseSettings):
     review_try_timeout_seconds: float = Field(
         default=60.0, gt=0, description="How long the playground waits for a worker to tag the pasted text."
     )
+
+    # SMART App Launch (EHR launch) of the review pages: off unless a client id is configured.
+    smart_client_id: str | None = Field(
+        default=None, description="Client id the EHR registered the review pages under; enables /review/launch."
+    )
+    smart_client_secret: SecretStr | None = Field(
+        default=None, description="Client secret (confidential client, client_secret_basic); unset: a public client."
+    )
+    smart_redirect_url: str | None = Field(
+        default=None,
+        description="The redirect URL registered with the EHR (https://<adapter>/review/launch/callback); "
+        "unset: derived from the launch request's own URL.",
+    )
+    smart_scope: str = Field(
+        default="launch openid fhirUser patient/*.rs", description="Scopes asked for at the EHR launch."
+    )
+    smart_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins besides the EHR base URL's where its authorization server may live "
+        "(comma-separated scheme://host[:port]).",
+    )
+    smart_frame_ancestors: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins that may frame pages of a launched session (CSP frame-ancestors); "
+        "unset: the EHR base URL's origin.",
+    )
+
+    @field_validator("smart_allowed_origins", "smart_frame_ancestors", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        if isinstance(value, list):
+            for origin in value:
+                parts = urlsplit(str(origin))
+                if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+                    raise ValueError("SMART origins are scheme://host[:port], comma-separated")
+        return value
+
+    def smart_launch_on(self) -> bool:
+        return bool(self.smart_client_id)
 
     @field_validator("review_tokens", mode="before")
     @classmethod

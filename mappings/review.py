@@ -190,6 +190,8 @@ class ReviewWrite:
     reviewer: str
     document_id: str
     document_version: str
+    #: ``Practitioner/{id}`` (or PractitionerRole) of a reviewer who came by a SMART launch, else None.
+    reviewer_reference: str | None = None
     updates: Sequence[tuple[dict[str, Any], str | None]] = ()
     creates: Sequence[MappedResource] = ()
     unchanged: Sequence[str] = ()  # ``Type/id`` already as the action leaves it (a rerun): Provenance targets only
@@ -238,7 +240,11 @@ def review_transaction(write: ReviewWrite, namespace: str, recorded: str) -> dic
         "agent": [
             {
                 "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": reviewer_role}]},
-                "who": {"display": write.reviewer},
+                "who": (
+                    {"reference": write.reviewer_reference, "display": write.reviewer}
+                    if write.reviewer_reference
+                    else {"display": write.reviewer}
+                ),
             },
             {
                 "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "enterer"}]},

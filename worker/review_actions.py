@@ -106,6 +106,7 @@ def plan_action(client: EhrClient, action: dict[str, Any], record: dict[str, Any
         kind=kind,
         action_id=str(action["id"]),
         reviewer=str(action["reviewer"]),
+        reviewer_reference=str(action["reviewer_reference"]) if action.get("reviewer_reference") else None,
         document_id=str(action["document"]),
         document_version=str(action["version"]),
     )

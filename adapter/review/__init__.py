@@ -13,7 +13,9 @@ __all__ = ["install_review_pages"]
 
 def install_review_pages(app: FastAPI) -> None:
     from adapter.review.pages import router
+    from adapter.review.smart import router as launch_router
 
+    app.include_router(launch_router)
     app.include_router(router)
 
     @app.exception_handler(PagesOffError)
@@ -42,6 +44,7 @@ class _PageHeadersMiddleware:
     benchmark", and tests/adapter/test_bench_notify.py)."""
 
     _HEADERS = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in PAGE_HEADERS.items()]
+    _FRAMING = frozenset({b"content-security-policy", b"x-frame-options"})
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -55,8 +58,13 @@ class _PageHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                kept = [(n, v) for n, v in message.get("headers", ()) if n.lower() not in names]
-                message = {**message, "headers": [*kept, *self._HEADERS]}
+                headers = list(message.get("headers", ()))
+                # A launched session's page sets its own CSP (the EHR may frame it): keep that one, and no
+                # X-Frame-Options, which cannot name an origin.
+                own_csp = [(n, v) for n, v in headers if n.lower() == b"content-security-policy"]
+                added = [(n, v) for n, v in self._HEADERS if not own_csp or n not in self._FRAMING]
+                kept = [(n, v) for n, v in headers if n.lower() not in names]
+                message = {**message, "headers": [*kept, *own_csp[:1], *added]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

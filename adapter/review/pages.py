@@ -24,6 +24,7 @@ from adapter.review.security import (
     Reviewer,
     check_csrf,
     current_reviewer,
+    launched_csp,
     new_login_csrf,
     pages_on,
     review_store,
@@ -74,7 +75,17 @@ def page(
     name: str, request: Request, reviewer: Reviewer | None, status_code: int = 200, **context: Any
 ) -> HTMLResponse:
     html = templates.get_template(name).render(request_path=request.url.path, reviewer=reviewer, **context)
-    return HTMLResponse(html, status_code=status_code)
+    response = HTMLResponse(html, status_code=status_code)
+    if reviewer is not None and reviewer.launched:
+        response.headers["Content-Security-Policy"] = launched_csp(get_settings())
+    return response
+
+
+def outside_launch(request: Request, reviewer: Reviewer, subjects: set[str]) -> Response | None:
+    """A launched session sees only the patient the EHR had open: the refusal page for anything else."""
+    if not reviewer.launched or subjects == {f"Patient/{reviewer.patient}"}:
+        return None
+    return page("outside_launch.html", request, reviewer, status_code=403)
 
 
 def _send(task_kind: str, *args: Any) -> None:
@@ -140,6 +151,8 @@ async def static(name: str) -> Response:
 @router.get("")
 async def queue(request: Request, status: str = "", q: str = "", message: str = "") -> Response:
     reviewer = current_reviewer(request)
+    if reviewer.launched:  # the queue lists every patient's notes
+        return RedirectResponse(f"/review/patients/{reviewer.patient}", status_code=303)
     settings = get_settings()
     notes = recent_notes(get_redis(), settings.key_prefix, limit=500)
     counts = {name: sum(1 for n in notes if n.get("status") == name) for name in STATUSES}
@@ -176,6 +189,8 @@ async def retry_dead_letter(request: Request) -> Response:
     reviewer = current_reviewer(request)
     form = await request.form()
     check_csrf(request, reviewer.csrf, str(form.get("csrf") or ""))
+    if reviewer.launched:
+        return page("outside_launch.html", request, reviewer, status_code=403)
     letter_id = str(form.get("letter") or "")
     if not letter_id or len(letter_id) > 300:
         return RedirectResponse("/review?message=retry-missing", status_code=303)
@@ -204,6 +219,9 @@ def _note_page(
     records = store.records(document_id) if _valid_id(document_id) else {}
     if not statuses and not records:
         return page("missing.html", request, reviewer, status_code=404, what=f"DocumentReference/{document_id}")
+    refused = outside_launch(request, reviewer, {str(r.get("subject")) for r in records.values()})
+    if refused is not None:
+        return refused
     versions = sorted(set(statuses) | set(records), key=render.version_key)
     latest = max(records, key=render.version_key) if records else None
     chosen = version if version in versions else (latest or versions[-1])
@@ -295,6 +313,9 @@ async def note_action(request: Request, document_id: str) -> Response:
     record = records.get(version)
     if record is None:
         return page("missing.html", request, reviewer, status_code=404, what=f"DocumentReference/{document_id}")
+    refused = outside_launch(request, reviewer, {str(r.get("subject")) for r in records.values()})
+    if refused is not None:
+        return refused
     if version != max(records, key=render.version_key):
         error = "A newer version of this note has been processed since: act on the latest version."
         return _note_page(request, reviewer, document_id, "", 409, error=error)
@@ -312,7 +333,7 @@ async def note_action(request: Request, document_id: str) -> Response:
         if found is None:
             return _note_page(request, reviewer, document_id, version, 400, error=problem)
         payload = found
-    action = new_action(document_id, version, kind, mention, payload, reviewer.name)
+    action = new_action(document_id, version, kind, mention, payload, reviewer.name, reviewer.reference)
     identifier = str(action["id"])
     if store.put_action(action):
         _send("review_action", identifier)
@@ -331,6 +352,9 @@ async def note_action(request: Request, document_id: str) -> Response:
 @router.get("/patients/{patient_id}")
 async def patient(request: Request, patient_id: str, refuted: bool = False) -> Response:
     reviewer = current_reviewer(request)
+    refused = outside_launch(request, reviewer, {f"Patient/{patient_id}"})
+    if refused is not None:
+        return refused
     store = review_store()
     notes = store.patient_notes(patient_id) if _valid_id(patient_id) else []
     latest: list[dict[str, Any]] = []

