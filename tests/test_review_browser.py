@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import pytest
@@ -42,6 +43,7 @@ CHROMIUM_FLAGS = [
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "review"
 REVIEWER, TOKEN = "Dr Ana Ruiz", "ana-browser-token-1"
 NOTIFY_HEADERS = {"Authorization": "Bearer test-token", "Content-Type": "application/fhir+json"}
+SMART_CLIENT = "fhir-ner-review"
 BROKEN_PROFILE = "name: broken\nlabels:\n  DISEASE:\n    mapper: no-such-mapper\n"
 
 
@@ -119,6 +121,8 @@ def stack(
         "FHIR_NER_RECOVERY_CHECK_SECONDS": "0",
         "FHIR_NER_REVIEW_TOKENS": f"{REVIEWER}:{TOKEN}",
         "FHIR_NER_REVIEW_TRY_TIMEOUT_SECONDS": "120",
+        # SMART EHR launch (test_a_launch_from_the_ehr_lands_on_the_patient_view_as_the_practitioner).
+        "FHIR_NER_SMART_CLIENT_ID": SMART_CLIENT,
     }
     worker = WorkerProcess(env, logs / "worker.log").start()
     port = _free_port()
@@ -536,3 +540,27 @@ def test_a_corrected_span_is_in_the_feedback_export(
     assert ("PROCEDURE", "radiografía") in spans and ("PROCEDURE", "radiografía de tórax") not in spans
     if reviewed.rejected:  # by the test before: the rejection holds for the later version's training document
         assert ("SYMPTOM", "fiebre") not in spans
+
+
+def test_a_launch_from_the_ehr_lands_on_the_patient_view_as_the_practitioner(browser: Any, stack: Stack) -> None:
+    """The EHR opens /review/launch; its authorization server sends the browser back with a code; the adapter
+    lands on the launched patient's view with the practitioner's name. The adapter is opened as ``localhost`` and
+    the EHR is ``127.0.0.1``: the EHR's redirect back is a cross-site navigation, as with a real EHR."""
+    port = urlsplit(stack.url).port
+    adapter = f"http://localhost:{port}"
+    stack.ehr.smart_client(SMART_CLIENT, [f"{adapter}/review/launch/callback"])
+    launch = stack.ehr.smart_launch(stack.patient, "Practitioner/prac-browser", "Dr Eva Launch")
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(f"{adapter}/review/launch?{urlencode({'iss': stack.ehr.base_url, 'launch': launch})}")
+        page.wait_for_url(f"{adapter}/review/patients/{stack.patient}", timeout=20000)
+        assert page.locator(".who strong").inner_text() == "Dr Eva Launch"
+        assert page.locator("section[aria-labelledby=h-Condition] .problems > li").count() >= 1
+        assert [c["name"] for c in context.cookies() if c["name"].startswith("fhir_ner_launch_")] == []
+        shot(page, "launched-patient")
+        # The session is the patient's: the queue leads back to the patient view.
+        page.goto(f"{adapter}/review")
+        assert page.url == f"{adapter}/review/patients/{stack.patient}"
+    finally:
+        context.close()

@@ -254,3 +254,29 @@ def test_confirm_reject_correct_and_add_write_the_ehr_with_the_reviewers_provena
     ]
     assert export_feedback(tmp_path / "again", delete=True) == 1
     assert _store().feedback() == {}
+
+
+def test_a_launched_practitioners_action_names_them_in_the_provenance(review_ehr: FhirTestServer) -> None:
+    """A reviewer who came by a SMART EHR launch is the Practitioner the id_token's fhirUser named."""
+    from core.review import new_action
+    from worker.review_actions import run_action
+    from worker.tasks import process_document
+
+    ehr = review_ehr
+    practitioner = httpx.post(
+        f"{ehr.base_url}/Practitioner",
+        json={"resourceType": "Practitioner", "name": [{"text": "Dr Eva Launch"}]},
+        headers={"Content-Type": "application/fhir+json"},
+        timeout=10,
+    ).json()
+    document = note_document(ehr, TEXT)
+    process_document(document, "1")
+    store = _store()
+    mention = next(m for m in store.records(document["id"])["1"]["mentions"] if m["text"] == "neumonía")
+    reference = f"Practitioner/{practitioner['id']}"
+    action = new_action(document["id"], "1", "confirm", mention, {}, "Dr Eva Launch", reference)
+    store.put_action(action)
+    assert run_action(action["id"])["state"] == "done"
+    (provenance,) = _provenances(ehr, mention["resource"])
+    assert provenance["agent"][0]["who"] == {"reference": reference, "display": "Dr Eva Launch"}
+    assert read(ehr, reference)["resourceType"] == "Practitioner"
