@@ -96,7 +96,9 @@ def _same_base(iss: str, base: str) -> bool:
         parts = urlsplit(url.strip())
         return parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/")
 
-    return bool(iss) and not urlsplit(iss).query and normal(iss) == normal(base)
+    parts = urlsplit(iss)
+    plain = not (parts.query or parts.fragment or "@" in parts.netloc)
+    return bool(iss) and plain and normal(iss) == normal(base)
 
 
 def _timeout(settings: Settings) -> float:

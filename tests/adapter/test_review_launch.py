@@ -156,6 +156,8 @@ def test_another_iss_is_refused_before_anything_is_asked(
         ehr.base_url.replace("/fhir/R4", "/fhir/R5"),
         ehr.root_url,
         f"{ehr.base_url}?x=1",
+        f"{ehr.base_url}#x",
+        ehr.base_url.replace("http://", "http://user@"),
         "",
     ):
         response = client.get("/review/launch", params={"iss": iss, "launch": launch})
