@@ -30,6 +30,7 @@ import jwt
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
+from adapter.review.pages import page
 from adapter.review.security import (
     ehr_origin,
     is_https,
@@ -63,8 +64,6 @@ class LaunchError(Exception):
 
 
 def _error_page(request: Request, error: LaunchError, state: str = "") -> Response:
-    from adapter.review.pages import page
-
     logger.warning("SMART launch refused (%s)", error.message)
     response = page("launch_error.html", request, None, status_code=error.status_code, message=error.message)
     response.headers["Content-Security-Policy"] = launched_csp(get_settings())
@@ -242,8 +241,6 @@ async def callback(request: Request, code: str = "", state: str = "", error: str
         return _error_page(request, failure, state if len(state) <= 100 else "")
     max_age = int(settings.review_session_hours * 3600)
     session_id, _ = review_store().open_session(name, max_age, smart=True, patient=patient, fhir_user=user)
-    from adapter.review.pages import page
-
     # A page of our own rather than a redirect: a redirect after the EHR's cross-site one would not carry a Strict
     # or Lax cookie in every browser; this page's navigation starts on our own origin.
     target = f"/review/patients/{patient}"
