@@ -13,7 +13,8 @@ Steps (about 30 minutes on 2 busy CPU cores; caches in ``--work`` so a rerun is 
    masked) fine-tuning of layers ``--frozen-layers``..11 of multilingual-e5-small on (mention, code name)
    pairs from CodiEsp train and (name, other name) pairs of ICD-10-CM codes; the lower layers' outputs are
    computed once and cached.
-3. ``index.npz``: every code name of both systems, embedded by the trained encoder, int8.
+3. ``index.npz``: every code name of both systems (all of ICD-10-CM with a billable target, not only the codes
+   trained on), embedded by the trained encoder, int8.
 4. Development figures on CodiEsp dev (never test) by nearest neighbour; thresholds are chosen afterwards by
    ``benchmarks/calibrate_linker.py`` through the production path.
 """
@@ -295,7 +296,8 @@ def main() -> int:
     write_synonyms(train, icd_base, pcs, args.out)
     from worker.linker import load_icd10pcs
 
-    data = {"icd-10-cm": icd10cm_with(icd_base, args.out), "icd-10-pcs": load_icd10pcs(args.out)}
+    # Trained on the codes CodiEsp train uses (+ each category's default leaf); the shipped index covers all.
+    data = {"icd-10-cm": icd10cm_with(icd_base, args.out, full=False), "icd-10-pcs": load_icd10pcs(args.out)}
     names: dict[str, dict[str, list[str]]] = {s: collections.defaultdict(list) for s in data}  # code -> names
     for system, d in data.items():
         for entry in d.entries:
@@ -319,6 +321,8 @@ def main() -> int:
     cache = Cache(split, tokenizer, args.work, args.frozen_layers)
     every = {t for d in data.values() for texts in SourceIndex(d).groups.values() for t in texts}
     every |= {m for m, _ in mention_pairs} | {r[3] for r in dev}
+    # Title cores shared by several codes are not searched (SHARED_TEXT_ONLY) but stay training positives.
+    every |= {e.term for d in data.values() for e in d.entries if e.kind == "core" and e.code not in d.unembedded}
     cache.fill(sorted(every))
     # Only names in the index (embedded codes) are positives; mentions of codes outside it are not trained on.
     for system in names:
@@ -416,6 +420,11 @@ def main() -> int:
     from worker.linker import apply_linker_weights
 
     apply_linker_weights(model, args.out)
+    indexes, groups = build_indexes()
+    report["final_trained_codes"] = evaluate(split, cache, indexes, dev)
+    # The shipped index: every ICD-10-CM code with a billable target (benchmarks/build_linker_index.py rebuilds it).
+    data["icd-10-cm"] = icd10cm_with(icd_base, args.out)
+    cache.fill(sorted({t for texts in SourceIndex(data["icd-10-cm"]).groups.values() for t in texts}))
     indexes, groups = build_indexes()
     report["final"] = evaluate(split, cache, indexes, dev)
     save_index(args.out / "index.npz", groups, encoder.revision)

@@ -67,6 +67,24 @@ QUERY_PREFIX = "query: "
 AUTO_EMBED_LIMIT = 2000
 _NEIGHBOURS = 64  # nearest strings looked at before grouping them by code
 QUERY_CACHE = 20_000  # distinct mention texts whose query vectors a service remembers
+# Term kinds embedded only where the term names one code: a title cut before its qualifiers ("Migraine" for both
+# G43.901 and G43.909) would give siblings the same vector and settle their order by a tie-break.
+SHARED_TEXT_ONLY = frozenset({"core"})
+
+
+def _shared_terms(entries: Sequence[TermEntry], data: CodeSystemData) -> set[str]:
+    """Terms of the :data:`SHARED_TEXT_ONLY` kinds that stand for several codes, none above the others (a category
+    and its own leaf, J18 and J18.9, do not count: the leaf wins their tie)."""
+    codes: dict[str, set[str]] = {}
+    for entry in entries:
+        if entry.kind in SHARED_TEXT_ONLY:
+            codes.setdefault(entry.term, set()).add(data.billable(entry.code) or entry.code)
+    shared = set()
+    for term, found in codes.items():
+        ordered = sorted(found, key=len)
+        if any(not other.startswith(ordered[0]) for other in ordered[1:]):
+            shared.add(term)
+    return shared
 
 
 def default_cache_root() -> Path:
@@ -361,13 +379,18 @@ class SourceIndex:
         self.data = data
         self.lexical = LexicalIndex(data)
         # The entries searched by nearest neighbour: one matrix row each.
-        self.entries = [entry for entry in data.entries if entry.code not in data.unembedded]
+        entries = [entry for entry in data.entries if entry.code not in data.unembedded]
+        shared = _shared_terms(entries, data)
+        self.entries = [entry for entry in entries if entry.kind not in SHARED_TEXT_ONLY or entry.term not in shared]
         self.groups = group_texts(self.entries)
         self.matrix: np.ndarray | None = None
         self._codes = [entry.code for entry in self.entries]
         self._display = {entry.code: entry.display for entry in data.entries}
         self.preferred = {entry.code for entry in data.entries if entry.preferred}
         self._masks: dict[tuple[str, ...], np.ndarray] = {}
+        # Per kind of request: the rows it may match (None: all) and their matrix, so no search masks rows.
+        self._subsets: dict[tuple[str, ...], tuple[np.ndarray | None, np.ndarray]] = {}
+        self._term_rows: dict[str, int] | None = None
 
     @property
     def embedded_strings(self) -> int:
@@ -384,7 +407,37 @@ class SourceIndex:
             matrices[kind] = matrix
             rows[kind] = {text: row for row, text in enumerate(texts)}
         self.matrix = np.stack([matrices[e.kind][rows[e.kind][e.term]] for e in self.entries]).astype(np.float32)
+        self._subsets.clear()
+        self._term_rows = None
         return True
+
+    def term_vector(self, text: str) -> np.ndarray | None:
+        """The embedding of an indexed term whose normalised form is ``text``'s (None: no such term).
+
+        A mention that matches a term exactly embeds to (nearly) that term's vector, so its neighbours can be
+        found without running the encoder.
+        """
+        if self.matrix is None:
+            return None
+        if self._term_rows is None:
+            found: dict[str, int] = {}
+            for row, entry in enumerate(self.entries):
+                found.setdefault(normalise(entry.term), row)
+            self._term_rows = found
+        row = self._term_rows.get(normalise(text))
+        return None if row is None else self.matrix[row]
+
+    def _rows(self, prefixes: tuple[str, ...], categories: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        assert self.matrix is not None
+        key = (*prefixes, f"categories={categories}")
+        if key not in self._subsets:
+            mask = self._mask(prefixes, categories) if prefixes or not categories else None
+            if mask is None or mask.all():
+                self._subsets[key] = (None, self.matrix)
+            else:
+                rows = np.flatnonzero(mask)
+                self._subsets[key] = (rows, self.matrix[rows])
+        return self._subsets[key]
 
     def _mask(self, prefixes: tuple[str, ...], categories: bool = False) -> np.ndarray:
         key = (*prefixes, f"categories={categories}")
@@ -404,19 +457,18 @@ class SourceIndex:
         A term of a non-billable category counts for the category's default leaf (see
         :meth:`CodeSystemData.billable`) unless ``categories``.
         """
-        assert self.matrix is not None
-        scores = vectors @ self.matrix.T
-        if prefixes or not categories:
-            scores[:, ~self._mask(prefixes, categories)] = -1.0
+        rows, matrix = self._rows(prefixes, categories)
         results: list[list[CandidateCode]] = []
+        if matrix.shape[0] == 0:
+            return [[] for _ in range(len(vectors))]
+        scores = vectors @ matrix.T
         take = min(_NEIGHBOURS, scores.shape[1])
         for row in scores:
             top = np.argpartition(-row, take - 1)[:take] if take < row.shape[0] else np.arange(row.shape[0])
             best: dict[str, float] = {}
-            for index in top:
-                score = float(row[index])
-                if score <= -1.0:
-                    continue
+            for position in top:
+                score = float(row[position])
+                index = int(rows[position]) if rows is not None else int(position)
                 code = self.data.billable(self._codes[index], categories) or self._codes[index]
                 if score > best.get(code, -2.0):
                     best[code] = score
@@ -506,6 +558,9 @@ class TerminologyService:
             return [[] for _ in requests]
         found: list[dict[tuple[str, str], CandidateCode]] = [{} for _ in requests]
         pending: dict[str, list[int]] = {}  # system name → requests to search by nearest neighbour
+        # An exact text match is the first candidate; the next ones are the matched term's nearest neighbours
+        # (its vector stands for the mention's, so the encoder does not run): system name → (request, vector).
+        known: dict[str, list[tuple[int, np.ndarray]]] = {}
         for position, request in enumerate(requests):
             for name in request.systems:
                 index = self.index(name)
@@ -516,17 +571,25 @@ class TerminologyService:
                 exact = bool(matches) and matches[0].score >= 1.0
                 if index.matrix is not None and not exact:
                     pending.setdefault(name, []).append(position)
-        if pending and self.store is not None:
+                elif index.matrix is not None and (vector := index.term_vector(request.text)) is not None:
+                    known.setdefault(name, []).append((position, vector))
+        if (pending or known) and self.store is not None:
             texts = sorted({requests[p].text for positions in pending.values() for p in positions})
-            vectors = self._vectors(texts, encode)
+            vectors = self._vectors(texts, encode) if texts else {}
+            searches: dict[str, list[tuple[int, np.ndarray]]] = {}
             for name, positions in pending.items():
+                searches.setdefault(name, []).extend((p, vectors[requests[p].text]) for p in positions)
+            for name, pairs in known.items():
+                searches.setdefault(name, []).extend(pairs)
+            for name, pairs in searches.items():
                 index = self._indexes[name]
-                by_prefix: dict[tuple[tuple[str, ...], bool], list[int]] = {}
-                for position in positions:
+                by_prefix: dict[tuple[tuple[str, ...], bool], list[tuple[int, np.ndarray]]] = {}
+                for position, vector in pairs:
                     key = (tuple(requests[position].prefixes.get(name, ())), requests[position].categories)
-                    by_prefix.setdefault(key, []).append(position)
-                for (prefixes, categories), group in by_prefix.items():
-                    matrix = np.stack([vectors[requests[p].text] for p in group])
+                    by_prefix.setdefault(key, []).append((position, vector))
+                for (prefixes, categories), members in by_prefix.items():
+                    matrix = np.stack([vector for _, vector in members])
+                    group = [position for position, _ in members]
                     answers = index.nearest(matrix, prefixes, self.limit, categories)
                     for position, candidates in zip(group, answers, strict=True):
                         for candidate in candidates:
