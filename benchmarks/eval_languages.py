@@ -13,7 +13,8 @@
   strict and character-overlap F1, and the share of gold mentions touched by any prediction (labels
   ignored).
 
-The checkpoint's own span-score threshold applies unless ``--min-span-score`` is given.
+The checkpoint's own span-score threshold applies unless ``--min-span-score`` is given. Spans go through the
+span-edge rules of each set's language (``worker/nlp/span_edges.py``) unless ``--no-edge-rules`` is given.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ LEADS = {
 def short_notes(pipeline: Any) -> dict[str, Any]:
     rows = list(csv.DictReader(SHORT.open(encoding="utf-8"), delimiter="\t"))
     texts = [r["sentence"] for r in rows] + [f"{LEADS[r['lang']]} {r['sentence']}" for r in rows]
-    predicted = pipeline.predict(texts)
+    predicted = pipeline.predict(texts, [r["lang"] for r in rows] * 2)
     out: dict[str, Any] = {"per_language": {}, "missed_alone": []}
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for i, row in enumerate(rows):
@@ -79,7 +80,9 @@ def _touched(gold: list[Any], pred: list[Any]) -> float:
     return hit / max(1, len(gold))
 
 
-def validation(checkpoint: Path, min_span_score: float, calibrate: bool = False) -> dict[str, Any]:
+def validation(
+    checkpoint: Path, min_span_score: float, calibrate: bool = False, edge_rules: bool = True
+) -> dict[str, Any]:
     """Per set: scores with the threshold given and with none (the notes are tagged once).
 
     ``calibrate``: first choose the threshold that maximises the mean over the sets (each language weighs
@@ -97,7 +100,10 @@ def validation(checkpoint: Path, min_span_score: float, calibrate: bool = False)
         _, val, _ = load_corpora([SPANISH / "spaccc-train", SPANISH / "cardioccc-train"])
         sets["es (108 notes)"] = val
     out: dict[str, Any] = {}
-    tagged = {name: predict_checkpoint(checkpoint, docs, min_span_score=0.0) for name, docs in sets.items()}
+    tagged = {
+        name: predict_checkpoint(checkpoint, docs, min_span_score=0.0, language=name[:2], edge_rules=edge_rules)
+        for name, docs in sets.items()
+    }
     if calibrate:
 
         def mean_score(threshold: float) -> float:
@@ -136,6 +142,9 @@ def main() -> None:
     parser.add_argument(
         "--calibrate", action="store_true", help="choose the threshold on the validation sets pooled and save it"
     )
+    parser.add_argument(
+        "--no-edge-rules", action="store_true", help="the model's raw spans, without the span-edge rules (issue 15)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -150,12 +159,14 @@ def main() -> None:
     result["model_revision"] = tagger.config.model_revision
     result["min_span_score"] = tagger.config.min_span_score
     if args.only in (None, "val"):
-        result["validation"] = validation(args.checkpoint, tagger.config.min_span_score, args.calibrate)
+        result["validation"] = validation(
+            args.checkpoint, tagger.config.min_span_score, args.calibrate, edge_rules=not args.no_edge_rules
+        )
         if args.calibrate:
             tagger.config.min_span_score = result["validation"]["calibrated_min_span_score"]
             result["min_span_score"] = tagger.config.min_span_score
     if args.only in (None, "short"):
-        result["short_notes"] = short_notes(TaggerPipeline(tagger))
+        result["short_notes"] = short_notes(TaggerPipeline(tagger, edge_rules=not args.no_edge_rules))
     print(json.dumps(result, indent=1, ensure_ascii=False))
 
 

@@ -42,13 +42,15 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def predict_shrinking(pipeline: TaggerPipeline, texts: Sequence[str]) -> list[list[TaggedSpan]]:
-    """``pipeline.predict(texts)``, halving its windows per pass on out-of-memory until one window fails."""
+def predict_shrinking(
+    pipeline: TaggerPipeline, texts: Sequence[str], languages: Sequence[str | None] | None = None
+) -> list[list[TaggedSpan]]:
+    """``pipeline.predict(texts, languages)``, halving its windows per pass on out-of-memory until one window fails."""
     from worker.metrics import OOM_SHRINKS
 
     while True:
         try:
-            return pipeline.predict(texts)
+            return pipeline.predict(texts, languages)
         except Exception as error:
             if not is_out_of_memory(error) or pipeline.batch_size <= 1:
                 raise
@@ -67,7 +69,7 @@ def tag_texts(
 
     started = time.perf_counter()
     tokens_before = pipeline.stats["tokens"]
-    spans = predict_shrinking(pipeline, texts)
+    spans = predict_shrinking(pipeline, texts, languages)  # the language picks the span-edge rules
     detector = default_detector()
     results: list[list[Mention]] = []
     for text, language, found in zip(texts, languages, spans, strict=True):

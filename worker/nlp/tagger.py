@@ -28,6 +28,7 @@ from worker.nlp.encoders import (
     resolve_encoder,
     special_affixes,
 )
+from worker.nlp.span_edges import LanguageEdgeRules, apply_edge_rules, default_edge_rules
 
 logger = logging.getLogger("fhir_ner.tagger")
 
@@ -222,6 +223,7 @@ class TaggerPipeline:
         threads: int | None = None,
         precision: str = "auto",
         cache_dir: Path | None = None,
+        edge_rules: bool = True,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
@@ -241,6 +243,8 @@ class TaggerPipeline:
         self.window = int(tagger.config.max_window_tokens or 512) - specials
         self.overlap = tagger.config.window_overlap or max(16, self.window // 4)
         self.stats = {"tokens": 0, "windows": 0, "seconds": 0.0}
+        # Span-edge rules per language (worker/nlp/span_edges.py); False gives the model's raw spans.
+        self.edge_rules = edge_rules
         # (ids, mask) -> logits: the tagger itself, or an ONNX Runtime session for int8 (worker/nlp/quantize.py).
         self.runner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._torch_forward
         if precision == "int8":
@@ -261,8 +265,19 @@ class TaggerPipeline:
         offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         return list(encoded["input_ids"]), offsets
 
-    def predict(self, texts: Sequence[str]) -> list[list[TaggedSpan]]:
+    def _edge_rules_for(self, text: str, language: str | None) -> LanguageEdgeRules | None:
+        """The note's language (given, else detected from its text) picks its span-edge rules."""
+        from worker.nlp.assertion import default_detector
+
+        return default_edge_rules().get(default_detector().resolve_language(language, text))
+
+    def predict(self, texts: Sequence[str], languages: Sequence[str | None] | None = None) -> list[list[TaggedSpan]]:
+        """Spans per text; ``languages`` (BCP 47 or None per text) chooses the span-edge rules, else detected."""
         started = time.perf_counter()
+        if languages is None:
+            languages = [None] * len(texts)
+        elif len(languages) != len(texts):
+            raise ValueError("one language (or None) per text")
         tokenized = [self._tokenize(text) for text in texts]
         windows: list[_Window] = []
         plans: list[list[tuple[int, int]]] = []
@@ -283,9 +298,10 @@ class TaggerPipeline:
             window_probs = probs_by_window[cursor : cursor + len(plan)]
             cursor += len(plan)
             merged = merge_windows(len(ids), plan, window_probs)
-            results.append(
-                decode_spans(text, offsets, merged, self.tagger.labels, min_score=self.tagger.config.min_span_score)
-            )
+            spans = decode_spans(text, offsets, merged, self.tagger.labels, min_score=self.tagger.config.min_span_score)
+            if self.edge_rules:
+                spans = apply_edge_rules(text, spans, self._edge_rules_for(text, languages[doc]))
+            results.append(spans)
             self.stats["tokens"] += len(ids)
         self.stats["windows"] += len(windows)
         self.stats["seconds"] += time.perf_counter() - started

@@ -524,16 +524,20 @@ def predict_checkpoint(
     batch_size: int = 8,
     min_span_score: float | None = None,
     precision: str | None = None,
+    language: str | None = None,
+    edge_rules: bool = True,
 ) -> tuple[list[Span], list[Span], list[str]]:
     """Gold spans, predicted spans (with scores) and labels of a saved checkpoint on notes, through the
     production inference path (TaggerPipeline); ``min_span_score`` overrides the checkpoint's threshold.
-    ``precision`` defaults to the reference arithmetic: fp32 on a CPU (never a recorded int8), bf16 on a GPU."""
+    ``precision`` defaults to the reference arithmetic: fp32 on a CPU (never a recorded int8), bf16 on a GPU.
+    ``language`` (of all the notes; None: detected per note) picks the span-edge rules, ``edge_rules`` switches
+    them (worker/nlp/span_edges.py)."""
     tagger = ClinicalTagger.from_pretrained(checkpoint)
     if min_span_score is not None:
         tagger.config.min_span_score = min_span_score
     precision = precision or ("auto" if torch.cuda.is_available() else "fp32")
-    pipeline = TaggerPipeline(tagger, batch_size=batch_size, precision=precision)
-    predicted = pipeline.predict([d.text for d in docs])
+    pipeline = TaggerPipeline(tagger, batch_size=batch_size, precision=precision, edge_rules=edge_rules)
+    predicted = pipeline.predict([d.text for d in docs], [language] * len(docs))
     pred = [span for d, spans in zip(docs, predicted, strict=True) for span in _to_spans(d.doc_id, spans)]
     gold = [Span(d.doc_id, s.label, s.start, s.end) for d in docs for s in d.spans]
     return gold, pred, tagger.labels
