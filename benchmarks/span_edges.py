@@ -88,8 +88,8 @@ def score(docs: list[Cached], labels: list[str], threshold: float, steps: tuple[
         gold = [Span(doc_id, *g) for doc_id, _, spans, _, _ in chosen for g in spans]
         pred = []
         for doc_id, text, _, offsets, probs in chosen:
-            spans = apply_edge_rules(text, decode_spans(text, offsets, probs, labels, min_score=threshold), rules)
-            pred += [Span(doc_id, s.label, s.start, s.end) for s in spans]
+            spans = apply_edge_rules(text, decode_spans(text, offsets, probs, labels), rules)  # as TaggerPipeline
+            pred += [Span(doc_id, s.label, s.start, s.end) for s in spans if s.score >= threshold]
         overall = evaluate(gold, pred, labels).overall
         out[part] = (round(overall.strict_f1, 4), round(overall.overlap_f1, 4))
     return out
@@ -105,7 +105,9 @@ def diagnose(docs: list[Cached], labels: list[str], threshold: float, steps: tup
     words: dict[str, Counter[str]] = {}
     n_gold = exact = 0
     for _, text, gold, offsets, probs in docs:
-        pred = apply_edge_rules(text, decode_spans(text, offsets, probs, labels, min_score=threshold), rules)
+        pred = [
+            s for s in apply_edge_rules(text, decode_spans(text, offsets, probs, labels), rules) if s.score >= threshold
+        ]
         keys = {(s.label, s.start, s.end) for s in pred}
         n_gold += len(gold)
         for label, start, end in gold:

@@ -298,9 +298,15 @@ class TaggerPipeline:
             window_probs = probs_by_window[cursor : cursor + len(plan)]
             cursor += len(plan)
             merged = merge_windows(len(ids), plan, window_probs)
-            spans = decode_spans(text, offsets, merged, self.tagger.labels, min_score=self.tagger.config.min_span_score)
+            min_score = self.tagger.config.min_span_score
             if self.edge_rules:
-                spans = apply_edge_rules(text, spans, self._edge_rules_for(text, languages[doc]))
+                # Rules first, threshold after: a joined span is judged by its joined score, and scoring paths that
+                # tag once with no threshold and filter later (calibration, eval_languages) see the same spans.
+                spans = decode_spans(text, offsets, merged, self.tagger.labels)
+                rules = self._edge_rules_for(text, languages[doc])
+                spans = [s for s in apply_edge_rules(text, spans, rules) if s.score >= min_score]
+            else:
+                spans = decode_spans(text, offsets, merged, self.tagger.labels, min_score=min_score)
             results.append(spans)
             self.stats["tokens"] += len(ids)
         self.stats["windows"] += len(windows)

@@ -177,14 +177,19 @@ def test_invalid_rule_data_is_refused_with_the_file_named(data: dict[str, object
         parse_edge_rules(data, "inline", expected_language="es")
 
 
-def test_the_pipeline_applies_the_rules_of_the_given_language(tiny_tagger_path: Path) -> None:
+def test_the_pipeline_applies_the_rules_of_the_given_language_before_its_threshold(tiny_tagger_path: Path) -> None:
     tagger = ClinicalTagger.from_pretrained(tiny_tagger_path)
+    tagger.config.min_span_score = 0.0
     raw = TaggerPipeline(tagger, edge_rules=False).predict(SAMPLE_NOTES)
-    pipeline = TaggerPipeline(tagger)
-    found = pipeline.predict(SAMPLE_NOTES, ["es"] * len(SAMPLE_NOTES))
+    scores = sorted(s.score for spans in raw for s in spans)
+    assert scores
+    tagger.config.min_span_score = scores[len(scores) // 2]
+    found = TaggerPipeline(tagger).predict(SAMPLE_NOTES, ["es"] * len(SAMPLE_NOTES))
+    rules = default_edge_rules()["es"]
     expected = [
-        apply_edge_rules(t, spans, default_edge_rules()["es"]) for t, spans in zip(SAMPLE_NOTES, raw, strict=True)
+        [s for s in apply_edge_rules(text, spans, rules) if s.score >= tagger.config.min_span_score]
+        for text, spans in zip(SAMPLE_NOTES, raw, strict=True)
     ]
     assert found == expected
     with pytest.raises(ValueError, match="one language"):
-        pipeline.predict(SAMPLE_NOTES, ["es"])
+        TaggerPipeline(tagger).predict(SAMPLE_NOTES, ["es"])
