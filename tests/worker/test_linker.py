@@ -14,6 +14,7 @@ from worker.coding import code_mentions
 from worker.linker import (
     LINKER_DIR,
     ShippedIndex,
+    embedded_icd_codes,
     load_icd10pcs,
     quantise,
     read_synonyms,
@@ -56,6 +57,9 @@ def test_a_fresh_install_codes_without_embedding_the_code_systems(service: Termi
         assert index.matrix.nbytes < 300 * 2**20
     assert service.store is not None and service.store.encoder.encoded == 0  # nothing embedded but queries
     assert first(service, "neumonía", "DISEASE", "es") == "J18.9"  # a shipped Spanish synonym: no encoding
+    # The exact match's other candidates are its term's nearest neighbours, still without encoding.
+    (pneumonia,) = code_mentions(["neumonía"], "DISEASE", "es", 5, load_profile(), service)
+    assert len(pneumonia.candidates) == 5 and len(set(pneumonia.ranked_codes())) == 5
     assert service.store.encoder.encoded == 0
     first(service, "fibrillazione atriale parossistica", "DISEASE", "it")
     assert service.store.encoder.encoded == 1  # only the query
@@ -78,6 +82,14 @@ def test_common_mentions_get_their_billable_code(
     service: TerminologyService, text: str, label: str, language: str, code: str
 ) -> None:
     assert first(service, text, label, language) == code
+
+
+def test_codes_outside_the_training_codes_are_found_by_nearest_neighbour(service: TerminologyService) -> None:
+    # Neither code is coded in CodiEsp train: the shipped index covers every billable ICD-10-CM code.
+    embedded_before = embedded_icd_codes(service.index("icd-10-cm").data)
+    for text, code in (("aneurisma de arteria renal", "I72.2"), ("absceso prostático", "N41.2")):
+        assert code not in embedded_before
+        assert first(service, text, "DISEASE", "es") == code
 
 
 def test_procedures_are_coded_with_icd10pcs(service: TerminologyService) -> None:

@@ -18,6 +18,7 @@ from worker.terminology import (
     TextEncoder,
     code_for,
     icd10cm_version,
+    length_batches,
     load_icd10cm,
     terminology_for,
 )
@@ -182,3 +183,13 @@ def test_an_unreadable_profile_code_system_is_a_clear_error(tmp_path: Path) -> N
     (tmp_path / "terms.csv").write_text("code,name\n", encoding="utf-8")
     with pytest.raises(TerminologyError, match=r"code system hospital \(.*terms\.csv\): the CSV header lacks display"):
         terminology_for(profile, mode="lexical")
+
+
+def test_mentions_are_batched_by_length_so_padding_wastes_little() -> None:
+    lengths = [5, 5, 6, 6, 7, 12, 13, 30, 58]
+    batches = length_batches(lengths, 64)
+    assert [i for batch in batches for i in batch] == list(range(len(lengths)))
+    padded = sum(len(batch) * lengths[batch[-1]] for batch in batches)
+    assert padded <= 1.25 * sum(lengths) + 8 * len(batches)
+    assert len(batches) < len(lengths)  # similar lengths share a forward pass
+    assert [len(b) for b in length_batches([4] * 10, 4)] == [4, 4, 2]
