@@ -13,7 +13,11 @@ Variants (``-keep=a+b`` keeps those layer groups of worker/nlp/quantize.py in fp
 - ``ort-pt``, ``ort-pc``: ONNX Runtime dynamic int8 (per-tensor / per-channel weights) of the fused graph;
 - ``ort-pts``, ``ort-pcs``: the same after smoothing the feed-forward inputs' outlier channels (SmoothQuant,
   scales from training notes; worker/nlp/quantize.py);
-- ``ort-static``: ONNX Runtime static int8 (activation scales calibrated on training notes, QDQ).
+- ``ort-static``: ONNX Runtime static int8 (activation scales calibrated on training notes, QDQ, u8 activations);
+  ``ort-static-qop``: the same written as QOperator ops (``QLinearMatMul``); ``-s8``: s8 symmetric activations;
+  ``ort-hybrid``: static QDQ for the MatMuls, and the fused ``Attention`` ops (query/key/value) dynamic int8.
+
+``--batch-size 1`` tags each window alone (no padding rows share a dynamic activation scale).
 
     .venv/bin/python benchmarks/bench_int8.py fp32 torch-pt torch-pc ort-pc ort-pc-keep=embeddings
 """
@@ -41,6 +45,15 @@ def load_split() -> tuple[list[Any], list[Any]]:
 
     train, val, _ = load_corpora([DATA / name for name in CORPORA], val_fraction=0.1, seed=0)
     return train, val
+
+
+# static variants: (format, signed symmetric activations)
+STATIC = {
+    "ort-static": ("QDQ", False),
+    "ort-static-qop": ("QOperator", False),
+    "ort-static-s8": ("QDQ", True),
+    "ort-static-qop-s8": ("QOperator", True),
+}
 
 
 def parse(variant: str) -> tuple[str, list[str]]:
@@ -74,10 +87,23 @@ def onnx_model(variant: str, work: Path, tagger: Any, train: list[Any]) -> Path:
         quantize.quantize_onnx_dynamic(
             fused, out, config.num_hidden_layers, per_channel=base in ("ort-pc", "ort-pcs"), keep_fp32=keep
         )
-    elif base == "ort-static":
+    elif base in STATIC or base == "ort-hybrid":
+        fmt, signed = STATIC.get(base, ("QDQ", False))
+        static_out = work / f"tagger.{variant}.static.onnx" if base == "ort-hybrid" else out
         quantize.quantize_onnx_static(
-            fused, out, config.num_hidden_layers, calibration_windows(tagger, train), keep_fp32=keep
+            fused,
+            static_out,
+            config.num_hidden_layers,
+            calibration_windows(tagger, train),
+            keep_fp32=keep,
+            quant_format=fmt,
+            activation_signed=signed,
+            extra_options={"ActivationSymmetric": True, "MatMulConstBOnly": True} if signed else None,
         )
+        if base == "ort-hybrid":  # the fused Attention ops (no static form) quantised dynamically on top
+            quantize.quantize_onnx_dynamic(
+                static_out, out, config.num_hidden_layers, keep_fp32=keep, op_types=["Attention"]
+            )
     else:
         raise SystemExit(f"unknown variant {variant}")
     return out
@@ -97,7 +123,7 @@ def calibration_windows(tagger: Any, train: list[Any], notes: int = 32) -> list[
     return windows
 
 
-def child(variant: str, work: Path, threads: int, every: int = 1) -> dict[str, Any]:
+def child(variant: str, work: Path, threads: int, every: int = 1, batch_size: int = 8) -> dict[str, Any]:
     import torch
 
     from worker.nlp.corpus import Span
@@ -118,7 +144,7 @@ def child(variant: str, work: Path, threads: int, every: int = 1) -> dict[str, A
     precision = "bf16" if base == "bf16" else "fp32"
     if base in ("torch-pt", "torch-pc"):
         quantize_dynamic_torch(tagger, per_channel=base == "torch-pc", keep_fp32=keep)
-    pipeline = TaggerPipeline(tagger, device="cpu", precision=precision)
+    pipeline = TaggerPipeline(tagger, device="cpu", precision=precision, batch_size=batch_size)
     if base.startswith("ort-"):
         pipeline.runner = OnnxRunner(onnx_model(variant, work, tagger, train), threads)
     load_before = os.getloadavg()[0]
@@ -137,6 +163,7 @@ def child(variant: str, work: Path, threads: int, every: int = 1) -> dict[str, A
     overall = report_to_json(evaluate(gold, pred, tagger.labels))["overall"]
     return {
         "variant": variant,
+        "batch_size": batch_size,
         "strict_f1": overall["strict_f1"],
         "overlap_f1": overall["overlap_f1"],
         "spans": len(pred),
@@ -155,10 +182,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, default=None, help="append each variant's JSON line here")
     parser.add_argument("--notes", type=int, default=1, help="every n-th validation note only (screening)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (padding rows)")
     parser.add_argument("--child", action="store_true")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.variants[0], args.work, args.threads, args.notes)))
+        print(json.dumps(child(args.variants[0], args.work, args.threads, args.notes, args.batch_size)))
         return
     rows = []
     for variant in args.variants:
@@ -173,8 +201,14 @@ def main() -> None:
             str(args.threads),
             "--notes",
             str(args.notes),
+            "--batch-size",
+            str(args.batch_size),
         ]
-        out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        # Each child gets its own temporary folder: ONNX Runtime's quantiser writes its intermediate models
+        # under TMPDIR, and a shared one raced (a screen of the first/last blocks failed on it).
+        tmp = args.work / "tmp" / variant.replace("/", "_")
+        tmp.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "TMPDIR": str(tmp)})
         if out.returncode:
             print(f"{variant}: failed\n{out.stderr[-3000:]}", file=sys.stderr)
             continue

@@ -11,7 +11,9 @@ Layers are named by groups so that a variant can keep the sensitive ones in fp32
 - ``first`` / ``last``: encoder block 0 / the last block;
 - ``query``, ``key``, ``value``: the attention's input projections; ``attn_out``: its output projection;
 - ``ffn_in`` / ``ffn_out``: the feed-forward layer's expansion and its projection back;
-- ``head``: the CNN head and the per-label classifiers.
+- ``head``: the CNN head and the per-label classifiers;
+- ``block<k>``: every quantisable layer of encoder block k (``block0`` .. ``block11``), for screening which
+  block int8 hurts most.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 
 GROUPS = ("embeddings", "first", "last", "query", "key", "value", "attn_out", "ffn_in", "ffn_out", "head")
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
+_BLOCK = re.compile(r"block\d+")
 _SUFFIX_GROUP = {
     "attention.self.query": "query",
     "attention.self.key": "key",
@@ -46,6 +49,7 @@ def parameter_groups(name: str, n_layers: int) -> set[str]:
     layer = _LAYER.search(name)
     if layer:
         index = int(layer.group(1))
+        groups.add(f"block{index}")
         if index == 0:
             groups.add("first")
         if index == n_layers - 1:
@@ -60,9 +64,9 @@ def parameter_groups(name: str, n_layers: int) -> set[str]:
 
 def check_groups(keep_fp32: Iterable[str]) -> list[str]:
     keep = sorted(set(keep_fp32))
-    unknown = [g for g in keep if g not in GROUPS]
+    unknown = [g for g in keep if g not in GROUPS and not _BLOCK.fullmatch(g)]
     if unknown:
-        raise ValueError(f"unknown layer groups {unknown}; known: {', '.join(GROUPS)}")
+        raise ValueError(f"unknown layer groups {unknown}; known: {', '.join(GROUPS)}, block<k>")
     return keep
 
 
@@ -179,7 +183,7 @@ def _onnx_groups(node_name: str, op_type: str, n_layers: int) -> set[str]:
         return {"embeddings"}
     if op_type == "Attention":  # Attention_<layer>: the fused query/key/value projection
         index = int(node_name.rsplit("_", 1)[1])
-        groups = {"query", "key", "value"}
+        groups = {"query", "key", "value", f"block{index}"}
         if index == 0:
             groups.add("first")
         if index == n_layers - 1:
@@ -239,10 +243,16 @@ def optimize_onnx(src: str | Path, dst: str | Path, num_heads: int, hidden_size:
 
 
 def quantize_onnx_dynamic(
-    src: str | Path, dst: str | Path, n_layers: int, per_channel: bool = True, keep_fp32: Iterable[str] = ()
+    src: str | Path,
+    dst: str | Path,
+    n_layers: int,
+    per_channel: bool = True,
+    keep_fp32: Iterable[str] = (),
+    op_types: Iterable[str] | None = None,
 ) -> list[str]:
     """ONNX Runtime dynamic int8 (int8 weights, uint8 activations quantised per call) of the fused graph;
-    returns the names of the nodes kept in fp32."""
+    returns the names of the nodes kept in fp32. ``op_types`` limits it to those ops (e.g. ``Attention`` alone,
+    over a graph whose other layers were quantised statically)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -258,6 +268,7 @@ def quantize_onnx_dynamic(
         per_channel=per_channel,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=excluded,
+        op_types_to_quantize=list(op_types) if op_types is not None else None,
         extra_options={"DefaultTensorType": 1},  # fused ops carry no type information for shape inference
     )
     return excluded
@@ -289,10 +300,16 @@ def quantize_onnx_static(
     windows: Iterable[list[int]],
     keep_fp32: Iterable[str] = (),
     method: str = "MinMax",
+    quant_format: str = "QDQ",
+    activation_signed: bool = False,
+    extra_options: dict[str, Any] | None = None,
 ) -> list[str]:
-    """ONNX Runtime static int8 (QDQ): activation scales fixed from calibration windows (training notes).
+    """ONNX Runtime static int8: activation scales fixed from calibration windows (training notes).
 
-    Only MatMul and Conv take QDQ pairs; the fused ``Attention`` op has no QDQ form, so the query/key/value
+    ``quant_format`` QDQ (Quantize/DequantizeLinear pairs that the session fuses) or QOperator
+    (``QLinearMatMul`` and friends written out); ``activation_signed`` gives s8 activations (s8s8) instead of
+    u8 (u8s8); ``extra_options`` go to ``quantize_static`` (e.g. ``ActivationSymmetric``, ``MatMulConstBOnly``).
+    Only MatMul and Conv are quantised; the fused ``Attention`` op has no static form, so the query/key/value
     projection stays fp32 here. Returns the names of the nodes kept in fp32.
     """
     import numpy as np
@@ -327,14 +344,14 @@ def quantize_onnx_static(
         str(src),
         str(dst),
         Reader(),
-        quant_format=QuantFormat.QDQ,
+        quant_format=getattr(QuantFormat, quant_format),
         op_types_to_quantize=["MatMul", "Conv"],
         per_channel=True,
-        activation_type=QuantType.QUInt8,
+        activation_type=QuantType.QInt8 if activation_signed else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=excluded,
         calibrate_method=getattr(CalibrationMethod, method),
-        extra_options={"DefaultTensorType": 1},
+        extra_options={"DefaultTensorType": 1, **(extra_options or {})},
     )
     return excluded
 

@@ -36,14 +36,16 @@ def int8_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_layer_groups_name_the_sensitive_layers() -> None:
     groups = quantize.parameter_groups
-    assert groups("encoder.encoder.layer.0.attention.output.dense", 12) == {"first", "attn_out"}
-    assert groups("encoder.encoder.layer.11.output.dense", 12) == {"last", "ffn_out"}
-    assert groups("encoder.encoder.layer.5.intermediate.dense", 12) == {"ffn_in"}
-    assert groups("encoder.encoder.layer.3.attention.self.key", 12) == {"key"}
+    assert groups("encoder.encoder.layer.0.attention.output.dense", 12) == {"first", "block0", "attn_out"}
+    assert groups("encoder.encoder.layer.11.output.dense", 12) == {"last", "block11", "ffn_out"}
+    assert groups("encoder.encoder.layer.5.intermediate.dense", 12) == {"block5", "ffn_in"}
+    assert groups("encoder.encoder.layer.3.attention.self.key", 12) == {"block3", "key"}
     assert groups("encoder.embeddings.word_embeddings", 12) == {"embeddings"}
     assert groups("head.classifier", 12) == {"head"}
-    with pytest.raises(ValueError, match="unknown layer groups"):
-        quantize.check_groups(["attention"])
+    assert quantize.check_groups(["block7", "head"]) == ["block7", "head"]
+    for unknown in (["attention"], ["block"], ["block7x"]):
+        with pytest.raises(ValueError, match="unknown layer groups"):
+            quantize.check_groups(unknown)
 
 
 def test_int8_finds_the_same_spans_as_fp32(tiny_tagger_path: Path, int8_cache: Path) -> None:
