@@ -649,11 +649,12 @@ class TerminologyService:
         for (name, prefixes, categories), members in todo.items():
             matrix = np.stack([vectors[requests[p].text] if v is None else v for p, _, _, v in members])
             answers = self._indexes[name].nearest(matrix, prefixes, self.limit, categories)
-            with self._lock:
-                for (_, key, _, _), answer in zip(members, answers, strict=True):
-                    self._answers[key] = answer
-                while len(self._answers) > QUERY_CACHE:
-                    self._answers.pop(next(iter(self._answers)))
+            if encode is None:  # answers from a caller's vectors are not the service's to remember
+                with self._lock:
+                    for (_, key, _, _), answer in zip(members, answers, strict=True):
+                        self._answers[key] = answer
+                    while len(self._answers) > QUERY_CACHE:
+                        self._answers.pop(next(iter(self._answers)))
             for (position, _, _, _), answer in zip(members, answers, strict=True):
                 self._merge(found[position], name, answer)
 
