@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -80,6 +81,7 @@ def main() -> int:
         tag_cpu += tagged - start
         code_cpu += coded - tagged
     report = {
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other processes share the CPU: say how busy it was
         "notes": notes,
         "mentions_per_note": round(mentions / notes, 1),
         "tagging_cpu_s_per_note": round(tag_cpu / notes, 3),
