@@ -15,7 +15,8 @@ Variants (``-keep=a+b`` keeps those layer groups of worker/nlp/quantize.py in fp
   scales from training notes; worker/nlp/quantize.py);
 - ``ort-static``: ONNX Runtime static int8 (activation scales calibrated on training notes, QDQ, u8 activations);
   ``ort-static-qop``: the same written as QOperator ops (``QLinearMatMul``); ``-s8``: s8 symmetric activations;
-  ``ort-hybrid``: static QDQ for the MatMuls, and the fused ``Attention`` ops (query/key/value) dynamic int8.
+  ``ort-hybrid``: static QDQ for the MatMuls, and the fused ``Attention`` ops (query/key/value) dynamic int8;
+  ``ort-mixed``: static QDQ for the feed-forward output projections (``ffn_out``) only, dynamic int8 elsewhere.
 
 ``--batch-size 1`` tags each window alone (no padding rows share a dynamic activation scale).
 
@@ -104,6 +105,13 @@ def onnx_model(variant: str, work: Path, tagger: Any, train: list[Any]) -> Path:
             quantize.quantize_onnx_dynamic(
                 static_out, out, config.num_hidden_layers, keep_fp32=keep, op_types=["Attention"]
             )
+    elif base == "ort-mixed":  # static QDQ for the feed-forward output projections only, dynamic elsewhere
+        static_out = work / f"tagger.{variant}.static.onnx"
+        others = [g for g in quantize.GROUPS if g not in ("ffn_out", "first", "last")]
+        quantize.quantize_onnx_static(
+            fused, static_out, config.num_hidden_layers, calibration_windows(tagger, train), keep_fp32=others
+        )
+        quantize.quantize_onnx_dynamic(static_out, out, config.num_hidden_layers, keep_fp32=[*keep, "ffn_out"])
     else:
         raise SystemExit(f"unknown variant {variant}")
     return out

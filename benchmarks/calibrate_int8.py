@@ -20,6 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from worker.nlp import quantize as quantize_defaults  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data" / "es"
 CORPORA = ("spaccc-train", "cardioccc-train")
 
@@ -30,9 +32,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep-fp32", default="embeddings,head", help="layer groups kept in fp32")
+    parser.add_argument(
+        "--keep-fp32", default=",".join(quantize_defaults.DEFAULT_KEEP_FP32), help="layer groups kept in fp32"
+    )
     parser.add_argument("--calibration-notes", type=int, default=32)
-    parser.add_argument("--method", choices=["static", "dynamic"], default="static")
+    parser.add_argument("--method", choices=["static", "dynamic"], default="dynamic")
+    parser.add_argument(
+        "--auto",
+        choices=["yes", "no"],
+        default="yes",
+        help="may `--precision auto` pick int8 when it meets the bar (no: opt-in only, e.g. when it is not faster)",
+    )
     parser.add_argument("--smoothing", action="store_true", help="smooth the feed-forward inputs (measured: no gain)")
     parser.add_argument(
         "--fp32",
@@ -101,6 +111,7 @@ def main() -> None:
         "delta": delta,
         "bar": quantize.ACCURACY_BAR,
         "meets_bar": all(d >= -quantize.ACCURACY_BAR for d in delta.values()),
+        "auto": args.auto == "yes",
         "weights_sha256": quantize.weights_digest(args.checkpoint),
         "onnxruntime": onnxruntime.__version__,
     }

@@ -43,6 +43,7 @@ def test_layer_groups_name_the_sensitive_layers() -> None:
     assert groups("encoder.embeddings.word_embeddings", 12) == {"embeddings"}
     assert groups("head.classifier", 12) == {"head"}
     assert quantize.check_groups(["block7", "head"]) == ["block7", "head"]
+    assert "block3" in quantize._onnx_groups("Attention_3", "Attention", 12)  # the fused query/key/value
     for unknown in (["attention"], ["block"], ["block7x"]):
         with pytest.raises(ValueError, match="unknown layer groups"):
             quantize.check_groups(unknown)
@@ -85,7 +86,13 @@ def test_the_int8_graph_is_built_once_and_keyed_by_recipe(tiny_tagger_path: Path
     again = quantize.int8_model_path(ClinicalTagger.from_pretrained(tiny_tagger_path), cache)
     assert again == first and again.stat().st_mtime_ns == built
     meta = json.loads((first.parent / "meta.json").read_text())
-    assert meta["keep_fp32"] == list(quantize.DEFAULT_KEEP_FP32) and meta["per_channel"] is True
+    assert meta["keep_fp32"] == sorted(quantize.DEFAULT_KEEP_FP32) and meta["per_channel"] is True
+    assert meta["method"] == "onnxruntime-dynamic"
+    # The recipe keeps every block's feed-forward output projection fp32 (and nothing else of the encoder).
+    n_layers = ClinicalTagger.from_pretrained(tiny_tagger_path).encoder.config.num_hidden_layers
+    kept_ffn_out = [n for n in meta["kept_fp32_nodes"] if n.endswith("/output/dense/MatMul") and "/attention/" not in n]
+    assert len(kept_ffn_out) == n_layers
+    assert not [n for n in meta["kept_fp32_nodes"] if "/encoder/layer." in n and n not in kept_ffn_out]
     tagger = ClinicalTagger.from_pretrained(tiny_tagger_path)
     tagger.config.extra[quantize.RECORD_KEY] = {"keep_fp32": ["head"]}
     other = quantize.int8_model_path(tagger, cache)
@@ -141,7 +148,7 @@ def test_smoothing_moves_outliers_into_the_weights_without_changing_the_function
     assert isinstance(tagger.get_submodule("encoder.encoder.layer.0.output.dense"), quantize.SmoothedLinear)
     assert torch.allclose(before, after, atol=1e-4)
     # The smoothed layers keep their groups, so keep_fp32 still finds them in the exported graph.
-    assert quantize.parameter_groups("encoder.encoder.layer.1.output.dense.linear", 2) == {"last", "ffn_out"}
+    assert quantize.parameter_groups("encoder.encoder.layer.1.output.dense.linear", 2) == {"last", "block1", "ffn_out"}
 
 
 def test_predict_precision_flag_and_setting(
@@ -193,4 +200,5 @@ def test_static_int8_is_built_from_the_checkpoints_calibration_windows(
     int8 = TaggerPipeline(tagger, precision="int8", cache_dir=int8_cache)
     meta = json.loads((Path(int8.runner.path).parent / "meta.json").read_text())
     assert meta["method"] == "onnxruntime-static" and meta["calibration"]
+    assert meta["keep_fp32"] == sorted(quantize.STATIC_KEEP_FP32)
     assert spans_of(int8, SAMPLE_NOTES) == spans_of(fp32, SAMPLE_NOTES)
