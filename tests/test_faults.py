@@ -45,7 +45,14 @@ FAST_REDELIVERY = {
 def stack_env(app_env: dict[str, str], ehr: FhirTestServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     from core.deps import reset_dependencies
 
-    env = {**app_env, "FHIR_NER_EHR_BASE_URL": ehr.base_url, "FHIR_NER_TERMINOLOGY": "off"}
+    # fp32: the shipped default's record lets `auto` pick int8 on CPUs, whose first use builds the int8 graph
+    # (about a minute) inside the very worker these tests kill; precision is not what they test.
+    env = {
+        **app_env,
+        "FHIR_NER_EHR_BASE_URL": ehr.base_url,
+        "FHIR_NER_TERMINOLOGY": "off",
+        "FHIR_NER_PRECISION": "fp32",
+    }
     monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", ehr.base_url)
     reset_dependencies()
     return env

@@ -99,6 +99,11 @@ def test_the_int8_graph_is_built_once_and_keyed_by_recipe(tiny_tagger_path: Path
     assert other.parent != first.parent
     assert json.loads((other.parent / "meta.json").read_text())["keep_fp32"] == ["head"]
     assert not list(cache.glob(".*.tmp"))  # no half-built entries left behind
+    # Weights live beside the graph (memory-mapped by the session), and only the graph, weights and meta stay.
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted(
+        [first.name, first.name + quantize.WEIGHTS_DATA_SUFFIX, "meta.json"]
+    )
+    assert first.stat().st_size < (first.parent / (first.name + quantize.WEIGHTS_DATA_SUFFIX)).stat().st_size
 
 
 def test_auto_runs_int8_on_cpu_only_when_this_checkpoint_was_validated(
