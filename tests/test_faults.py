@@ -45,8 +45,8 @@ FAST_REDELIVERY = {
 def stack_env(app_env: dict[str, str], ehr: FhirTestServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     from core.deps import reset_dependencies
 
-    # fp32: the shipped default's record lets `auto` pick int8 on CPUs, whose first use builds the int8 graph
-    # (about a minute) inside the very worker these tests kill; precision is not what they test.
+    # fp32 pinned: should a checkpoint's record let `auto` pick int8 on CPUs, its first use would build the int8
+    # graph (about a minute) inside the very worker these tests kill; precision is not what they test.
     env = {
         **app_env,
         "FHIR_NER_EHR_BASE_URL": ehr.base_url,
