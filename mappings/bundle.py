@@ -56,6 +56,7 @@ __all__ = [
     "mention_key",
     "plan_transaction",
     "profile_fingerprint",
+    "provenance_entry",
     "stable_hash",
     "validate_r4",
 ]
@@ -287,7 +288,7 @@ def _entry(full_url: str, resource: dict[str, Any], namespace: str, value: str) 
     }
 
 
-def _provenance_entry(
+def provenance_entry(
     namespace: str,
     document_id: str,
     tag_value: str,
@@ -295,16 +296,17 @@ def _provenance_entry(
     recorded: str,
     activity: str,
     activity_text: str,
-    agent: dict[str, Any],
+    agent: dict[str, Any] | list[dict[str, Any]],
     entity: dict[str, Any],
     policy: list[str] | None = None,
 ) -> dict[str, Any]:
+    """A conditional POST of a Provenance, idempotent by its per-write tag (the model's writes and reviewers')."""
     provenance: dict[str, Any] = {
         "resourceType": "Provenance",
         "target": targets,
         "recorded": recorded,
         "activity": {"coding": [{"system": DATA_OPERATION, "code": activity}], "text": activity_text},
-        "agent": [agent],
+        "agent": agent if isinstance(agent, list) else [agent],
         "entity": [entity],
         **({"policy": policy} if policy else {}),
         # R4 Provenance has no identifier: a per-note-version tag makes its conditional create idempotent.
@@ -400,7 +402,7 @@ def _retirement_entries(
             request["ifMatch"] = f'W/"{derived.version_id}"'
         entries.append({"resource": retired_copy(derived), "request": request})
     entries.append(
-        _provenance_entry(
+        provenance_entry(
             namespace,
             document_id,
             stable_hash("nullify", document_id, version_id),
@@ -470,7 +472,7 @@ def plan_transaction(
             targets.append({"reference": url})
         entries.extend(_update_entry(derived) for derived in updated)
         entries.append(
-            _provenance_entry(
+            provenance_entry(
                 namespace,
                 context.document_id,
                 stable_hash("provenance", context.document_id, context.version_id, model.revision, fingerprint),

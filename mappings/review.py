@@ -33,15 +33,15 @@ from typing import Any
 
 from mappings.bundle import (
     ADAPTER_NAME,
-    DATA_OPERATION,
     PARTICIPANT_TYPE,
     MappedResource,
     ModelInfo,
     map_mentions,
+    provenance_entry,
     validate_r4,
 )
 from mappings.context import DocumentContext
-from mappings.identity import NLP_TAG, document_tag, provenance_tag_system, stable_hash
+from mappings.identity import NLP_TAG, stable_hash
 from mappings.mappers import CONDITION_VERIFICATION
 from mappings.mentions import Mention
 from mappings.profile import MappingProfile
@@ -231,50 +231,32 @@ def review_transaction(write: ReviewWrite, namespace: str, recorded: str) -> dic
             }
         )
         targets.append({"reference": url})
-    tag_value = review_provenance_tag(write.action_id)
-    provenance = {
-        "resourceType": "Provenance",
-        "target": targets,
-        "recorded": recorded,
-        "activity": {"coding": [{"system": DATA_OPERATION, "code": activity}], "text": activity_text},
-        "agent": [
-            {
-                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": reviewer_role}]},
-                "who": (
-                    {"reference": write.reviewer_reference, "display": write.reviewer}
-                    if write.reviewer_reference
-                    else {"display": write.reviewer}
-                ),
-            },
-            {
-                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "enterer"}]},
-                "who": {"reference": device_url, "display": ADAPTER_NAME},
-            },
-        ],
-        "entity": [
-            {
+    reviewer_who = (
+        {"reference": write.reviewer_reference, "display": write.reviewer}
+        if write.reviewer_reference
+        else {"display": write.reviewer}
+    )
+    entries.append(
+        provenance_entry(
+            namespace,
+            write.document_id,
+            review_provenance_tag(write.action_id),
+            targets,
+            recorded,
+            activity,
+            activity_text,
+            agent=[
+                {"type": {"coding": [{"system": PARTICIPANT_TYPE, "code": reviewer_role}]}, "who": reviewer_who},
+                {
+                    "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "enterer"}]},
+                    "who": {"reference": device_url, "display": ADAPTER_NAME},
+                },
+            ],
+            entity={
                 "role": "source",
                 "what": {"reference": f"DocumentReference/{write.document_id}/_history/{write.document_version}"},
-            }
-        ],
-        "meta": {
-            "tag": [
-                NLP_TAG,
-                document_tag(namespace, write.document_id),
-                {"system": provenance_tag_system(namespace), "code": tag_value},
-            ]
-        },
-    }
-    entries.append(
-        {
-            "fullUrl": _full_url(namespace, tag_value),
-            "resource": provenance,
-            "request": {
-                "method": "POST",
-                "url": "Provenance",
-                "ifNoneExist": f"_tag={provenance_tag_system(namespace)}|{tag_value}",
             },
-        }
+        )
     )
     for entry in entries:
         validate_r4(entry["resource"])

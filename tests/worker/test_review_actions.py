@@ -15,7 +15,14 @@ import httpx
 import pytest
 from ehr.harness import FhirTestServer
 from test_end_to_end import search
-from test_writeback import DERIVED_TYPES, note_document, retired, revise, stub_tag_note, stub_tag_texts
+from test_writeback import (
+    DERIVED_TYPES,
+    note_document,
+    retired,
+    revise,
+    stub_tag_note,
+    stubbed_worker_env,
+)
 
 NAMESPACE = "urn:fhir-ner-adapter:review-test"
 TEXT = "Paciente con fiebre y tos. Diagnóstico de neumonía. Refiere cefalea. Se realizó radiografía de tórax."
@@ -26,25 +33,7 @@ REVIEWER = "Dr Ana Ruiz"
 def review_ehr(
     ehr: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[FhirTestServer]:
-    from core.settings import get_settings
-    from worker.runtime import reset_pipeline
-    from worker.terminology import reset_terminology
-
-    monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", ehr.base_url)
-    monkeypatch.setenv("FHIR_NER_IDENTIFIER_NAMESPACE", NAMESPACE)
-    monkeypatch.setenv("FHIR_NER_TERMINOLOGY", "off")
-    monkeypatch.setenv("FHIR_NER_EHR_RETRY_ATTEMPTS", "1")
-    monkeypatch.delenv("FHIR_NER_WRITEBACK_DIR", raising=False)
-    monkeypatch.delenv("FHIR_NER_MAPPING_PROFILE", raising=False)
-    monkeypatch.setattr("worker.tasks.tag_note", stub_tag_note)
-    monkeypatch.setattr("worker.tasks.tag_texts", stub_tag_texts)
-    get_settings.cache_clear()
-    reset_pipeline()
-    reset_terminology()
-    yield ehr
-    get_settings.cache_clear()
-    reset_pipeline()
-    reset_terminology()
+    yield from stubbed_worker_env(ehr, monkeypatch, NAMESPACE)
 
 
 def _store() -> Any:

@@ -63,16 +63,17 @@ def stub_tag_texts(
     return [stub_tag_note(text)[0] for text in texts], MODEL
 
 
-@pytest.fixture()
-def writeback_env(
-    ehr: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+def stubbed_worker_env(
+    ehr: FhirTestServer, monkeypatch: pytest.MonkeyPatch, namespace: str
 ) -> Iterator[FhirTestServer]:
+    """The worker's tasks against the test EHR with the stub tagger and terminology off (shared with the
+    review-action tests, which write under their own identifier namespace)."""
     from core.settings import get_settings
     from worker.runtime import reset_pipeline
     from worker.terminology import reset_terminology
 
     monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", ehr.base_url)
-    monkeypatch.setenv("FHIR_NER_IDENTIFIER_NAMESPACE", NAMESPACE)
+    monkeypatch.setenv("FHIR_NER_IDENTIFIER_NAMESPACE", namespace)
     monkeypatch.setenv("FHIR_NER_TERMINOLOGY", "off")
     # One attempt per request: these tests drive the task-level retries (the client's own are in test_ehr_client).
     monkeypatch.setenv("FHIR_NER_EHR_RETRY_ATTEMPTS", "1")
@@ -87,6 +88,13 @@ def writeback_env(
     get_settings.cache_clear()
     reset_pipeline()
     reset_terminology()
+
+
+@pytest.fixture()
+def writeback_env(
+    ehr: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FhirTestServer]:
+    yield from stubbed_worker_env(ehr, monkeypatch, NAMESPACE)
 
 
 def put(ehr: FhirTestServer, resource: dict[str, Any]) -> dict[str, Any]:
