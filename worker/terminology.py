@@ -262,19 +262,25 @@ class TextEncoder:
         return self._revision
 
     def _load(self) -> None:
+        """Load once per process, however many threads ask at the same time."""
         if self._model is not None:
             return
         with self._lock:
             if self._model is not None:
                 return
-            from worker.nlp.encoders import load_encoder, resolve_encoder
+            model, tokenizer, revision = self._build()
+            self._tokenizer, self._revision, self._model = tokenizer, revision, model
 
-            resolved = resolve_encoder(self.spec, self.cache_dir)
-            model, tokenizer = load_encoder(resolved)
-            model.eval()
-            if self.device:
-                model.to(self.device)
-            self._tokenizer, self._revision, self._model = tokenizer, resolved.revision, model
+    def _build(self) -> tuple[Any, Any, str]:
+        """(model, tokenizer, revision) for this encoder, in eval mode on its device."""
+        from worker.nlp.encoders import load_encoder, resolve_encoder
+
+        resolved = resolve_encoder(self.spec, self.cache_dir)
+        model, tokenizer = load_encoder(resolved)
+        model.eval()
+        if self.device:
+            model.to(self.device)
+        return model, tokenizer, resolved.revision
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 embeddings of ``"query: " + text``, in the order given."""
@@ -741,24 +747,19 @@ class LinkerEncoder(TextEncoder):
         self.folder = folder
         self.int8 = int8
 
-    def _load(self) -> None:
-        if self._model is not None:
-            return
-        with self._lock:
-            if self._model is not None:
-                return
-            from worker.linker import apply_linker_weights
-            from worker.nlp.encoders import load_encoder, resolve_encoder
+    def _build(self) -> tuple[Any, Any, str]:
+        from worker.linker import apply_linker_weights
+        from worker.nlp.encoders import load_encoder, resolve_encoder
 
-            resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
-            model, tokenizer = load_encoder(resolved)
-            digest = apply_linker_weights(model, self.folder)
-            model.eval()
-            if self.device:
-                model.to(self.device)
-            if self.int8 and self.device in (None, "cpu"):
-                model = _int8_except_ffn_output(model)
-            self._tokenizer, self._revision, self._model = tokenizer, f"{resolved.revision}+linker-{digest}", model
+        resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
+        model, tokenizer = load_encoder(resolved)
+        digest = apply_linker_weights(model, self.folder)
+        model.eval()
+        if self.device:
+            model.to(self.device)
+        if self.int8 and self.device in (None, "cpu"):
+            model = _int8_except_ffn_output(model)
+        return model, tokenizer, f"{resolved.revision}+linker-{digest}"
 
 
 def terminology_for(
