@@ -37,16 +37,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data" / "es"
-CORPORA = ("spaccc-train", "cardioccc-train")
-
-
-def load_split() -> tuple[list[Any], list[Any]]:
-    from worker.nlp.training import load_corpora
-
-    train, val, _ = load_corpora([DATA / name for name in CORPORA], val_fraction=0.1, seed=0)
-    return train, val
-
+from tagger_split import load_split  # noqa: E402
 
 # static variants: (format, signed symmetric activations)
 STATIC = {
@@ -141,7 +132,7 @@ def child(variant: str, work: Path, threads: int, every: int = 1, batch_size: in
     from worker.runtime import default_model_path
 
     torch.set_num_threads(threads)
-    train, val = load_split()
+    train, val, _ = load_split()
     val = val[::every]
     checkpoint = default_model_path()
     assert checkpoint is not None

@@ -16,24 +16,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data" / "es"
-CORPORA = ("spaccc-train", "cardioccc-train")
+from tagger_split import add_split_arguments, load_split  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
+    add_split_arguments(parser)
     parser.add_argument("--revision-suffix", default=None, help="appended to model_revision (outputs change)")
     args = parser.parse_args()
 
     from worker.nlp.corpus import Span
     from worker.nlp.metrics import calibrate_min_score, evaluate, report_to_json
-    from worker.nlp.training import load_corpora, predict_checkpoint, save_min_span_score
+    from worker.nlp.training import predict_checkpoint, save_min_span_score
 
-    _, val, _ = load_corpora([args.data / name for name in CORPORA], val_fraction=args.val_fraction, seed=args.seed)
+    _, val, _ = load_split(args.data, args.val_fraction, args.seed)
     all_gold, all_scored, labels = predict_checkpoint(args.checkpoint, val, min_span_score=0.0)
 
     def of(ids: list[str], spans: list[Span]) -> list[Span]:

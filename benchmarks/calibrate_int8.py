@@ -20,18 +20,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from worker.nlp import quantize as quantize_defaults  # noqa: E402
+from tagger_split import add_split_arguments, load_split  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "es"
-CORPORA = ("spaccc-train", "cardioccc-train")
+from worker.nlp import quantize as quantize_defaults  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
+    add_split_arguments(parser)
     parser.add_argument(
         "--keep-fp32", default=",".join(quantize_defaults.DEFAULT_KEEP_FP32), help="layer groups kept in fp32"
     )
@@ -57,10 +54,10 @@ def main() -> None:
     from worker.nlp import quantize
     from worker.nlp.metrics import evaluate, report_to_json
     from worker.nlp.tagger import CONFIG_FILE, ClinicalTagger, TaggerPipeline
-    from worker.nlp.training import load_corpora, predict_checkpoint
+    from worker.nlp.training import predict_checkpoint
 
     keep = quantize.check_groups([g for g in args.keep_fp32.split(",") if g])
-    train, val, _ = load_corpora([args.data / name for name in CORPORA], val_fraction=args.val_fraction, seed=args.seed)
+    train, val, _ = load_split(args.data, args.val_fraction, args.seed)
     config_file = args.checkpoint / CONFIG_FILE
 
     def write_record(record: dict[str, object]) -> None:
