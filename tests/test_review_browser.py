@@ -152,13 +152,7 @@ def stack(
             [("first", SAMPLE_NOTES[0]), ("second", SAMPLE_NOTES[2]), ("third", SAMPLE_NOTES[3])], start=1
         ):
             document = _note(fhir_server, patient["id"], text)
-            response = httpx.post(
-                f"{url}/fhir/notify",
-                content=json.dumps(backport_notification(document, event)),
-                headers=NOTIFY_HEADERS,
-                timeout=10,
-            )
-            assert response.status_code == 200, response.text
+            _notify(stack, document, event)
             stack.notes[name] = (document["id"], document["meta"]["versionId"], text)
         for document_id, _, _ in stack.notes.values():
             _wait_done(stack, document_id)
