@@ -9,6 +9,7 @@ import redis
 from core.intake import Intake
 from core.jobs import get_job_queue
 from core.redis_client import forget_redis_client, get_redis, set_redis_override
+from core.review import ReviewStore
 from core.settings import get_settings
 from core.state import NoteState
 from core.subscriptions import SubscriptionState
@@ -47,6 +48,11 @@ def get_subscription_state() -> SubscriptionState:
 def get_intake() -> Intake:
     notes, subscriptions = _states()
     return Intake(notes, subscriptions, get_job_queue(), get_settings())
+
+
+def get_review_store() -> ReviewStore:
+    """The review pages' store (sessions, records, actions, feedback) on the deployment's Redis and key prefix."""
+    return ReviewStore(get_redis(), get_settings().key_prefix)
 
 
 def reset_dependencies() -> None:

@@ -37,11 +37,9 @@ def brat_annotations(document: dict[str, Any]) -> str:
 
 def export_feedback(folder: Path, delete: bool = False) -> int:
     """Write every reviewed note's training document into ``folder``; returns how many."""
-    from core.deps import get_redis
-    from core.review import ReviewStore
-    from core.settings import get_settings
+    from core.deps import get_review_store
 
-    store = ReviewStore(get_redis(), get_settings().key_prefix)
+    store = get_review_store()
     folder.mkdir(parents=True, exist_ok=True)
     written = 0
     for document_id, document in sorted(store.feedback().items()):

@@ -22,9 +22,9 @@ from typing import Any
 
 from celery import shared_task
 
-from core.deps import get_redis
+from core.deps import get_review_store as review_store
 from core.documents import find_text_attachment
-from core.review import ReviewStore, feedback_document
+from core.review import feedback_document
 from core.settings import get_settings
 from mappings.context import context_from_document_reference
 from mappings.mentions import CandidateCode, Mention
@@ -45,10 +45,6 @@ from worker.ehr import EhrClient, EhrError, check_transaction_response
 logger = logging.getLogger("fhir_ner.worker")
 
 APPLY_ACTION = "worker.review_actions.apply_action"
-
-
-def review_store() -> ReviewStore:
-    return ReviewStore(get_redis(), get_settings().key_prefix)
 
 
 def _without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:

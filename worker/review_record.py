@@ -12,8 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from core.deps import get_redis
-from core.review import ReviewStore
+from core.deps import get_review_store
 from core.settings import get_settings
 from mappings.bundle import ModelInfo, WritebackPlan, map_mentions
 from mappings.context import DocumentContext
@@ -247,7 +246,7 @@ def _reviewer_entries(
 def keep_review_text(context: DocumentContext, text: str) -> None:
     """The read stage keeps the note text for the review record (the hand-off to the model drops it)."""
     try:
-        ReviewStore(get_redis(), get_settings().key_prefix).put_text(context.document_id, context.version_id, text)
+        get_review_store().put_text(context.document_id, context.version_id, text)
     except Exception as error:  # noqa: BLE001 - the review record is a by-product; the job goes on
         logger.warning("review text not kept (%s)", type(error).__name__)
 
@@ -263,7 +262,7 @@ def keep_review_record(
     """Store the record; never fails the job (the write-back is done), and never logs the note."""
     try:
         settings = get_settings()
-        store = ReviewStore(get_redis(), settings.key_prefix)
+        store = get_review_store()
         references, provenance = written_references(recorder.bundle, recorder.response, settings.identifier_namespace)
         text = store.get_text(context.document_id, context.version_id)
         record = build_record(context, text, mentions, plan, profile, model, references, provenance)

@@ -14,8 +14,8 @@ from typing import Any
 
 from celery import shared_task
 
-from core.deps import get_note_state, get_redis
-from core.review import ReviewStore
+from core.deps import get_note_state
+from core.deps import get_review_store as review_store
 from core.settings import get_settings
 from mappings.bundle import MappingValidationError, plan_transaction, validate_r4
 from mappings.context import DocumentContext
@@ -28,10 +28,6 @@ logger = logging.getLogger("fhir_ner.worker")
 TRY_TEXT = "worker.review_tasks.try_text"
 RETRY_DEAD_LETTER = "worker.review_tasks.retry_dead_letter"
 PLAYGROUND_SUBJECT = "Patient/example"
-
-
-def review_store() -> ReviewStore:
-    return ReviewStore(get_redis(), get_settings().key_prefix)
 
 
 def run_try(request: dict[str, Any]) -> dict[str, Any]:

@@ -24,8 +24,7 @@ from urllib.parse import quote, urlsplit
 from fastapi import Request
 from fastapi.responses import Response
 
-from core.deps import get_redis
-from core.review import ReviewStore
+from core.deps import get_review_store
 from core.settings import Settings, get_settings
 
 SESSION_COOKIE = "fhir_ner_review"
@@ -42,6 +41,9 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }
+
+#: The pages' Redis store (pages.py and smart.py take it from here).
+review_store = get_review_store
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,6 @@ class LoginRequiredError(Exception):
 
 class CsrfError(Exception):
     """A POST without the session's CSRF token, or from another origin."""
-
-
-def review_store() -> ReviewStore:
-    return ReviewStore(get_redis(), get_settings().key_prefix)
 
 
 def pages_on(settings: Settings | None = None) -> bool:
