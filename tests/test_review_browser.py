@@ -196,6 +196,9 @@ def shot(page: Any, name: str, full_page: bool = True) -> Path:
 def log_in(page: Any, next_path: str = "/review") -> None:
     """With the keyboard only: the token field has focus, type, press Enter."""
     page.goto(f"/review/login?next={next_path}")
+    # The browser runs `autofocus` at its next rendering update, which may come after the load event `goto`
+    # waits for: wait for it (up to 5 s) rather than read the focus at once; no focus still fails the test.
+    page.wait_for_function("document.activeElement && document.activeElement.id === 'token'", timeout=5000)
     assert page.evaluate("document.activeElement.id") == "token"
     page.keyboard.type(TOKEN)
     page.keyboard.press("Enter")
