@@ -28,7 +28,7 @@ from worker.nlp.encoders import (
     resolve_encoder,
     special_affixes,
 )
-from worker.nlp.span_edges import LanguageEdgeRules, apply_edge_rules, default_edge_rules
+from worker.nlp.span_edges import apply_edge_rules, default_edge_rules
 
 logger = logging.getLogger("fhir_ner.tagger")
 
@@ -58,6 +58,9 @@ class TaggerConfig:
     # Spans whose confidence (mean inside-probability) is lower are dropped. `fhir-ner train` calibrates it
     # on the validation notes: the tagger over-predicts, and this trades recall for precision where F1 gains.
     min_span_score: float = 0.0
+    # Text read before a note's first token, per language ("*": any other), and dropped from the output: the
+    # model is unsure of mentions in a window's first words, which a one-sentence note is made of (issue 15).
+    window_leads: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -203,6 +206,7 @@ class _Window:
     start: int
     end: int
     input_ids: list[int]
+    lead: int = 0  # lead tokens after the prefix, whose probabilities are dropped
 
 
 class TaggerPipeline:
@@ -224,6 +228,7 @@ class TaggerPipeline:
         precision: str = "auto",
         cache_dir: Path | None = None,
         edge_rules: bool = True,
+        leads: bool = True,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
@@ -240,6 +245,12 @@ class TaggerPipeline:
         self.batch_size = batch_size
         self.prefix_ids, self.suffix_ids = special_affixes(self.tokenizer)
         specials = len(self.prefix_ids) + len(self.suffix_ids)
+        # The checkpoint's window leads, tokenised once; every window leaves room for the longest.
+        self.leads: dict[str, list[int]] = {}
+        if leads:
+            for language, lead in tagger.config.window_leads.items():
+                self.leads[language] = list(self.tokenizer(lead, add_special_tokens=False)["input_ids"])
+        specials += max((len(ids) for ids in self.leads.values()), default=0)
         self.window = int(tagger.config.max_window_tokens or 512) - specials
         self.overlap = tagger.config.window_overlap or max(16, self.window // 4)
         self.stats = {"tokens": 0, "windows": 0, "seconds": 0.0}
@@ -265,11 +276,16 @@ class TaggerPipeline:
         offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         return list(encoded["input_ids"]), offsets
 
-    def _edge_rules_for(self, text: str, language: str | None) -> LanguageEdgeRules | None:
-        """The note's language (given, else detected from its text) picks its span-edge rules."""
+    def _language(self, text: str, language: str | None) -> str | None:
+        """The note's language: the one given, else detected from its text (picks edge rules and lead)."""
+        if not self.edge_rules and not self.leads:
+            return language
         from worker.nlp.assertion import default_detector
 
-        return default_edge_rules().get(default_detector().resolve_language(language, text))
+        return default_detector().resolve_language(language, text)
+
+    def _lead_for(self, language: str | None) -> list[int]:
+        return self.leads.get(language or "", self.leads.get("*", []))
 
     def predict(self, texts: Sequence[str], languages: Sequence[str | None] | None = None) -> list[list[TaggedSpan]]:
         """Spans per text; ``languages`` (BCP 47 or None per text) chooses the span-edge rules, else detected."""
@@ -279,14 +295,16 @@ class TaggerPipeline:
         elif len(languages) != len(texts):
             raise ValueError("one language (or None) per text")
         tokenized = [self._tokenize(text) for text in texts]
+        resolved = [self._language(text, language) for text, language in zip(texts, languages, strict=True)]
         windows: list[_Window] = []
         plans: list[list[tuple[int, int]]] = []
         for doc, (ids, _) in enumerate(tokenized):
             plan = plan_windows(len(ids), self.window, self.overlap) if ids else []
             plans.append(plan)
             for start, end in plan:
+                lead = self._lead_for(resolved[doc]) if start == 0 else []
                 body = ids[start:end]
-                windows.append(_Window(doc, start, end, self.prefix_ids + body + self.suffix_ids))
+                windows.append(_Window(doc, start, end, self.prefix_ids + lead + body + self.suffix_ids, len(lead)))
         probs_by_window = self._run(windows)
         results: list[list[TaggedSpan]] = []
         cursor = 0
@@ -303,7 +321,7 @@ class TaggerPipeline:
                 # Rules first, threshold after: a joined span is judged by its joined score, and scoring paths that
                 # tag once with no threshold and filter later (calibration, eval_languages) see the same spans.
                 spans = decode_spans(text, offsets, merged, self.tagger.labels)
-                rules = self._edge_rules_for(text, languages[doc])
+                rules = default_edge_rules().get(resolved[doc] or "")
                 spans = [s for s in apply_edge_rules(text, spans, rules) if s.score >= min_score]
             else:
                 spans = decode_spans(text, offsets, merged, self.tagger.labels, min_score=min_score)
@@ -334,6 +352,6 @@ class TaggerPipeline:
             for row, index in enumerate(batch):
                 window = windows[index]
                 body = window.end - window.start
-                prefix = len(self.prefix_ids)
+                prefix = len(self.prefix_ids) + window.lead
                 outputs[index] = probs[row, prefix : prefix + body]
         return [o for o in outputs if o is not None]

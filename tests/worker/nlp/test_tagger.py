@@ -69,6 +69,37 @@ def test_a_note_longer_than_two_windows_keeps_every_span(tiny_encoder: Path) -> 
     assert windowed.stats["windows"] > 3
 
 
+def test_window_leads_are_read_but_never_returned(tiny_encoder: Path) -> None:
+    """A checkpoint's window lead is read before a note's first token (issue 15: one-sentence notes) and its
+    positions are dropped: with a tagger whose output for a token depends on that token alone, spans are exactly
+    those without a lead, offsets included, in one window and across many; the window shrinks to make room."""
+    long_note = "\n".join(SAMPLE_NOTES * 3)
+    tagger = token_local_tagger(tiny_encoder)
+    plain = TaggerPipeline(tagger)
+    expected = spans_of(plain, [*SAMPLE_NOTES, long_note])
+    # The lead repeats words the tagger marks, so any of its positions leaking into the output would show.
+    tagger.config.window_leads = {"*": SAMPLE_NOTES[0], "de": "x"}
+    led = TaggerPipeline(tagger)
+    lead_ids = led.leads["*"]
+    assert len(lead_ids) > 5 and led.window == plain.window - len(lead_ids)
+    assert spans_of(led, [*SAMPLE_NOTES, long_note]) == expected
+    led.window, led.overlap = 40, 16
+    assert spans_of(led, [long_note]) == expected[-1:]
+    assert led.stats["windows"] > 3
+    # The note's language picks its lead; leads=False ignores them.
+    assert led._lead_for("de") == led.tokenizer("x", add_special_tokens=False)["input_ids"]
+    assert led._lead_for("fr") == lead_ids
+    assert TaggerPipeline(tagger, leads=False).leads == {}
+
+
+def test_window_leads_survive_a_checkpoint_round_trip(tiny_tagger_path: Path, tmp_path: Path) -> None:
+    tagger = ClinicalTagger.from_pretrained(tiny_tagger_path)
+    tagger.config.window_leads = {"es": "Paciente.", "*": "Patient."}
+    tagger.save_pretrained(tmp_path / "led")
+    reloaded = ClinicalTagger.from_pretrained(tmp_path / "led")
+    assert reloaded.config.window_leads == {"es": "Paciente.", "*": "Patient."}
+
+
 def test_batching_and_empty_notes_do_not_change_results(tiny_tagger_path: Path) -> None:
     tagger = ClinicalTagger.from_pretrained(tiny_tagger_path)
     single = TaggerPipeline(tagger, batch_size=1)
