@@ -19,7 +19,7 @@ Layers are named by groups so that a variant can keep the sensitive ones in fp32
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -204,14 +204,35 @@ class _Exportable(nn.Module):
         return logits  # type: ignore[no-any-return]
 
 
-def export_onnx(tagger: Any, path: str | Path) -> None:
-    """The fp32 tagger (encoder + head) as one ONNX graph with dynamic batch and length.
+class MeanPooled(nn.Module):
+    """A sentence encoder's L2-normalised mean-pooled vectors (the linker's queries), exported in one graph."""
 
-    Eager attention is exported (not SDPA): ONNX Runtime's transformer optimiser recognises its pattern and
-    fuses it into one ``Attention`` op per layer (with ``EmbedLayerNormalization``, ``SkipLayerNormalization``
-    and ``BiasGelu``), which SDPA's exported pattern does not get.
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def export_onnx(tagger: Any, path: str | Path) -> None:
+    """The fp32 tagger (encoder + head) as one ONNX graph with dynamic batch and length."""
+    export_encoder_graph(_Exportable(tagger), tagger.encoder, path, "logits", {0: "batch", 1: "tokens"})
+
+
+def export_encoder_graph(
+    module: nn.Module, encoder: Any, path: str | Path, output: str, output_axes: dict[int, str]
+) -> None:
+    """``module(input_ids, attention_mask) -> output`` as an ONNX graph with dynamic batch and length.
+
+    ``encoder`` (the Hugging Face encoder inside ``module``) is exported with eager attention (not SDPA): ONNX
+    Runtime's transformer optimiser recognises its pattern and fuses it into one ``Attention`` op per layer
+    (with ``EmbedLayerNormalization``, ``SkipLayerNormalization`` and ``BiasGelu``), which SDPA's exported
+    pattern does not get.
     """
-    encoder = tagger.encoder
     previous = encoder.config._attn_implementation
     encoder.set_attn_implementation("eager")
     try:
@@ -220,12 +241,12 @@ def export_onnx(tagger: Any, path: str | Path) -> None:
         axes = {0: "batch", 1: "tokens"}
         with torch.inference_mode(False), torch.no_grad():
             torch.onnx.export(
-                _Exportable(tagger).eval(),
+                module.eval(),
                 (ids, mask),
                 str(path),
                 input_names=["input_ids", "attention_mask"],
-                output_names=["logits"],
-                dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes},
+                output_names=[output],
+                dynamic_axes={"input_ids": axes, "attention_mask": axes, output: output_axes},
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
@@ -274,8 +295,49 @@ def quantize_onnx_dynamic(
     return excluded
 
 
+# The cached graph reads its word embeddings from outside the session (issue #17, peak memory): the fp32 table
+# (250k x 384, 384 MB, kept fp32 for accuracy) sits in ``<graph>.words``, and each call feeds the session only
+# the rows its batch uses (``word_embeddings``) and the batch's tokens as indices into them (``word_index``).
+# Left in the memory-mapped weights file, the table's lookups pulled ~300 MB of it into the process by page
+# faults and fault-around; read with pread, only the rows a batch uses are ever in the process's memory.
+WORD_TABLE_SUFFIX = ".words"
+WORD_TABLE_INPUT = "word_embeddings"
+WORD_INDEX_INPUT = "word_index"
+
+
+class WordTable:
+    """Rows of an fp32 [rows, hidden] table in a raw file, read on demand (pread: no mapping, no read-ahead)."""
+
+    def __init__(self, path: str | Path, hidden: int) -> None:
+        import os
+
+        self.hidden = hidden
+        self.row_bytes = hidden * 4
+        self.file = Path(path).open("rb")  # noqa: SIM115 - held open for the session's lifetime
+        self.rows = os.fstat(self.file.fileno()).st_size // self.row_bytes
+
+    def lookup(self, ids: Any) -> Any:
+        """The table's rows for these (unique) ids, as a float32 [len(ids), hidden] array."""
+        import os
+
+        import numpy as np
+
+        out = np.empty((len(ids), self.hidden), dtype=np.float32)
+        handle = self.file.fileno()
+        for row, token in enumerate(ids.tolist()):
+            if not 0 <= token < self.rows:
+                raise ValueError(f"token id {token} is outside the word-embedding table ({self.rows} rows)")
+            if os.preadv(handle, [out[row]], token * self.row_bytes) != self.row_bytes:
+                raise OSError(f"short read from {self.file.name}")
+        return out
+
+
 class OnnxRunner:
-    """An ONNX Runtime session with the tagger's forward signature: (ids, mask) -> logits."""
+    """An ONNX Runtime session with the tagger's forward signature: (ids, mask) -> logits.
+
+    A graph with a ``word_embeddings`` input (the cached int8 graph) gets its word-embedding rows from the
+    table file beside it (``WordTable``); any other graph (e.g. the benchmarks' variants) is fed the ids.
+    """
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -286,11 +348,28 @@ class OnnxRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.path = str(path)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.words: WordTable | None = None
+        if WORD_TABLE_INPUT in inputs:
+            hidden = int(inputs[WORD_TABLE_INPUT].shape[1])
+            self.words = WordTable(Path(path).with_name(Path(path).name + WORD_TABLE_SUFFIX), hidden)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        feed = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
-        (logits,) = self.session.run(["logits"], feed)
-        return torch.from_numpy(logits)
+        return torch.from_numpy(self.run("logits", input_ids.cpu().numpy(), attention_mask.cpu().numpy()))
+
+    def run(self, output: str, ids: Any, attention_mask: Any) -> Any:
+        """The graph's ``output`` for a batch of token ids and its mask (int64 numpy arrays), as numpy."""
+        import numpy as np
+
+        feed = {"attention_mask": attention_mask}
+        if self.words is None:
+            feed["input_ids"] = ids
+        else:
+            unique, index = np.unique(ids, return_inverse=True)
+            feed[WORD_TABLE_INPUT] = self.words.lookup(unique)
+            feed[WORD_INDEX_INPUT] = index.reshape(ids.shape).astype(np.int64)
+        (result,) = self.session.run([output], feed)
+        return result
 
 
 def quantize_onnx_static(
@@ -368,7 +447,8 @@ STATIC_KEEP_FP32: tuple[str, ...] = ("embeddings", "head")
 # Static int8 (activation ranges calibrated on training notes) needs those notes' token windows: the
 # calibration script stores them in the checkpoint, so the graph can be rebuilt wherever it is used.
 CALIBRATION_FILE = "int8_calibration.safetensors"
-RECIPE_VERSION = 2  # bump when the exported graph changes: it is part of the cache key (2: external weights)
+RECIPE_VERSION = 3  # bump when the exported graph changes: it is part of the cache key
+# (2: external weights; 3: word embeddings read outside the session, ``WordTable``)
 # The cached graph keeps its weights in a side file: ONNX Runtime maps it into memory instead of parsing a
 # 430 MB protobuf and copying every initializer out of it (a transient of ~340 MB at session start, which made
 # the int8 path's peak higher than fp32's).
@@ -439,11 +519,27 @@ def load_calibration_windows(folder: Path) -> list[list[int]]:
     return windows
 
 
-def int8_model_path(tagger: Any, cache_dir: Path | None = None) -> Path:
-    """The checkpoint's int8 ONNX graph, exported, fused and quantised on first use, then cached.
+def graph_cache_root(cache_dir: Path | None = None) -> Path:
+    """Where built ONNX graphs are cached: ``cache_dir`` (``FHIR_NER_CACHE_DIR``), else the encoders' cache."""
+    from worker.nlp.e5_convert import _default_cache_root
 
-    The cache entry is keyed by the weights' digest, the config, the recipe and the library versions; it
-    appears complete or not at all (built in a temporary folder, renamed into place under a file lock).
+    if not onnxruntime_available():
+        raise RuntimeError("int8 inference needs onnxruntime (pip install onnxruntime)")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def cached_graph(
+    root: Path, prefix: str, identity: Any, file_name: str, build: Callable[[Path, Path], dict[str, Any]]
+) -> Path:
+    """``root/<prefix>-<hash of identity>/<file_name>``, built by ``build(folder, graph)`` on first use.
+
+    ``identity`` (JSON) must name everything the graph depends on (weights, recipe, library versions, and
+    ``RECIPE_VERSION``). ``build`` writes the graph (its scratch files beside it are removed) and returns what
+    ``meta.json`` records. The entry appears complete or not at all: built in a temporary folder, its weights
+    moved to side files (``_externalise_weights``), renamed into place under a file lock, so concurrent
+    workers build it once.
     """
     import hashlib
     import json
@@ -451,14 +547,44 @@ def int8_model_path(tagger: Any, cache_dir: Path | None = None) -> Path:
     import shutil
     import tempfile
 
+    from worker.nlp.e5_convert import file_lock
+
+    key = json.dumps([identity, RECIPE_VERSION], sort_keys=True)
+    folder = root / f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    model = folder / file_name
+    if model.is_file():
+        return model
+    with file_lock(root / f".{prefix}.lock"):
+        if model.is_file():
+            return model
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=root))
+        try:
+            meta = build(tmp, tmp / file_name)
+            for leftover in tmp.iterdir():  # the raw and fused graphs, ONNX Runtime's augmented calibration copy
+                if leftover.name != file_name:
+                    leftover.unlink()
+            meta["word_table"] = _externalise_weights(tmp / file_name)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            os.chmod(tmp, 0o755)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model
+
+
+def int8_model_path(tagger: Any, cache_dir: Path | None = None) -> Path:
+    """The checkpoint's int8 ONNX graph, exported, fused and quantised on first use, then cached.
+
+    The cache entry is keyed by the weights' digest, the config, the recipe and the library versions
+    (``cached_graph``).
+    """
+    import hashlib
+
     import onnxruntime
 
-    from worker.nlp.e5_convert import _default_cache_root, file_lock
-
-    if not onnxruntime_available():
-        raise RuntimeError("int8 inference needs onnxruntime (pip install onnxruntime)")
-    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
-    root.mkdir(parents=True, exist_ok=True)
+    root = graph_cache_root(cache_dir)
     if tagger.source is not None:
         weights = weights_digest(Path(tagger.source))
     else:  # a tagger built in memory: its parameters are the identity
@@ -476,66 +602,85 @@ def int8_model_path(tagger: Any, cache_dir: Path | None = None) -> Path:
             raise RuntimeError(f"static int8 needs {CALIBRATION_FILE} in the checkpoint (benchmarks/calibrate_int8.py)")
         chosen["calibration"] = hashlib.sha256((Path(tagger.source) / CALIBRATION_FILE).read_bytes()).hexdigest()
     config = {k: v for k, v in vars(tagger.config).items() if k != "extra"}
-    identity = json.dumps(
-        [weights, config, chosen, RECIPE_VERSION, torch.__version__, onnxruntime.__version__], sort_keys=True
-    )
-    folder = root / f"tagger-int8-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
-    model = folder / "tagger.int8.onnx"
-    if model.is_file():
-        return model
-    with file_lock(root / ".tagger-int8.lock"):
-        if model.is_file():
-            return model
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=root))
-        try:
-            encoder_config = tagger.encoder.config
-            if "smoothing" in chosen and smoothing is not None:
-                from safetensors.torch import load_file
+    identity = [weights, config, chosen, torch.__version__, onnxruntime.__version__]
 
-                apply_smoothing(tagger, load_file(str(smoothing)))  # the tagger's weights are released after
-            export_onnx(tagger, tmp / "raw.onnx")
-            fused = optimize_onnx(
-                tmp / "raw.onnx", tmp / "fused.onnx", encoder_config.num_attention_heads, encoder_config.hidden_size
+    def build(tmp: Path, model: Path) -> dict[str, Any]:
+        encoder_config = tagger.encoder.config
+        if "smoothing" in chosen and smoothing is not None:
+            from safetensors.torch import load_file
+
+            apply_smoothing(tagger, load_file(str(smoothing)))  # the tagger's weights are released after
+        export_onnx(tagger, tmp / "raw.onnx")
+        fused = optimize_onnx(
+            tmp / "raw.onnx", tmp / "fused.onnx", encoder_config.num_attention_heads, encoder_config.hidden_size
+        )
+        if chosen["method"] == "onnxruntime-static":
+            kept = quantize_onnx_static(
+                tmp / "fused.onnx",
+                model,
+                encoder_config.num_hidden_layers,
+                load_calibration_windows(Path(tagger.source)),
+                keep_fp32=chosen["keep_fp32"],
             )
-            if chosen["method"] == "onnxruntime-static":
-                kept = quantize_onnx_static(
-                    tmp / "fused.onnx",
-                    tmp / model.name,
-                    encoder_config.num_hidden_layers,
-                    load_calibration_windows(Path(tagger.source)),
-                    keep_fp32=chosen["keep_fp32"],
-                )
-            else:
-                kept = quantize_onnx_dynamic(
-                    tmp / "fused.onnx",
-                    tmp / model.name,
-                    encoder_config.num_hidden_layers,
-                    per_channel=chosen["per_channel"],
-                    keep_fp32=chosen["keep_fp32"],
-                )
-            for leftover in tmp.iterdir():  # the raw and fused graphs, ONNX Runtime's augmented calibration copy
-                if leftover.name != model.name:
-                    leftover.unlink()
-            _externalise_weights(tmp / model.name)
-            meta = {**chosen, "weights_sha256": weights, "fused": fused, "kept_fp32_nodes": kept}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            os.chmod(tmp, 0o755)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return model
+        else:
+            kept = quantize_onnx_dynamic(
+                tmp / "fused.onnx",
+                model,
+                encoder_config.num_hidden_layers,
+                per_channel=chosen["per_channel"],
+                keep_fp32=chosen["keep_fp32"],
+            )
+        return {**chosen, "weights_sha256": weights, "fused": fused, "kept_fp32_nodes": kept}
+
+    return cached_graph(root, "tagger-int8", identity, "tagger.int8.onnx", build)
 
 
-def _externalise_weights(path: Path) -> None:
-    """Rewrite the graph with its initializers in ``<name>.data`` beside it (memory-mapped by ONNX Runtime)."""
+def _split_word_embeddings(model: Any, table: Path) -> list[int] | None:
+    """Move the fp32 word-embedding table out of the graph into ``table`` (raw float32, row-major), in place.
+
+    The table becomes the graph input ``word_embeddings`` (the rows a batch uses) and ``input_ids`` becomes
+    ``word_index`` (each token's row in it); the arithmetic is unchanged. Returns the table's shape, or None
+    when the graph has no fp32 table to move (e.g. embeddings quantised).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    node = next((n for n in graph.node if n.op_type == "EmbedLayerNormalization"), None)
+    if node is None or node.input[2] not in initializers:
+        return None
+    weights = initializers[node.input[2]]
+    if weights.data_type != onnx.TensorProto.FLOAT or len(weights.dims) != 2:
+        return None
+    numpy_helper.to_array(weights).astype("<f4", copy=False).tofile(table)
+    table.chmod(0o644)
+    shape = [int(d) for d in weights.dims]
+    graph.initializer.remove(weights)
+    node.input[2] = WORD_TABLE_INPUT
+    graph.input.append(onnx.helper.make_tensor_value_info(WORD_TABLE_INPUT, onnx.TensorProto.FLOAT, ["rows", shape[1]]))
+    for value in graph.input:
+        if value.name == "input_ids":
+            value.name = WORD_INDEX_INPUT
+    for other in graph.node:
+        for position, name in enumerate(other.input):
+            if name == "input_ids":
+                other.input[position] = WORD_INDEX_INPUT
+    return shape
+
+
+def _externalise_weights(path: Path) -> list[int] | None:
+    """Rewrite the graph with its initializers in ``<name>.data`` beside it (memory-mapped by ONNX Runtime),
+    and its word-embedding table in ``<name>.words`` (read row by row, ``WordTable``); returns that table's
+    shape (None if the graph kept none)."""
     import onnx
 
     model = onnx.load(str(path))
+    table = _split_word_embeddings(model, path.with_name(path.name + WORD_TABLE_SUFFIX))
     data = path.name + WEIGHTS_DATA_SUFFIX
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
     (path.parent / data).chmod(0o644)
+    return table
 
 
 def release_weights(tagger: nn.Module) -> None:

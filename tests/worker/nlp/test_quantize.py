@@ -59,6 +59,39 @@ def test_int8_finds_the_same_spans_as_fp32(tiny_tagger_path: Path, int8_cache: P
         assert {(s.label, text[s.start : s.end]) for s in found} == set(TRAINING_SPANS[index])
 
 
+def test_word_embeddings_are_read_outside_the_session(tiny_tagger_path: Path, int8_cache: Path) -> None:
+    """The cached graph's word-embedding table is a file read row by row, not an initializer of the session:
+    the session is fed only the batch's rows, and the graph computes what the table inside it computed."""
+    import numpy as np
+
+    tagger = ClinicalTagger.from_pretrained(tiny_tagger_path)
+    table = tagger.encoder.get_input_embeddings().weight.detach().numpy()
+    path = quantize.int8_model_path(tagger, int8_cache)
+    meta = json.loads((path.parent / "meta.json").read_text())
+    assert meta["word_table"] == list(table.shape)
+    runner = quantize.OnnxRunner(path, threads=1)
+    names = {i.name for i in runner.session.get_inputs()}
+    assert names == {quantize.WORD_INDEX_INPUT, quantize.WORD_TABLE_INPUT, "attention_mask"}
+    assert runner.words is not None
+    ids = np.array([7, 2, table.shape[0] - 1, 7])
+    assert np.array_equal(runner.words.lookup(ids), table[ids])
+    with pytest.raises(ValueError, match="outside the word-embedding table"):
+        runner.words.lookup(np.array([table.shape[0]]))
+    # Each call feeds the unique rows of its batch only, and the logits match those of the whole table.
+    fed: list[dict[str, np.ndarray]] = []
+    run = runner.session.run
+    runner.session.run = lambda names, feed: fed.append(feed) or run(names, feed)  # type: ignore[method-assign]
+    batch = torch.tensor([[0, 5, 9, 5, 2], [0, 9, 9, 2, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    logits = runner(batch, mask)
+    assert fed[0][quantize.WORD_TABLE_INPUT].shape == (5, table.shape[1])  # rows 0, 1, 2, 5, 9
+    whole = run(
+        ["logits"],
+        {quantize.WORD_TABLE_INPUT: table, quantize.WORD_INDEX_INPUT: batch.numpy(), "attention_mask": mask.numpy()},
+    )[0]
+    assert np.array_equal(logits.numpy(), whole)
+
+
 def test_int8_keeps_decodings_guarantees_on_awkward_text(tiny_encoder: Path, int8_cache: Path) -> None:
     """A random (untrained) tagger tags all over the place; every span must still be exact and inside."""
     torch.manual_seed(3)
@@ -99,9 +132,10 @@ def test_the_int8_graph_is_built_once_and_keyed_by_recipe(tiny_tagger_path: Path
     assert other.parent != first.parent
     assert json.loads((other.parent / "meta.json").read_text())["keep_fp32"] == ["head"]
     assert not list(cache.glob(".*.tmp"))  # no half-built entries left behind
-    # Weights live beside the graph (memory-mapped by the session), and only the graph, weights and meta stay.
+    # Weights live beside the graph (memory-mapped by the session), the word-embedding table in its own file
+    # (read row by row), and only the graph, weights, table and meta stay.
     assert sorted(p.name for p in first.parent.iterdir()) == sorted(
-        [first.name, first.name + quantize.WEIGHTS_DATA_SUFFIX, "meta.json"]
+        [first.name, first.name + quantize.WEIGHTS_DATA_SUFFIX, first.name + quantize.WORD_TABLE_SUFFIX, "meta.json"]
     )
     assert first.stat().st_size < (first.parent / (first.name + quantize.WEIGHTS_DATA_SUFFIX)).stat().st_size
 
