@@ -157,6 +157,12 @@ def main() -> None:
     parser.add_argument(
         "--no-edge-rules", action="store_true", help="the model's raw spans, without the span-edge rules (issue 15)"
     )
+    parser.add_argument(
+        "--window-lead",
+        default=None,
+        help="save this window lead (every language) in the checkpoint first; '' removes it (issue 15: "
+        "benchmarks/window_leads.py chooses it)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -165,6 +171,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"checkpoint": str(args.checkpoint)}
+    if args.window_lead is not None:
+        from worker.nlp.training import save_window_leads
+
+        save_window_leads(args.checkpoint, {"*": args.window_lead} if args.window_lead else {}, "-lead")
     tagger = ClinicalTagger.from_pretrained(args.checkpoint)
     if args.min_span_score is not None:
         tagger.config.min_span_score = args.min_span_score

@@ -504,6 +504,7 @@ def warm_start(tagger: ClinicalTagger, checkpoint: Path, frozen_layers: int = 0)
     if unexpected or not any(k.startswith("head.") for k in state):
         raise ValueError(f"--init-from {folder}: weights do not fit this tagger ({unexpected[:3]})")
     tagger.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    mine.window_leads = dict(other.window_leads)  # the position habit the lead corrects comes with the weights
     return sorted(state)
 
 
@@ -549,6 +550,17 @@ def evaluate_checkpoint(
     """Score a saved checkpoint on notes with the production inference path (TaggerPipeline)."""
     gold, pred, tagger_labels = predict_checkpoint(checkpoint, docs, batch_size)
     return evaluate(gold, pred, labels or tagger_labels)
+
+
+def save_window_leads(checkpoint: Path, leads: dict[str, str], revision_suffix: str | None = None) -> dict[str, Any]:
+    """Write the window leads (language -> text read before a note's first token) into the config."""
+    config_file = Path(checkpoint) / CONFIG_FILE
+    config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
+    config["window_leads"] = dict(leads)
+    if revision_suffix and leads and not str(config.get("model_revision", "")).endswith(revision_suffix):
+        config["model_revision"] = f"{config.get('model_revision', '')}{revision_suffix}"
+    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return config
 
 
 def save_min_span_score(checkpoint: Path, threshold: float, revision_suffix: str | None = None) -> dict[str, Any]:
