@@ -152,6 +152,11 @@ def _weights_digest(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def linker_weights_digest(folder: Path | None = None) -> str:
+    """The shipped upper layers' digest (part of the encoder's revision), without loading them."""
+    return _weights_digest(linker_file("model.safetensors", folder))
+
+
 def apply_linker_weights(model: Any, folder: Path | None = None) -> str:
     """Load the shipped upper layers into an e5-small ``model``; returns the weights' digest."""
     import torch
@@ -163,7 +168,7 @@ def apply_linker_weights(model: Any, folder: Path | None = None) -> str:
     if missing:
         raise ValueError(f"{path}: weights for another encoder ({missing[:3]} ...)")
     model.load_state_dict(state, strict=False)
-    return _weights_digest(path)
+    return linker_weights_digest(folder)
 
 
 # --------------------------------------------------------------------------------------------------

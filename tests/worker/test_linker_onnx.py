@@ -1,0 +1,140 @@
+"""The linker's query encoder in ONNX Runtime: same vectors and codes as PyTorch, built once, PyTorch as fallback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mappings.profile import load_profile
+from mappings.terminology import code_request
+from worker.linker import shipped_linker_available
+from worker.terminology import LinkerEncoder, _OnnxQueries, linker_onnx_path, terminology_for
+
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.skipif(not shipped_linker_available(), reason="worker/linker/ has no trained linker")
+
+# Mentions the exact text step does not answer (they reach the encoder), in the check set's seven languages.
+MULTILINGUAL = [
+    "dolor torácico opresivo irradiado al brazo izquierdo",
+    "insuficiencia renal crónica agudizada",
+    "acute exacerbation of chronic obstructive pulmonary disease",
+    "infarto miocardico acuto",
+    "fibrillazione atriale parossistica",
+    "hartfalen met verminderde ejectiefractie",
+    "insuficiență cardiacă congestivă",
+    "förmaksflimmer",
+    "cukrovka druhého typu",
+    "x",
+]
+# Check-set mentions (with their codes) that reach the encoder and that the float32 path codes right, with a
+# margin of 0.08 or more over the second candidate (closer calls may flip with int8 rounding, either way).
+CHECK_SET = [
+    ("insufficienza cardiaca", "it", "I50.9"),
+    ("ictus ischemico", "it", "I63.9"),
+    ("artrose", "nl", "M19.90"),
+    ("griep", "nl", "J11.1"),
+    ("insuficiență cardiacă", "ro", "I50.9"),
+    ("anemie feriprivă", "ro", "D50.9"),
+    ("typ 2-diabetes", "sv", "E11.9"),
+    ("lungcancer", "sv", "C34.90"),
+    ("revmatoidní artritida", "cs", "M06.9"),
+    ("anémie", "cs", "D64.9"),
+]
+
+
+@pytest.fixture(scope="module")
+def onnx_encoder() -> LinkerEncoder:
+    # The default cache, as in production: the graph is built there once per machine (about a minute).
+    encoder = LinkerEncoder()
+    encoder.encode(["warm-up"])
+    assert isinstance(encoder._model, _OnnxQueries)
+    return encoder
+
+
+@pytest.fixture(scope="module")
+def float32_encoder() -> LinkerEncoder:
+    return LinkerEncoder(int8=False)
+
+
+def test_onnx_query_vectors_agree_with_the_float32_path(
+    onnx_encoder: LinkerEncoder, float32_encoder: LinkerEncoder
+) -> None:
+    ort, reference = onnx_encoder.encode(MULTILINGUAL), float32_encoder.encode(MULTILINGUAL)
+    assert ort.shape == reference.shape == (len(MULTILINGUAL), 384) and ort.dtype == np.float32
+    assert np.allclose(np.linalg.norm(ort, axis=1), 1.0, atol=1e-4)
+    cosine = (ort * reference).sum(axis=1)
+    # int8 but the feed-forward output projections: 0.996 on average over the check set (PyTorch's int8: 0.985).
+    assert cosine.min() > 0.98 and cosine.mean() > 0.99, cosine
+    # Alone, a string gets other activation scales (dynamic int8 quantises each batch's activations with one
+    # scale), but still the float32 vector.
+    alone = onnx_encoder.encode([MULTILINGUAL[0]])[0]
+    assert float(alone @ reference[0]) > 0.98
+    # The revision names the weights, not the arithmetic: the shipped index (float32) stays the one used.
+    assert onnx_encoder.revision == float32_encoder.revision
+
+
+def test_onnx_queries_give_the_float32_paths_top_codes(
+    onnx_encoder: LinkerEncoder, float32_encoder: LinkerEncoder, tmp_path: Path
+) -> None:
+    profile = load_profile()
+    service = terminology_for(profile, "auto", cache_root=tmp_path / "empty-cache")
+    assert service is not None
+    options = profile.labels["DISEASE"].codes
+    requests = [code_request(text, "DISEASE", options, language) for text, language, _ in CHECK_SET]
+    for encoder in (onnx_encoder, float32_encoder):
+        found = [candidates[0].code for candidates in service.lookup(requests, encode=encoder.encode)]
+        assert found == [code for *_, code in CHECK_SET]
+
+
+def tiny_model(tiny_encoder: Path) -> Any:
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(tiny_encoder), add_pooling_layer=False).eval()
+
+
+def test_the_graph_is_built_once_per_cache_and_keyed_by_recipe(tiny_encoder: Path, tmp_path: Path) -> None:
+    loads: list[int] = []
+
+    def load() -> Any:
+        loads.append(1)
+        return tiny_model(tiny_encoder)
+
+    first = linker_onnx_path("tiny-r1", load, tmp_path)
+    assert first.is_file() and len(loads) == 1
+    meta = json.loads((first.parent / "meta.json").read_text())
+    assert meta["keep_fp32"] == ["embeddings", "ffn_out"] and meta["fused"]["Attention"] == 2
+    assert len([n for n in meta["kept_fp32_nodes"] if n.endswith("output/dense/MatMul")]) == 2  # ffn_out per layer
+    assert linker_onnx_path("tiny-r1", load, tmp_path) == first and len(loads) == 1  # reused, not rebuilt
+    other = linker_onnx_path("tiny-r1", load, tmp_path, keep_fp32=None)  # fp32: another entry
+    another = linker_onnx_path("tiny-r2", load, tmp_path)  # other weights: another entry
+    assert len({first, other, another}) == 3 and len(loads) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no scratch folder left behind
+
+
+def test_a_failed_build_leaves_no_entry_and_the_encoder_falls_back_to_pytorch(
+    tiny_encoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> Any:
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError, match="export failed"):
+        linker_onnx_path("tiny-r1", broken, tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # nothing half-built that a worker would pick up
+
+    import worker.terminology as terminology
+
+    def failing(*args: Any, **kwargs: Any) -> Path:
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(terminology, "linker_onnx_path", failing)
+    encoder = LinkerEncoder()
+    with caplog.at_level(logging.WARNING, logger="fhir_ner.terminology"):
+        vectors = encoder.encode(MULTILINGUAL[:3])
+    assert not isinstance(encoder._model, _OnnxQueries)  # PyTorch int8, the previous default
+    assert any("running PyTorch int8" in r.getMessage() for r in caplog.records)
+    assert vectors.shape == (3, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
