@@ -73,7 +73,7 @@ train-default: install
 	$(BIN)/python benchmarks/train_default.py --work $(TRAIN_WORK) --stage multi2 $(TRANSLATED_ARGS) \
 		--init-from $(TRAIN_WORK)/multi1/best --encoder-lr 5e-5 --head-lr 5e-4 \
 		--mix spaccc-train=0.08,cardioccc-train=0.08,crops=0.6,en-train=0.4,it-train=0.4,nl-train=0.4,ro-train=0.4,sv-train=0.4,cs-train=0.4
-	$(BIN)/python benchmarks/eval_languages.py --checkpoint worker/models/default --calibrate
+	$(BIN)/python benchmarks/eval_languages.py --checkpoint worker/models/default --window-lead "Paciente." --calibrate
 
 # The earlier CPU-only recipe (two stages, ~2.5 hours on 2 cores): layers 10-11 + head on cached layers 0-9, then
 # a warm start from it training layers 8-11 + head on cached layers 0-7.
