@@ -13,7 +13,9 @@ Layers are named by groups so that a variant can keep the sensitive ones in fp32
 - ``ffn_in`` / ``ffn_out``: the feed-forward layer's expansion and its projection back;
 - ``head``: the CNN head and the per-label classifiers;
 - ``block<k>``: every quantisable layer of encoder block k (``block0`` .. ``block11``), for screening which
-  block int8 hurts most.
+  block int8 hurts most;
+- ``<type>.block<k>`` (``ffn_in.block3``, ``ffn_out.block0``, ``query.block5`` ...): one layer type in one
+  block, for screening which blocks' ``ffn_in`` dynamic int8 moves spans (a keep set is a union of groups).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from torch import nn
 GROUPS = ("embeddings", "first", "last", "query", "key", "value", "attn_out", "ffn_in", "ffn_out", "head")
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
 _BLOCK = re.compile(r"block\d+")
+LAYER_TYPES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")  # may be narrowed to one block
+_TYPE_BLOCK = re.compile(rf"(?:{'|'.join(LAYER_TYPES)})\.block\d+")
 _SUFFIX_GROUP = {
     "attention.self.query": "query",
     "attention.self.key": "key",
@@ -57,16 +61,17 @@ def parameter_groups(name: str, n_layers: int) -> set[str]:
         rest = name[layer.end() :].removesuffix(".linear")  # a smoothed layer wraps the original one
         for suffix, group in _SUFFIX_GROUP.items():
             if rest == suffix:
-                groups.add(group)
+                groups.update((group, f"{group}.block{index}"))
                 break
     return groups
 
 
 def check_groups(keep_fp32: Iterable[str]) -> list[str]:
+    """The keep set, sorted (it is part of the int8 graph's cache key); raises on a name no layer has."""
     keep = sorted(set(keep_fp32))
-    unknown = [g for g in keep if g not in GROUPS and not _BLOCK.fullmatch(g)]
+    unknown = [g for g in keep if g not in GROUPS and not _BLOCK.fullmatch(g) and not _TYPE_BLOCK.fullmatch(g)]
     if unknown:
-        raise ValueError(f"unknown layer groups {unknown}; known: {', '.join(GROUPS)}, block<k>")
+        raise ValueError(f"unknown layer groups {unknown}; known: {', '.join(GROUPS)}, block<k>, <type>.block<k>")
     return keep
 
 
@@ -183,7 +188,7 @@ def _onnx_groups(node_name: str, op_type: str, n_layers: int) -> set[str]:
         return {"embeddings"}
     if op_type == "Attention":  # Attention_<layer>: the fused query/key/value projection
         index = int(node_name.rsplit("_", 1)[1])
-        groups = {"query", "key", "value", f"block{index}"}
+        groups = {"query", "key", "value", f"block{index}"} | {f"{t}.block{index}" for t in ("query", "key", "value")}
         if index == 0:
             groups.add("first")
         if index == n_layers - 1:

@@ -36,15 +36,27 @@ def int8_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_layer_groups_name_the_sensitive_layers() -> None:
     groups = quantize.parameter_groups
-    assert groups("encoder.encoder.layer.0.attention.output.dense", 12) == {"first", "block0", "attn_out"}
-    assert groups("encoder.encoder.layer.11.output.dense", 12) == {"last", "block11", "ffn_out"}
-    assert groups("encoder.encoder.layer.5.intermediate.dense", 12) == {"block5", "ffn_in"}
-    assert groups("encoder.encoder.layer.3.attention.self.key", 12) == {"block3", "key"}
+    assert groups("encoder.encoder.layer.0.attention.output.dense", 12) == {
+        "first",
+        "block0",
+        "attn_out",
+        "attn_out.block0",
+    }
+    assert groups("encoder.encoder.layer.11.output.dense", 12) == {"last", "block11", "ffn_out", "ffn_out.block11"}
+    assert groups("encoder.encoder.layer.5.intermediate.dense", 12) == {"block5", "ffn_in", "ffn_in.block5"}
+    assert groups("encoder.encoder.layer.3.attention.self.key", 12) == {"block3", "key", "key.block3"}
     assert groups("encoder.embeddings.word_embeddings", 12) == {"embeddings"}
     assert groups("head.classifier", 12) == {"head"}
     assert quantize.check_groups(["block7", "head"]) == ["block7", "head"]
     assert "block3" in quantize._onnx_groups("Attention_3", "Attention", 12)  # the fused query/key/value
-    for unknown in (["attention"], ["block"], ["block7x"]):
+    assert "query.block3" in quantize._onnx_groups("Attention_3", "Attention", 12)
+    assert "ffn_in.block3" not in quantize._onnx_groups("Attention_3", "Attention", 12)
+    assert quantize.check_groups(["ffn_in.block3", "ffn_out.block11", "ffn_out"]) == [
+        "ffn_in.block3",
+        "ffn_out",
+        "ffn_out.block11",
+    ]
+    for unknown in (["attention"], ["block"], ["block7x"], ["ffn_in.block"], ["head.block3"], ["ffn_in.3"]):
         with pytest.raises(ValueError, match="unknown layer groups"):
             quantize.check_groups(unknown)
 
@@ -140,6 +152,31 @@ def test_the_int8_graph_is_built_once_and_keyed_by_recipe(tiny_tagger_path: Path
     assert first.stat().st_size < (first.parent / (first.name + quantize.WEIGHTS_DATA_SUFFIX)).stat().st_size
 
 
+def test_one_blocks_ffn_in_is_kept_fp32_in_the_built_graph(tiny_tagger_path: Path, int8_cache: Path) -> None:
+    """``ffn_in.block<k>`` keeps exactly block k's feed-forward expansion fp32 (a plain MatMul in the graph) and
+    quantises every other block's; the keep set is part of the cache key, so it is a graph of its own."""
+    import onnx
+
+    tagger = ClinicalTagger.from_pretrained(tiny_tagger_path)
+    n_layers = tagger.encoder.config.num_hidden_layers
+    assert n_layers >= 2
+    ffn_in = [f"/tagger/encoder/encoder/layer.{k}/intermediate/dense/MatMul" for k in range(n_layers)]
+    paths = {}
+    for keep in (["embeddings", "head", "ffn_out", "ffn_in.block1"], ["embeddings", "head", "ffn_out", "ffn_in"]):
+        tagger = ClinicalTagger.from_pretrained(tiny_tagger_path)
+        tagger.config.extra[quantize.RECORD_KEY] = {"keep_fp32": keep}
+        paths[keep[-1]] = path = quantize.int8_model_path(tagger, int8_cache)
+        meta = json.loads((path.parent / "meta.json").read_text())
+        kept_in = sorted(n for n in meta["kept_fp32_nodes"] if n in ffn_in)
+        assert kept_in == ([ffn_in[1]] if keep[-1] == "ffn_in.block1" else ffn_in)
+        nodes = {n.name: n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+        for k, name in enumerate(ffn_in):
+            fp32 = k == 1 or keep[-1] == "ffn_in"
+            assert (nodes.get(name) == "MatMul") == fp32  # kept: the original fp32 MatMul node
+            assert any(n.startswith(name) and n != name for n in nodes) != fp32  # quantised: its int8 nodes
+    assert paths["ffn_in.block1"].parent != paths["ffn_in"].parent
+
+
 def test_auto_runs_int8_on_cpu_only_when_this_checkpoint_was_validated(
     tiny_tagger_path: Path, tmp_path: Path, int8_cache: Path
 ) -> None:
@@ -187,7 +224,12 @@ def test_smoothing_moves_outliers_into_the_weights_without_changing_the_function
     assert isinstance(tagger.get_submodule("encoder.encoder.layer.0.output.dense"), quantize.SmoothedLinear)
     assert torch.allclose(before, after, atol=1e-4)
     # The smoothed layers keep their groups, so keep_fp32 still finds them in the exported graph.
-    assert quantize.parameter_groups("encoder.encoder.layer.1.output.dense.linear", 2) == {"last", "block1", "ffn_out"}
+    assert quantize.parameter_groups("encoder.encoder.layer.1.output.dense.linear", 2) == {
+        "last",
+        "block1",
+        "ffn_out",
+        "ffn_out.block1",
+    }
 
 
 def test_predict_precision_flag_and_setting(
