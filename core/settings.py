@@ -144,6 +144,11 @@ class Settings(BaseSettings):
     terminology_cache_dir: Path | None = Field(
         default=None, description="Where code-system embeddings are cached (default ~/.cache/fhir-ner/terminology)."
     )
+    terminology_rerank: bool = Field(
+        default=True,
+        description="Re-rank the shipped linker's candidates with the weights fitted on CodiEsp dev "
+        "(worker/linker/rerank.json; false: the nearest-neighbour order).",
+    )
 
     # Limits
     max_body_bytes: int = Field(default=5_000_000, description="Larger notification bodies get 413.")

@@ -248,18 +248,19 @@ def select_codes(
 ) -> tuple[CandidateCode, ...]:
     """The codings a resource carries: none below ``min_score``; systems the profile adds win over built-ins.
 
-    Systems are tried in the label's order, the profile's own (``custom``) ones before the built-in ones. With
-    ``all_systems`` each system that has a match contributes its best code; otherwise the first one does.
+    Systems are tried in the label's order, the profile's own (``custom``) ones before the built-in ones. A system
+    answers with its first candidate (``candidates`` are best first: the terminology's ranking, which a re-ranker
+    may have reordered) when that candidate's score reaches the minimum. With ``all_systems`` each system that
+    answers contributes its code; otherwise the first one does.
     """
     custom_names = set(custom)
     order = [s for s in systems if s in custom_names] + [s for s in systems if s not in custom_names]
     chosen: list[CandidateCode] = []
     for system in order:
         minimum = min_score if isinstance(min_score, int | float) else min_score.get(system, DEFAULT_MIN_SCORE)
-        matches = [c for c in candidates if c.source == system and c.score >= minimum]
-        if not matches:
+        best = next((c for c in candidates if c.source == system), None)
+        if best is None or best.score < minimum:
             continue
-        best = max(matches, key=lambda c: c.score)
         if all(c.system != best.system or c.code != best.code for c in chosen):
             chosen.append(best)
         if not all_systems:

@@ -238,3 +238,24 @@ def thresholds(folder: Path | None = None) -> dict[str, dict[str, float]]:
     except (OSError, ValueError):
         return {}
     return {system: {label: float(v) for label, v in labels.items()} for system, labels in data["min_score"].items()}
+
+
+@lru_cache(maxsize=4)
+def rerank_weights(folder: Path | None = None) -> dict[str, Any]:
+    """``rerank.json``: ``{"top": n, "features": [...], "weights": {system: {label: [...]}},
+    "languages": [...]}`` fitted on CodiEsp dev (``benchmarks/rerank_linker.py fit --write``); empty when absent
+    or fitted on other features than :data:`worker.rerank.FEATURES`."""
+    from worker.rerank import FEATURES
+
+    path = linker_file("rerank.json", folder)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if tuple(data.get("features", ())) != FEATURES:
+        logger.warning("%s: fitted on other features than this version computes; candidates are not re-ranked", path)
+        return {}
+    found = {"top": int(data["top"]), "weights": data["weights"]}
+    if "languages" in data:
+        found["languages"] = list(data["languages"])
+    return found

@@ -58,6 +58,7 @@ from mappings.terminology import (
     written_codes,
 )
 from worker.nlp.e5_convert import file_lock
+from worker.rerank import Detail, NgramIdf, Reranker, Scored
 
 logger = logging.getLogger("fhir_ner.terminology")
 
@@ -66,6 +67,8 @@ QUERY_PREFIX = "query: "
 # In auto mode a code system with at most this many distinct strings to embed is embedded on first use.
 AUTO_EMBED_LIMIT = 2000
 _NEIGHBOURS = 64  # nearest strings looked at before grouping them by code
+# With a re-ranker: nearest strings looked at for its candidates (the top 30 codes need ~250 strings).
+WIDE_NEIGHBOURS = 256
 QUERY_CACHE = 20_000  # distinct mention texts whose query vectors a service remembers
 # Term kinds embedded only where the term names one code: a title cut before its qualifiers ("Migraine" for both
 # G43.901 and G43.909) would give siblings the same vector and settle their order by a tie-break.
@@ -441,6 +444,9 @@ class SourceIndex:
         # Per kind of request: the rows it may match (None: all) and their matrix, so no search masks rows.
         self._subsets: dict[tuple[str, ...], tuple[np.ndarray | None, np.ndarray]] = {}
         self._term_rows: dict[str, int] | None = None
+        self._normal: list[str] | None = None  # normalised text of each row (re-ranking features)
+        self._codes_of_rows: dict[tuple[str, ...], tuple[np.ndarray, list[str], dict[str, int]]] = {}
+        self.reranker: Reranker | None = None
 
     @property
     def embedded_strings(self) -> int:
@@ -458,6 +464,7 @@ class SourceIndex:
             rows[kind] = {text: row for row, text in enumerate(texts)}
         self.matrix = np.stack([matrices[e.kind][rows[e.kind][e.term]] for e in self.entries]).astype(np.float32)
         self._subsets.clear()
+        self._codes_of_rows.clear()
         self._term_rows = None
         return True
 
@@ -529,6 +536,60 @@ class SourceIndex:
             results.append(rank_candidates(candidates, self.preferred)[:limit])
         return results
 
+    def nearest_detail(
+        self, vectors: np.ndarray, prefixes: tuple[str, ...] = (), top: int = 30, categories: bool = False
+    ) -> list[list[tuple[CandidateCode, Detail]]]:
+        """Per query vector, the best ``top`` codes as :meth:`nearest` ranks them, each with what the re-ranker
+        reads: the scores of its strings among the :data:`WIDE_NEIGHBOURS` nearest and its best strings' text."""
+        rows, matrix = self._rows(prefixes, categories)
+        if matrix.shape[0] == 0:
+            return [[] for _ in range(len(vectors))]
+        if self._normal is None:
+            self._normal = [normalise(entry.term) for entry in self.entries]
+        row_code, names, number = self._row_codes(prefixes, categories)
+        scores = vectors @ matrix.T
+        take = min(WIDE_NEIGHBOURS, scores.shape[1])
+        results = []
+        for row in scores:
+            found = np.argpartition(-row, take - 1)[:take] if take < row.shape[0] else np.arange(row.shape[0])
+            found = found[np.argsort(-row[found], kind="stable")]
+            ids = row_code[found]  # each string's code, best string first
+            _, first = np.unique(ids, return_index=True)
+            first.sort()  # the codes in the order of their best string; a margin for ties in rank_candidates
+            candidates = [
+                CandidateCode(
+                    self.data.url,
+                    names[c],
+                    self._display[names[c]],
+                    max(0.0, min(1.0, float(row[found[k]]))),
+                    self.data.name,
+                )
+                for k, c in zip(first[: top + 10], ids[first[: top + 10]], strict=True)
+            ]
+            answer = []
+            for candidate in rank_candidates(candidates, self.preferred)[:top]:
+                positions = found[ids == number[candidate.code]]
+                where = rows[positions[:3]] if rows is not None else positions[:3]
+                terms = tuple(self._normal[int(i)] for i in where)
+                answer.append(
+                    (candidate, Detail(tuple(row[positions].tolist()), terms, self.entries[int(where[0])].kind))
+                )
+            results.append(answer)
+        return results
+
+    def _row_codes(self, prefixes: tuple[str, ...], categories: bool) -> tuple[np.ndarray, list[str], dict[str, int]]:
+        """Per row of :meth:`_rows`'s subset, the number of the code it stands for; the codes; their numbers."""
+        key = (*prefixes, f"categories={categories}")
+        if key not in self._codes_of_rows:
+            rows, matrix = self._rows(prefixes, categories)
+            number: dict[str, int] = {}
+            found = []
+            for row in rows if rows is not None else range(matrix.shape[0]):
+                code = self._codes[int(row)]
+                found.append(number.setdefault(self.data.billable(code, categories) or code, len(number)))
+            self._codes_of_rows[key] = (np.asarray(found, dtype=np.int64), list(number), number)
+        return self._codes_of_rows[key]
+
 
 # --------------------------------------------------------------------------------------------------
 # The service the mappings call
@@ -561,10 +622,15 @@ class TerminologyService:
         self._indexes: dict[str, SourceIndex] = {}
         self._lock = threading.Lock()
         self._query_cache: dict[str, np.ndarray] = {}
-        # The last QUERY_CACHE nearest-neighbour answers, by (query or term, system, text, prefixes, categories, limit).
-        self._answers: dict[tuple[Any, ...], list[CandidateCode]] = {}
+        # The last QUERY_CACHE nearest-neighbour answers (candidates, and their details where re-ranked), by (query or
+        # term, system, text, prefixes, categories, limit, re-ranked).
+        self._answers: dict[tuple[Any, ...], tuple[list[CandidateCode], dict[str, Detail]]] = {}
         # {system name: {label: min_score}} for the encoder in use (the shipped linker's, worker/linker/).
         self.calibrated: dict[str, dict[str, float]] = {}
+        # The shipped linker's re-ranking weights ({"top": n, "weights": {system: {label: [...]}}}; empty: none) and
+        # each system's counts of codes CodiEsp train coded (a feature).
+        self.rerank: dict[str, Any] = {}
+        self.rerank_seen: dict[str, dict[str, int]] = {}
 
     def threshold(self, system: str, label: str) -> float | None:
         """The calibrated score under which ``system``'s codes are not written for ``label`` (None: not calibrated)."""
@@ -593,6 +659,18 @@ class TerminologyService:
                             name,
                             index.embedded_strings,
                         )
+                weights = self.rerank.get("weights", {}).get(name)
+                if weights and index.matrix is not None:
+                    idf = NgramIdf(normalise(entry.term) for entry in index.entries)
+                    seen = self.rerank_seen.get(name, {})
+                    languages = self.rerank.get("languages")
+                    index.reranker = Reranker(
+                        weights,
+                        seen,
+                        idf,
+                        int(self.rerank.get("top", 30)),
+                        frozenset(languages) if languages is not None else None,
+                    )
                 self._indexes[name] = index
                 logger.info(
                     "code system %s ready in %.1f s (%s)",
@@ -609,6 +687,8 @@ class TerminologyService:
         if self.mode == "off":
             return [[] for _ in requests]
         found: list[dict[tuple[str, str], CandidateCode]] = [{} for _ in requests]
+        details: list[dict[tuple[str, str], Detail]] = [{} for _ in requests]
+        texts: list[set[tuple[str, str]]] = [set() for _ in requests]  # found by text
         pending: dict[str, list[int]] = {}  # system name → requests to search by nearest neighbour
         # An exact text match is the first candidate; the next ones are the matched term's nearest neighbours
         # (its vector stands for the mention's, so the encoder does not run): system name → (request, vector).
@@ -620,14 +700,48 @@ class TerminologyService:
                 matches = index.lexical.match(request.text, request.language, prefixes, self.limit, request.categories)
                 for candidate in matches:
                     found[position][(name, candidate.code)] = candidate
+                    texts[position].add((name, candidate.code))
                 exact = bool(matches) and matches[0].score >= 1.0
                 if index.matrix is not None and not exact:
                     pending.setdefault(name, []).append(position)
                 elif index.matrix is not None and (vector := index.term_vector(request.text)) is not None:
                     known.setdefault(name, []).append((position, vector))
         if (pending or known) and self.store is not None:
-            self._search(requests, found, pending, known, encode)
-        return [sorted(found[position].values(), key=self._rank_key) for position in range(len(requests))]
+            self._search(requests, found, pending, known, encode, details)
+        return [
+            self._reranked(
+                request, sorted(found[position].values(), key=self._rank_key), details[position], texts[position]
+            )
+            for position, request in enumerate(requests)
+        ]
+
+    def _reranker(self, name: str, request: CodeRequest) -> Reranker | None:
+        index = self._indexes.get(name)
+        reranker = index.reranker if index is not None else None
+        return reranker if reranker is not None and reranker.applies(request.label, request.language) else None
+
+    def _reranked(
+        self,
+        request: CodeRequest,
+        ranked: list[CandidateCode],
+        details: dict[tuple[str, str], Detail],
+        texts: set[tuple[str, str]],
+    ) -> list[CandidateCode]:
+        """``ranked`` with each re-ranked system's candidates reordered (:mod:`worker.rerank`; scores unchanged), its
+        first ``limit`` kept, ahead of other systems' candidates; an exact text match stays first."""
+        for name in request.systems:
+            reranker = self._reranker(name, request)
+            mine = [c for c in ranked if c.source == name]
+            if reranker is None or len(mine) < 2:
+                continue
+            scored = [
+                Scored(c.code, c.score, (name, c.code) in texts, c.display or "", details.get((name, c.code)))
+                for c in mine
+            ]
+            by_code = {c.code: c for c in mine}
+            head = [by_code[c.code] for c in reranker.rerank(request.label, normalise(request.text), scored)]
+            ranked = [*head[: self.limit], *(c for c in ranked if c.source != name)]
+        return ranked
 
     def _search(
         self,
@@ -636,27 +750,40 @@ class TerminologyService:
         pending: dict[str, list[int]],
         known: dict[str, list[tuple[int, np.ndarray]]],
         encode: Callable[[list[str]], np.ndarray] | None,
+        details: list[dict[tuple[str, str], Detail]],
     ) -> None:
         """Nearest-neighbour candidates into ``found``: remembered answers first (notes repeat mentions), then one
         encoder pass for the mentions left and one search per system and kind of request."""
         jobs = [(name, position, "query", None) for name, positions in pending.items() for position in positions]
         jobs += [(name, position, "term", vector) for name, pairs in known.items() for position, vector in pairs]
-        todo: dict[tuple[str, tuple[str, ...], bool], list[tuple[int, tuple[Any, ...], str, np.ndarray | None]]] = {}
+        todo: dict[
+            tuple[str, tuple[str, ...], bool, bool], list[tuple[int, tuple[Any, ...], str, np.ndarray | None]]
+        ] = {}
         for name, position, kind, vector in jobs:
             request = requests[position]
             prefixes = tuple(request.prefixes.get(name, ()))
-            key = (kind, name, request.text, prefixes, request.categories, self.limit)
+            wide = self._reranker(name, request) is not None
+            key = (kind, name, request.text, prefixes, request.categories, self.limit, wide)
             with self._lock:
                 answer = self._answers.get(key)
             if answer is not None and encode is None:
-                self._merge(found[position], name, answer)
+                self._merge(found[position], name, answer[0], details[position], answer[1])
             else:
-                todo.setdefault((name, prefixes, request.categories), []).append((position, key, kind, vector))
+                todo.setdefault((name, prefixes, request.categories, wide), []).append((position, key, kind, vector))
         texts = sorted({requests[p].text for members in todo.values() for p, _, kind, _ in members if kind == "query"})
         vectors = self._vectors(texts, encode) if texts else {}
-        for (name, prefixes, categories), members in todo.items():
+        for (name, prefixes, categories, wide), members in todo.items():
             matrix = np.stack([vectors[requests[p].text] if v is None else v for p, _, _, v in members])
-            answers = self._indexes[name].nearest(matrix, prefixes, self.limit, categories)
+            index = self._indexes[name]
+            answers: list[tuple[list[CandidateCode], dict[str, Detail]]]
+            if wide:
+                assert index.reranker is not None
+                answers = [
+                    ([c for c, _ in answer], {c.code: d for c, d in answer})
+                    for answer in index.nearest_detail(matrix, prefixes, index.reranker.top, categories)
+                ]
+            else:
+                answers = [(answer, {}) for answer in index.nearest(matrix, prefixes, self.limit, categories)]
             if encode is None:  # answers from a caller's vectors are not the service's to remember
                 with self._lock:
                     for (_, key, _, _), answer in zip(members, answers, strict=True):
@@ -664,14 +791,22 @@ class TerminologyService:
                     while len(self._answers) > QUERY_CACHE:
                         self._answers.pop(next(iter(self._answers)))
             for (position, _, _, _), answer in zip(members, answers, strict=True):
-                self._merge(found[position], name, answer)
+                self._merge(found[position], name, answer[0], details[position], answer[1])
 
     @staticmethod
-    def _merge(found: dict[tuple[str, str], CandidateCode], name: str, candidates: Sequence[CandidateCode]) -> None:
+    def _merge(
+        found: dict[tuple[str, str], CandidateCode],
+        name: str,
+        candidates: Sequence[CandidateCode],
+        details: dict[tuple[str, str], Detail] | None = None,
+        detail: dict[str, Detail] | None = None,
+    ) -> None:
         for candidate in candidates:
             key = (name, candidate.code)
             if key not in found or found[key].score < candidate.score:
                 found[key] = candidate
+            if details is not None and detail and candidate.code in detail:
+                details[key] = detail[candidate.code]
 
     def _vectors(self, texts: list[str], encode: Callable[[list[str]], np.ndarray] | None) -> dict[str, np.ndarray]:
         """Query vectors; the last :data:`QUERY_CACHE` distinct mentions are remembered (notes repeat them)."""
@@ -880,11 +1015,23 @@ def terminology_for(
     cache_root: Path | None = None,
     encoder: str = "multilingual-e5-small",
     encoder_cache_dir: Path | None = None,
+    rerank: bool | None = None,
 ) -> TerminologyService | None:
-    """The service for a profile: its own code systems (read now, so errors show at start-up) and the built-ins."""
+    """The service for a profile: its own code systems (read now, so errors show at start-up) and the built-ins.
+
+    ``rerank`` (None: the ``terminology_rerank`` setting, on by default): the shipped linker's candidates are
+    re-ranked (:mod:`worker.rerank`) with the weights of ``worker/linker/rerank.json``."""
     if mode == "off":
         return None
-    from worker.linker import LINKER_ENCODER, load_icd10pcs, shipped_index, shipped_linker_available, thresholds
+    from worker.linker import (
+        LINKER_ENCODER,
+        load_icd10pcs,
+        read_synonyms,
+        rerank_weights,
+        shipped_index,
+        shipped_linker_available,
+        thresholds,
+    )
 
     loaders: dict[str, Callable[[], CodeSystemData]] = {"icd-10-cm": load_icd10cm_linked, "icd-10-pcs": load_icd10pcs}
     for source in profile.code_systems:
@@ -894,16 +1041,27 @@ def terminology_for(
     assert not missing, missing
     store = None
     calibrated: dict[str, dict[str, float]] = {}
+    weights: dict[str, Any] = {}
     if mode in ("auto", "embedding"):
         root = cache_root or default_cache_root()
         if encoder in (LINKER_ENCODER, "multilingual-e5-small") and shipped_linker_available():
             # The default: the shipped fine-tuned linker, its prebuilt index and its calibrated thresholds.
             store = EmbeddingStore(root, LinkerEncoder(encoder_cache_dir), shipped=shipped_index())
             calibrated = thresholds()
+            if rerank is None:
+                from core.settings import get_settings
+
+                rerank = get_settings().terminology_rerank
+            weights = rerank_weights() if rerank else {}
         else:
             store = EmbeddingStore(root, TextEncoder(encoder, encoder_cache_dir))
     service = TerminologyService(loaders, mode, store)
     service.calibrated = calibrated
+    service.rerank = weights
+    if weights:
+        for system, code, _, count in read_synonyms():
+            seen = service.rerank_seen.setdefault(system, {})
+            seen[code] = seen.get(code, 0) + count
     return service
 
 

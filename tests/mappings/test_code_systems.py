@@ -147,6 +147,13 @@ def test_select_codes_applies_the_threshold_and_lets_added_systems_win() -> None
     assert select_codes(found, ["icd-10-cm"], 0.9)[0].code == "I10"  # only the label's systems count
 
 
+def test_select_codes_writes_a_systems_first_candidate_in_the_given_order() -> None:
+    # A re-ranker may put a lower cosine first: that candidate is the answer when it reaches the threshold.
+    reranked = [candidate("icd-10-cm", "C18.7", 0.84), candidate("icd-10-cm", "C18.9", 0.86)]
+    assert [c.code for c in select_codes(reranked, ["icd-10-cm"], 0.8)] == ["C18.7"]
+    assert select_codes(reranked, ["icd-10-cm"], 0.85) == ()  # not the second one, though it scores higher
+
+
 @pytest.mark.parametrize(
     ("text", "phrase"),
     [
