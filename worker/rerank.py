@@ -71,9 +71,11 @@ def ngrams(text: str, sizes: tuple[int, ...] = (3, 4)) -> dict[str, int]:
 
 
 class NgramIdf:
-    """Inverse document frequencies of character 3-4-grams over a code system's (normalised) strings."""
+    """Inverse document frequencies of character 3-4-grams over a code system's (normalised) strings.
 
-    def __init__(self, terms: Iterable[str], cache: int = 50_000) -> None:
+    The weighted vectors of the last ``cache`` strings are remembered (about 5 KB each: 4,096 hold ~20 MB)."""
+
+    def __init__(self, terms: Iterable[str], cache: int = 4096) -> None:
         frequency: dict[str, int] = {}
         count = 0
         for term in set(terms):

@@ -69,6 +69,7 @@ AUTO_EMBED_LIMIT = 2000
 _NEIGHBOURS = 64  # nearest strings looked at before grouping them by code
 # With a re-ranker: nearest strings looked at for its candidates (the top 30 codes need ~250 strings).
 WIDE_NEIGHBOURS = 256
+WIDE_ANSWERS = 2000  # re-ranked mentions whose nearest-neighbour answers a service remembers
 QUERY_CACHE = 20_000  # distinct mention texts whose query vectors a service remembers
 # Term kinds embedded only where the term names one code: a title cut before its qualifiers ("Migraine" for both
 # G43.901 and G43.909) would give siblings the same vector and settle their order by a tie-break.
@@ -571,9 +572,11 @@ class SourceIndex:
                 positions = found[ids == number[candidate.code]]
                 where = rows[positions[:3]] if rows is not None else positions[:3]
                 terms = tuple(self._normal[int(i)] for i in where)
-                answer.append(
-                    (candidate, Detail(tuple(row[positions].tolist()), terms, self.entries[int(where[0])].kind))
-                )
+                # The features read the first three scores and those within 0.05 of the best candidate, whose score
+                # is at least this search's best: the others are not kept.
+                close = int((row[positions] >= float(row[found[0]]) - 0.05).sum())
+                kept = tuple(row[positions[: max(3, close)]].tolist())
+                answer.append((candidate, Detail(kept, terms, self.entries[int(where[0])].kind)))
             results.append(answer)
         return results
 
@@ -625,6 +628,8 @@ class TerminologyService:
         # The last QUERY_CACHE nearest-neighbour answers (candidates, and their details where re-ranked), by (query or
         # term, system, text, prefixes, categories, limit, re-ranked).
         self._answers: dict[tuple[Any, ...], tuple[list[CandidateCode], dict[str, Detail]]] = {}
+        # The re-ranker's answers (its top 20 codes with their details) in a smaller cache of their own.
+        self._wide_answers: dict[tuple[Any, ...], tuple[list[CandidateCode], dict[str, Detail]]] = {}
         # {system name: {label: min_score}} for the encoder in use (the shipped linker's, worker/linker/).
         self.calibrated: dict[str, dict[str, float]] = {}
         # The shipped linker's re-ranking weights ({"top": n, "weights": {system: {label: [...]}}}; empty: none) and
@@ -765,7 +770,7 @@ class TerminologyService:
             wide = self._reranker(name, request) is not None
             key = (kind, name, request.text, prefixes, request.categories, self.limit, wide)
             with self._lock:
-                answer = self._answers.get(key)
+                answer = (self._wide_answers if wide else self._answers).get(key)
             if answer is not None and encode is None:
                 self._merge(found[position], name, answer[0], details[position], answer[1])
             else:
@@ -787,9 +792,10 @@ class TerminologyService:
             if encode is None:  # answers from a caller's vectors are not the service's to remember
                 with self._lock:
                     for (_, key, _, _), answer in zip(members, answers, strict=True):
-                        self._answers[key] = answer
-                    while len(self._answers) > QUERY_CACHE:
-                        self._answers.pop(next(iter(self._answers)))
+                        (self._wide_answers if wide else self._answers)[key] = answer
+                    for cache, size in ((self._answers, QUERY_CACHE), (self._wide_answers, WIDE_ANSWERS)):
+                        while len(cache) > size:
+                            cache.pop(next(iter(cache)))
             for (position, _, _, _), answer in zip(members, answers, strict=True):
                 self._merge(found[position], name, answer[0], details[position], answer[1])
 
