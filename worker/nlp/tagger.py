@@ -263,7 +263,8 @@ class TaggerPipeline:
 
             path = int8_model_path(tagger, cache_dir)
             release_weights(self.tagger)  # before the session exists, so the two never sit in memory together
-            self.runner = OnnxRunner(path, threads or torch.get_num_threads())
+            # Row by row: a note's spans must not depend on the notes batched with it (dynamic int8's scales).
+            self.runner = OnnxRunner(path, threads or torch.get_num_threads(), rowwise=True)
 
     def _torch_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         logits, _ = self.tagger(input_ids, attention_mask)

@@ -104,6 +104,32 @@ def test_word_embeddings_are_read_outside_the_session(tiny_tagger_path: Path, in
     assert np.array_equal(logits.numpy(), whole)
 
 
+def test_int8_tags_a_window_the_same_whatever_it_is_batched_with(tiny_tagger_path: Path, int8_cache: Path) -> None:
+    """Dynamic int8 quantises a call's activations with one scale, so in a batch a window's logits depend on the
+    other windows (and on its padding); the pipeline runs the int8 graph row by row, so they do not."""
+    import numpy as np
+
+    path = quantize.int8_model_path(ClinicalTagger.from_pretrained(tiny_tagger_path), int8_cache)
+    generator = torch.Generator().manual_seed(0)
+    window = torch.randint(3, 200, (1, 24), generator=generator)
+    others = torch.randint(3, 200, (3, 40), generator=generator)
+    batch = torch.zeros((4, 40), dtype=torch.long)
+    mask = torch.zeros((4, 40), dtype=torch.long)
+    batch[0, :24], mask[0, :24] = window[0], 1
+    batch[1:], mask[1:] = others, 1
+    alone_mask = torch.ones((1, 24), dtype=torch.long)
+    rowwise = quantize.OnnxRunner(path, threads=1, rowwise=True)
+    alone = rowwise(window, alone_mask).numpy()[0]
+    assert np.array_equal(rowwise(batch, mask).numpy()[0, :24], alone)
+    assert np.array_equal(rowwise(batch[[0, 3]], mask[[0, 3]]).numpy()[0, :24], alone)
+    batched = quantize.OnnxRunner(path, threads=1)
+    assert not np.array_equal(batched(batch, mask).numpy()[0, :24], alone)  # what row by row prevents
+    pipeline = TaggerPipeline(ClinicalTagger.from_pretrained(tiny_tagger_path), precision="int8", cache_dir=int8_cache)
+    assert isinstance(pipeline.runner, quantize.OnnxRunner) and pipeline.runner.rowwise
+    together = spans_of(pipeline, SAMPLE_NOTES)
+    assert [spans_of(pipeline, [note])[0] for note in SAMPLE_NOTES] == together
+
+
 def test_int8_keeps_decodings_guarantees_on_awkward_text(tiny_encoder: Path, int8_cache: Path) -> None:
     """A random (untrained) tagger tags all over the place; every span must still be exact and inside."""
     torch.manual_seed(3)
