@@ -552,26 +552,27 @@ def evaluate_checkpoint(
     return evaluate(gold, pred, labels or tagger_labels)
 
 
-def save_window_leads(checkpoint: Path, leads: dict[str, str], revision_suffix: str | None = None) -> dict[str, Any]:
-    """Write the window leads (language -> text read before a note's first token) into the config."""
+def _update_config(checkpoint: Path, values: dict[str, Any], revision_suffix: str | None) -> dict[str, Any]:
+    """Set ``values`` in the checkpoint's config, with ``revision_suffix`` appended to its revision once (the
+    checkpoint's outputs change, so its revision must)."""
     config_file = Path(checkpoint) / CONFIG_FILE
     config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
-    config["window_leads"] = dict(leads)
-    if revision_suffix and leads and not str(config.get("model_revision", "")).endswith(revision_suffix):
-        config["model_revision"] = f"{config.get('model_revision', '')}{revision_suffix}"
-    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return config
-
-
-def save_min_span_score(checkpoint: Path, threshold: float, revision_suffix: str | None = None) -> dict[str, Any]:
-    """Write the span-score threshold (and optionally a revision suffix: outputs change) into the config."""
-    config_file = Path(checkpoint) / CONFIG_FILE
-    config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
-    config["min_span_score"] = threshold
+    config.update(values)
     if revision_suffix and not str(config.get("model_revision", "")).endswith(revision_suffix):
         config["model_revision"] = f"{config.get('model_revision', '')}{revision_suffix}"
     config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return config
+
+
+def save_window_leads(checkpoint: Path, leads: dict[str, str], revision_suffix: str | None = None) -> dict[str, Any]:
+    """Write the window leads (language -> text read before a note's first token) into the config; removing them
+    (``{}``) adds no suffix."""
+    return _update_config(checkpoint, {"window_leads": dict(leads)}, revision_suffix if leads else None)
+
+
+def save_min_span_score(checkpoint: Path, threshold: float, revision_suffix: str | None = None) -> dict[str, Any]:
+    """Write the span-score threshold (and optionally a revision suffix: outputs change) into the config."""
+    return _update_config(checkpoint, {"min_span_score": threshold}, revision_suffix)
 
 
 def calibrate_checkpoint(
