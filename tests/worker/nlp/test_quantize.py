@@ -156,6 +156,11 @@ def test_the_int8_graph_is_built_once_and_keyed_by_recipe(tiny_tagger_path: Path
     built = first.stat().st_mtime_ns
     again = quantize.int8_model_path(ClinicalTagger.from_pretrained(tiny_tagger_path), cache)
     assert again == first and again.stat().st_mtime_ns == built
+    # What only decoding reads does not rebuild the graph: a new threshold, window lead or revision suffix.
+    decoding = ClinicalTagger.from_pretrained(tiny_tagger_path)
+    decoding.config.min_span_score, decoding.config.window_leads = 0.7, {"*": "Paciente."}
+    decoding.config.model_revision += "-lead"
+    assert quantize.int8_model_path(decoding, cache) == first and first.stat().st_mtime_ns == built
     meta = json.loads((first.parent / "meta.json").read_text())
     assert meta["keep_fp32"] == sorted(quantize.DEFAULT_KEEP_FP32) and meta["per_channel"] is True
     assert meta["method"] == "onnxruntime-dynamic"
