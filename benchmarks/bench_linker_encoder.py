@@ -43,7 +43,7 @@ def main() -> int:
     with args.gold.open(encoding="utf-8") as handle:
         texts = list(dict.fromkeys(row["mention"] for row in csv.DictReader(handle, delimiter="\t")))[: args.mentions]
     variants = {
-        "torch-fp32": LinkerEncoder(int8=False),
+        "torch-fp32": LinkerEncoder(runtime="torch"),
         "torch-int8": LinkerEncoder(runtime="torch", keep_fp32=LINKER_ONNX_KEEP_FP32),
         "ort-fp32": LinkerEncoder(),
         "ort-int8": LinkerEncoder(keep_fp32=LINKER_ONNX_KEEP_FP32),

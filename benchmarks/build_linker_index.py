@@ -37,7 +37,7 @@ def main() -> int:
     from worker.linker import icd10cm_with, load_icd10pcs, save_index
     from worker.terminology import LinkerEncoder, SourceIndex, load_icd10cm
 
-    encoder = LinkerEncoder(folder=args.out, int8=False)  # the index in float32 (queries run int8)
+    encoder = LinkerEncoder(folder=args.out, runtime="torch")  # the index in PyTorch float32
     encoder.batch_size = 128
     revision = encoder.revision
     args.work.mkdir(parents=True, exist_ok=True)

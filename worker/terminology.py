@@ -959,7 +959,7 @@ class LinkerEncoder(TextEncoder):
     its note; float32 gives a mention the same vector in any batch. ``keep_fp32=LINKER_ONNX_KEEP_FP32`` is the
     int8 graph (every linear layer but the feed-forward output projections), ~1.5x cheaper. Without onnxruntime,
     or when the graph cannot be built, it runs PyTorch in the same arithmetic, with a warning. The thresholds are
-    calibrated on the default path; the shipped index is embedded in float32 (``int8=False``: PyTorch float32).
+    calibrated on the default path; the shipped index is embedded in float32 (``runtime="torch"``: PyTorch float32).
     The revision names the weights, not the arithmetic: the index's own revision is what must match.
     """
 
@@ -967,7 +967,6 @@ class LinkerEncoder(TextEncoder):
         self,
         cache_dir: Path | None = None,
         folder: Path | None = None,
-        int8: bool = True,
         runtime: str = "onnxruntime",
         keep_fp32: Sequence[str] | None = None,
     ) -> None:
@@ -975,7 +974,6 @@ class LinkerEncoder(TextEncoder):
 
         super().__init__(LINKER_ENCODER, cache_dir)
         self.folder = folder
-        self.int8 = int8
         self.runtime = runtime  # "onnxruntime" (the fused graph on CPUs), or "torch"
         self.keep_fp32 = keep_fp32  # None: no int8 at all (fused fp32, the default); else int8 but these groups
 
@@ -994,7 +992,7 @@ class LinkerEncoder(TextEncoder):
         resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
         revision = f"{resolved.revision}+linker-{linker_weights_digest(self.folder)}"
         cpu = self.device in (None, "cpu")
-        if self.int8 and cpu and self.runtime == "onnxruntime":
+        if cpu and self.runtime == "onnxruntime":
             try:
                 from transformers import AutoTokenizer
 
@@ -1009,7 +1007,7 @@ class LinkerEncoder(TextEncoder):
         model, tokenizer = self._torch_model()
         if self.device:
             model.to(self.device)
-        if self.int8 and cpu and self.keep_fp32 is not None:
+        if cpu and self.keep_fp32 is not None:
             model = _int8_except_ffn_output(model)
         return model, tokenizer, revision
 

@@ -58,7 +58,7 @@ def onnx_encoder() -> LinkerEncoder:
 
 @pytest.fixture(scope="module")
 def float32_encoder() -> LinkerEncoder:
-    return LinkerEncoder(int8=False)
+    return LinkerEncoder(runtime="torch")
 
 
 def test_onnx_query_vectors_agree_with_the_float32_path(
