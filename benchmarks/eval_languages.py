@@ -80,6 +80,18 @@ def _touched(gold: list[Any], pred: list[Any]) -> float:
     return hit / max(1, len(gold))
 
 
+def validation_sets() -> dict[str, list[Any]]:
+    """The translated validation excerpts per language, then the 108 Spanish validation notes (when the Spanish
+    corpora are beside the checkout) as ``"es (108 notes)"``; a set's language is its name's first two letters."""
+    from worker.nlp.corpus import load_documents
+    from worker.nlp.training import load_corpora
+
+    sets: dict[str, list[Any]] = {lang: load_documents(TRANSLATED / lang / "val") for lang in LANGUAGES[1:]}
+    if SPANISH.is_dir():
+        _, sets["es (108 notes)"], _ = load_corpora([SPANISH / "spaccc-train", SPANISH / "cardioccc-train"])
+    return sets
+
+
 def validation(
     checkpoint: Path,
     min_span_score: float,
@@ -93,16 +105,10 @@ def validation(
     the same, although Spanish has 6,230 gold mentions and each translated set 240) of overlap F1 + strict
     F1, among ``SCORE_THRESHOLDS`` and 0, and save it in the checkpoint's config; the scores are then with it.
     """
-    from worker.nlp.corpus import load_documents
     from worker.nlp.metrics import SCORE_THRESHOLDS, evaluate
-    from worker.nlp.training import load_corpora, predict_checkpoint, save_min_span_score
+    from worker.nlp.training import predict_checkpoint, save_min_span_score
 
-    sets: dict[str, list[Any]] = {}
-    for lang in LANGUAGES[1:]:
-        sets[lang] = load_documents(TRANSLATED / lang / "val")
-    if SPANISH.is_dir():
-        _, val, _ = load_corpora([SPANISH / "spaccc-train", SPANISH / "cardioccc-train"])
-        sets["es (108 notes)"] = val
+    sets = validation_sets()
     out: dict[str, Any] = {}
     tagged = {
         name: predict_checkpoint(

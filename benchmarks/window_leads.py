@@ -29,9 +29,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-TRANSLATED = REPO / "worker" / "nlp" / "data" / "translated"
-SPANISH = REPO.parent / "shared" / "data" / "es"
-LANGUAGES = ("es", "en", "it", "nl", "ro", "sv", "cs")
+sys.path.insert(0, str(REPO / "benchmarks"))
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-ZÁÉÍÓÚÑÄÖÅČŠŽŘ0-9])|\n+")
 
 
@@ -50,25 +48,18 @@ def sentences(doc: Any) -> list[tuple[int, int, list[Any]]]:
     return out
 
 
-def counts(gold: Sequence[Any], pred: Sequence[tuple[str, int, int]]) -> list[int]:
-    exact = sum((g.label, g.start, g.end) in pred for g in gold)
-    gold_hit = sum(any(lab == g.label and s < g.end and g.start < e for lab, s, e in pred) for g in gold)
-    pred_hit = sum(any(lab == g.label and s < g.end and g.start < e for g in gold) for lab, s, e in pred)
-    touched = sum(any(s < g.end and g.start < e for _, s, e in pred) for g in gold)
-    return [exact, gold_hit, pred_hit, touched, len(gold), len(pred)]
+def scores(gold: list[Any], pred: list[Any], labels: Sequence[str]) -> dict[str, float]:
+    """Strict and character-overlap F1 (``worker.nlp.metrics``, as every other figure) and the share touched."""
+    from eval_languages import _touched
 
+    from worker.nlp.metrics import evaluate
 
-def scores(rows: list[list[int]]) -> dict[str, float]:
-    exact, gold_hit, pred_hit, touched, n_gold, n_pred = (sum(r[i] for r in rows) for i in range(6))
-
-    def f1(p: float, r: float) -> float:
-        return 2 * p * r / (p + r) if p + r else 0.0
-
+    overall = evaluate(gold, pred, labels).overall
     return {
-        "strict": round(f1(exact / max(1, n_pred), exact / max(1, n_gold)), 4),
-        "overlap": round(f1(pred_hit / max(1, n_pred), gold_hit / max(1, n_gold)), 4),
-        "touched": round(touched / max(1, n_gold), 4),
-        "gold": n_gold,
+        "strict": round(overall.strict_f1, 4),
+        "overlap": round(overall.overlap_f1, 4),
+        "touched": round(_touched(gold, pred), 4),
+        "gold": len(gold),
     }
 
 
@@ -85,15 +76,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import torch
+    from eval_languages import validation_sets
 
-    from worker.nlp.corpus import load_documents
+    from worker.nlp.corpus import Span
     from worker.nlp.tagger import ClinicalTagger, TaggerPipeline
-    from worker.nlp.training import load_corpora
 
     torch.set_num_threads(args.threads)
-    sets = {lang: load_documents(TRANSLATED / lang / "val") for lang in LANGUAGES[1:]}
-    if SPANISH.is_dir():
-        _, sets["es"], _ = load_corpora([SPANISH / "spaccc-train", SPANISH / "cardioccc-train"])
+    sets = {name[:2]: docs for name, docs in validation_sets().items()}
     tagger = ClinicalTagger.from_pretrained(args.checkpoint)
     tagger.config.window_leads = {}
     pipeline = TaggerPipeline(tagger, precision="fp32")
@@ -105,16 +94,34 @@ def main() -> None:
         random.Random(0).shuffle(found)
         items[lang] = found[: args.per_language]
     results: dict[str, Any] = {}
+    labels = tagger.labels
+
+    def score_halves(rows: dict[str, tuple[list[Any], list[Any]]]) -> dict[str, dict[str, float]]:
+        out = {h: scores(gold, pred, labels) for h, (gold, pred) in rows.items()}
+        return out | {"all": scores(rows["A"][0] + rows["B"][0], rows["A"][1] + rows["B"][1], labels)}
+
+    def sentence_rows(lang: str, spans_of: Any) -> dict[str, dict[str, float]]:
+        """Each sentence is its own document (``doc#start``); ``spans_of(i, doc, start, end)`` gives its predicted
+        (label, start, end) in the note's offsets."""
+        rows: dict[str, tuple[list[Any], list[Any]]] = {"A": ([], []), "B": ([], [])}
+        for index, (doc, start, end, gold) in enumerate(items[lang]):
+            sentence = f"{doc.doc_id}#{start}"
+            gold_rows, pred_rows = rows[half(doc.doc_id)]
+            gold_rows.extend(Span(sentence, g.label, g.start, g.end) for g in gold)
+            pred_rows.extend(Span(sentence, *span) for span in spans_of(index, doc, start, end))
+        return score_halves(rows)
+
     for name, leads in candidates.items():
         pipeline.leads = {k: list(tagger.tokenizer(v, add_special_tokens=False)["input_ids"]) for k, v in leads.items()}
         per_language = {}
         for lang, found in items.items():
             predicted = pipeline.predict([doc.text[start:end] for doc, start, end, _ in found], [lang] * len(found))
-            rows: dict[str, list[list[int]]] = {"A": [], "B": []}
-            for (doc, start, _, gold), spans in zip(found, predicted, strict=True):
-                pred = [(s.label, s.start + start, s.end + start) for s in spans if s.score >= threshold]
-                rows[half(doc.doc_id)].append(counts(gold, pred))
-            per_language[lang] = {h: scores(r) for h, r in rows.items()} | {"all": scores(rows["A"] + rows["B"])}
+            per_language[lang] = sentence_rows(
+                lang,
+                lambda i, doc, start, end, predicted=predicted: [
+                    (s.label, s.start + start, s.end + start) for s in predicted[i] if s.score >= threshold
+                ],
+            )
         results[name] = per_language
         print(name, {lang: r["all"] for lang, r in per_language.items()}, file=sys.stderr, flush=True)
     pipeline.leads = {}
@@ -122,11 +129,14 @@ def main() -> None:
     for lang, docs in sets.items():
         tagged = pipeline.predict([d.text for d in docs], [lang] * len(docs))
         by_doc = {doc.doc_id: spans for doc, spans in zip(docs, tagged, strict=True)}
-        rows = {"A": [], "B": []}
-        for doc, start, end, gold in items[lang]:
-            spans = [s for s in by_doc[doc.doc_id] if s.score >= threshold and s.start >= start and s.end <= end]
-            rows[half(doc.doc_id)].append(counts(gold, [(s.label, s.start, s.end) for s in spans]))
-        context[lang] = {h: scores(r) for h, r in rows.items()} | {"all": scores(rows["A"] + rows["B"])}
+        context[lang] = sentence_rows(
+            lang,
+            lambda i, doc, start, end, by_doc=by_doc: [
+                (s.label, s.start, s.end)
+                for s in by_doc[doc.doc_id]
+                if s.score >= threshold and s.start >= start and s.end <= end
+            ],
+        )
     results["context"] = context
     summary = {}
     for name, per_language in results.items():
