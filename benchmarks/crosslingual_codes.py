@@ -5,8 +5,8 @@ settings that needs no coded corpus in those languages.
 
 Reads the project's translated excerpts (``worker/nlp/data/translated``, the **val** split by default: the linker's
 ``--translated`` training reads only ``train``): each translated mention is paired with its Spanish source mention
-(``train_linker.translated_pairs``). Both are coded through the production path (``TerminologyService.lookup``
-with the default profile's requests, the Spanish one with language ``es``, the translation with its own), and per
+(``train_linker.translated_pairs``). Both are coded through the production path (``worker.coding.code_mentions``,
+as ``fhir-ner code`` codes them: the Spanish one with language ``es``, the translation with its own), and per
 language it reports the share of pairs whose translation's first code is the Spanish mention's first code
 (``agree@1``) and the share whose first five codes hold it (``agree@5``), over the pairs where the Spanish
 mention gets a code. The Spanish code is not gold (CodiEsp dev gives Spanish figures): this measures whether a
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mappings.profile import load_profile
-    from mappings.terminology import code_request
+    from worker.coding import code_mentions
     from worker.terminology import terminology_for
 
     profile = load_profile()
@@ -47,15 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     pairs = translated_pairs(args.split)
 
     def codes(items: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], list[str]]:
-        """(mention, label, language) -> its candidates' codes, best first."""
-        unique = sorted(set(items))
-        requests = []
-        for mention, label, language in unique:
-            options = profile.labels[label].codes
-            assert options is not None
-            requests.append(code_request(mention, label, options, language))
-        found = service.lookup(requests)
-        return {key: [c.code for c in candidates] for key, candidates in zip(unique, found, strict=True)}
+        """(mention, label, language) -> its first five codes, as ``fhir-ner code`` ranks them."""
+        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for mention, label, language in sorted(set(items)):
+            groups[(label, language)].append(mention)
+        found = {}
+        for (label, language), mentions in groups.items():
+            for coded in code_mentions(mentions, label, language, 5, profile, service):
+                found[(coded.mention, label, language)] = coded.ranked_codes()
+        return found
 
     spanish = codes([(es, label, "es") for _, label, _, es in pairs])
     translated = codes([(m, label, language) for language, label, m, _ in pairs])

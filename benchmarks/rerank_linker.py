@@ -91,7 +91,7 @@ def dump(args: argparse.Namespace) -> int:
 def load(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, int]]]:
     """The dump, the re-ranker's n-gram IDF per system and the codes CodiEsp train coded, as the worker builds them."""
     from mappings.terminology import normalise
-    from worker.linker import load_icd10pcs, read_synonyms
+    from worker.linker import coded_counts, load_icd10pcs
     from worker.rerank import NgramIdf
     from worker.terminology import SourceIndex, load_icd10cm_linked
 
@@ -101,10 +101,7 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str
         name: NgramIdf(normalise(entry.term) for entry in SourceIndex(loader()).entries)
         for name, loader in (("icd-10-cm", load_icd10cm_linked), ("icd-10-pcs", load_icd10pcs))
     }
-    seen: dict[str, dict[str, int]] = {}
-    for system, code, _, count in read_synonyms():
-        seen.setdefault(system, {})[code] = seen.get(system, {}).get(code, 0) + count
-    return dumped, idf, seen
+    return dumped, idf, coded_counts()
 
 
 def matrices(dumped: dict[str, Any], label: str, top: int, idf: dict[str, Any], seen: dict[str, Any]) -> Found:

@@ -427,6 +427,10 @@ def main() -> int:
         optimiser, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, (total - s) / max(1, total))
     )
 
+    gold: dict[str, set[str]] = collections.defaultdict(set)  # mention -> its code keys (mined negatives avoid them)
+    for m, key in mention_pairs:
+        gold[m].add(key)
+
     def mine_hard_negatives() -> dict[str, list[tuple[str, str]]]:
         """Per CodiEsp train mention: the names of wrong codes nearest to it now, (name, code key), best first."""
         indexes, _ = build_indexes()
@@ -434,9 +438,6 @@ def main() -> int:
         for system, index in indexes.items():
             categories = system == "icd-10-pcs"
             mine = sorted({m for m, key in mention_pairs if key.startswith(system + "|")})
-            gold = collections.defaultdict(set)
-            for m, key in mention_pairs:
-                gold[m].add(key)
             targets = [data[system].billable(e.code, categories=categories) for e in index.entries]
             assert index.matrix is not None
             for start in range(0, len(mine), 512):

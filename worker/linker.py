@@ -61,6 +61,15 @@ def read_synonyms(folder: Path | None = None) -> list[tuple[str, str, str, int]]
     return rows
 
 
+def coded_counts(folder: Path | None = None) -> dict[str, dict[str, int]]:
+    """{system: {code: how many CodiEsp train mentions coded it}} from ``synonyms.tsv`` (a re-ranking feature)."""
+    counts: dict[str, dict[str, int]] = {}
+    for system, code, _, count in read_synonyms(folder):
+        mine = counts.setdefault(system, {})
+        mine[code] = mine.get(code, 0) + count
+    return counts
+
+
 def with_synonyms(data: CodeSystemData, folder: Path | None = None, language: str = "es") -> CodeSystemData:
     """``data`` plus the shipped synonyms of its codes (kind ``synonym``, tagged with their language)."""
     display: dict[str, str] = {}

@@ -1034,8 +1034,8 @@ def terminology_for(
         return None
     from worker.linker import (
         LINKER_ENCODER,
+        coded_counts,
         load_icd10pcs,
-        read_synonyms,
         rerank_weights,
         shipped_index,
         shipped_linker_available,
@@ -1068,9 +1068,7 @@ def terminology_for(
     service.calibrated = calibrated
     service.rerank = weights
     if weights:
-        for system, code, _, count in read_synonyms():
-            seen = service.rerank_seen.setdefault(system, {})
-            seen[code] = seen.get(code, 0) + count
+        service.rerank_seen = coded_counts()
     return service
 
 
