@@ -444,7 +444,8 @@ class SourceIndex:
         self.preferred = {entry.code for entry in data.entries if entry.preferred}
         self._masks: dict[tuple[str, ...], np.ndarray] = {}
         # Per kind of request: the rows it may match (None: all) and their matrix, so no search masks rows.
-        self._subsets: dict[tuple[str, ...], tuple[np.ndarray | None, np.ndarray]] = {}
+        # Per kind of request: its rows (None: all) and the matrix blocks that hold them, in row order.
+        self._subsets: dict[tuple[str, ...], tuple[np.ndarray | None, tuple[np.ndarray, ...]]] = {}
         # Per row, the language of a translated name ("" for every other kind); None when there are none.
         translated = [entry.language or "" if entry.kind == "translation" else "" for entry in self.entries]
         self._translated: np.ndarray | None = np.array(translated) if any(translated) else None
@@ -495,9 +496,11 @@ class SourceIndex:
 
     def _rows(
         self, prefixes: tuple[str, ...], categories: bool, scope: str | None = None
-    ) -> tuple[np.ndarray | None, np.ndarray]:
+    ) -> tuple[np.ndarray | None, tuple[np.ndarray, ...]]:
         """The rows a request may match: codes its prefixes allow, and translated names (kind ``translation``) only
-        of its note's language, so that a Czech name never answers a Spanish mention."""
+        of its note's language, so that a Czech name never answers a Spanish mention; and the blocks of the matrix
+        that hold them. The translated names are the last rows, one run per language, so a language's rows are two
+        runs of the matrix, searched as two views instead of a copy of the whole matrix per language."""
         assert self.matrix is not None
         key = (*prefixes, f"categories={categories}", f"scope={scope}")
         if key not in self._subsets:
@@ -506,11 +509,23 @@ class SourceIndex:
                 keep = (self._translated == "") | (self._translated == scope)
                 mask = keep if mask is None else mask & keep
             if mask is None or mask.all():
-                self._subsets[key] = (None, self.matrix)
+                self._subsets[key] = (None, (self.matrix,))
             else:
                 rows = np.flatnonzero(mask)
-                self._subsets[key] = (rows, self.matrix[rows])
+                breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+                runs = np.split(rows, breaks) if rows.size else []
+                if 0 < len(runs) <= 2:
+                    blocks = tuple(self.matrix[int(run[0]) : int(run[-1]) + 1] for run in runs)  # views
+                else:
+                    blocks = (self.matrix[rows],)
+                self._subsets[key] = (rows, blocks)
         return self._subsets[key]
+
+    @staticmethod
+    def _scores(vectors: np.ndarray, blocks: tuple[np.ndarray, ...]) -> np.ndarray:
+        if len(blocks) == 1:
+            return vectors @ blocks[0].T
+        return np.concatenate([vectors @ block.T for block in blocks], axis=1)
 
     def _mask(self, prefixes: tuple[str, ...], categories: bool = False) -> np.ndarray:
         key = (*prefixes, f"categories={categories}")
@@ -535,11 +550,11 @@ class SourceIndex:
         A term of a non-billable category counts for the category's default leaf (see
         :meth:`CodeSystemData.billable`) unless ``categories``.
         """
-        rows, matrix = self._rows(prefixes, categories, scope)
+        rows, blocks = self._rows(prefixes, categories, scope)
         results: list[list[CandidateCode]] = []
-        if matrix.shape[0] == 0:
+        if sum(block.shape[0] for block in blocks) == 0:
             return [[] for _ in range(len(vectors))]
-        scores = vectors @ matrix.T
+        scores = self._scores(vectors, blocks)
         take = min(_NEIGHBOURS, scores.shape[1])
         for row in scores:
             top = np.argpartition(-row, take - 1)[:take] if take < row.shape[0] else np.arange(row.shape[0])
@@ -567,13 +582,13 @@ class SourceIndex:
     ) -> list[list[tuple[CandidateCode, Detail]]]:
         """Per query vector, the best ``top`` codes as :meth:`nearest` ranks them, each with what the re-ranker
         reads: the scores of its strings among the :data:`WIDE_NEIGHBOURS` nearest and its best strings' text."""
-        rows, matrix = self._rows(prefixes, categories, scope)
-        if matrix.shape[0] == 0:
+        rows, blocks = self._rows(prefixes, categories, scope)
+        if sum(block.shape[0] for block in blocks) == 0:
             return [[] for _ in range(len(vectors))]
         if self._normal is None:
             self._normal = [normalise(entry.term) for entry in self.entries]
         row_code, names, number = self._row_codes(prefixes, categories, scope)
-        scores = vectors @ matrix.T
+        scores = self._scores(vectors, blocks)
         take = min(WIDE_NEIGHBOURS, scores.shape[1])
         results = []
         for row in scores:
@@ -611,10 +626,10 @@ class SourceIndex:
         """Per row of :meth:`_rows`'s subset, the number of the code it stands for; the codes; their numbers."""
         key = (*prefixes, f"categories={categories}", f"scope={scope}")
         if key not in self._codes_of_rows:
-            rows, matrix = self._rows(prefixes, categories, scope)
+            rows, blocks = self._rows(prefixes, categories, scope)
             number: dict[str, int] = {}
             found = []
-            for row in rows if rows is not None else range(matrix.shape[0]):
+            for row in rows if rows is not None else range(blocks[0].shape[0]):
                 code = self._codes[int(row)]
                 found.append(number.setdefault(self.data.billable(code, categories) or code, len(number)))
             self._codes_of_rows[key] = (np.asarray(found, dtype=np.int64), list(number), number)
