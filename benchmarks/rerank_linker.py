@@ -98,7 +98,7 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str
     with path.open("rb") as handle:
         dumped = pickle.load(handle)
     idf = {
-        name: NgramIdf(normalise(entry.term) for entry in SourceIndex(loader()).entries)
+        name: NgramIdf(normalise(e.term) for e in SourceIndex(loader()).entries if e.kind != "translation")
         for name, loader in (("icd-10-cm", load_icd10cm_linked), ("icd-10-pcs", load_icd10pcs))
     }
     return dumped, idf, coded_counts()

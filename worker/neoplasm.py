@@ -30,6 +30,9 @@ TUMOUR_WORDS: dict[str, tuple[str, ...]] = {
     "cs": ("nador", "nadory", "tumor", "tumory", "novotvar", "novotvary"),
 }
 
+# Languages that write the site and the tumour word as one word ("hersentumor", "hjärntumör"; "ö" folds to "o").
+COMPOUNDING = frozenset({"nl", "sv"})
+
 # Words that name a behaviour, a kind of tumour or a history: then the mention is not "a tumour of <site>".
 _NOT_UNSPECIFIED = re.compile(
     r"\w*(?:om|oma|omas|omy|omu|omi|oame|omer)\b"  # carcinoma, adenom, lymfom, sarcomi, meningiomas
@@ -77,10 +80,16 @@ def names_unspecified_tumour(normalised: str, language: str | None) -> bool:
 
     ``normalised``: the mention's case- and accent-folded words (``mappings.terminology.normalise``)."""
     words = _WORD.findall(normalised)
-    if len(words) < 2:
-        return False  # a bare "tumor" names no site
     primary = language.split("-")[0].lower() if language else None
     vocabulary = TUMOUR_WORDS.get(primary, ()) if primary else tuple(w for ws in TUMOUR_WORDS.values() for w in ws)
+    if primary in COMPOUNDING or primary is None:
+        # "hersentumor", "blåstumör": the site and the tumour word in one word.
+        compound = [w for w in words if any(w.endswith(t) and len(w) >= len(t) + 3 for t in ("tumor", "gezwel"))]
+        if compound:
+            others = " ".join(w for w in words if w not in compound)
+            return _NOT_UNSPECIFIED.search(others) is None
+    if len(words) < 2:
+        return False  # a bare "tumor" names no site
     tumour = [word for word in words if word in vocabulary]
     if not tumour:
         return False

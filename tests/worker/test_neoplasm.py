@@ -27,6 +27,8 @@ from worker.terminology import TerminologyService, terminology_for
         ("tumör i tungan", "sv"),
         ("nádor mozku", "cs"),
         ("tumor vesical", None),  # no language: every language's words
+        ("hersentumor", "nl"),  # the site and the tumour word in one word
+        ("hjärntumör", "sv"),
     ],
 )
 def test_a_tumour_word_and_a_site_name_an_unspecified_behaviour(text: str, language: str | None) -> None:
@@ -48,6 +50,9 @@ def test_a_tumour_word_and_a_site_name_an_unspecified_behaviour(text: str, langu
         ("zhoubný nádor prsu", "cs"),
         ("elakartad tumör i bröstet", "sv"),
         ("tumoración lengua", "de"),  # a language without a word list
+        ("tumor", "nl"),  # no site
+        ("maligne hersentumor", "nl"),
+        ("tumoración", "es"),
     ],
 )
 def test_a_named_behaviour_or_kind_of_tumour_is_not_unspecified(text: str, language: str | None) -> None:
