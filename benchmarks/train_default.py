@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"also train on {TRANSLATED.relative_to(ROOT)}/<lang>/train and validate on <lang>/val as well",
     )
     parser.add_argument("--languages", default=",".join(LANGUAGES), help="translated languages to use")
+    parser.add_argument(
+        "--translated-splits",
+        default="train",
+        help="translated training folders per language: train, or train,train2 (the excerpts of `translated_corpus.py "
+        "extend`)",
+    )
     parser.add_argument("--crops", type=int, default=0, help="sentence-start crops per training note")
     parser.add_argument(
         "--mix", default="", help="per-epoch share of each group's windows, e.g. spaccc-train=0.15,crops=0.5"
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=work,
         curve=args.curve,
         max_train_windows=40 if args.smoke else None,
-        train_dirs=[TRANSLATED / lang / "train" for lang in languages],
+        train_dirs=[TRANSLATED / lang / split for lang in languages for split in args.translated_splits.split(",")],
         val_dirs=[TRANSLATED / lang / "val" for lang in languages],
         cache_dir=args.cache,
         calibrate=not args.no_calibrate,

@@ -1,7 +1,13 @@
 """The translated training data of the tagger (worker/nlp/data/translated/): pick Spanish excerpts, then build BRAT.
 
     python benchmarks/translated_corpus.py sample [--data ../shared/data/es]   # writes markup/es-{train,val}.md
+    python benchmarks/translated_corpus.py extend [--train 240]                # writes markup/es-train2.md
     python benchmarks/translated_corpus.py build                               # markup/{lang}-{split}.md -> BRAT
+
+``extend`` draws more training excerpts the way ``sample`` drew the first ones (same seed, one per note, the
+notes after those of ``es-train.md``), checks that the first ones are exactly ``es-train.md``'s, and writes the new
+ones to ``es-train2.md``; the validation excerpts are not touched (their notes are set aside before any training
+note is drawn).
 
 The Spanish excerpts come only from the training side of the tagger's own split (``split_by_name`` with
 val_fraction 0.1 and seed 0, the split `fhir-ner train` and `make train-default` use), so the Spanish
@@ -34,6 +40,7 @@ from worker.nlp.corpus import Document, read_brat_folder, split_by_name  # noqa:
 OUT = ROOT / "worker" / "nlp" / "data" / "translated"
 MARKUP = OUT / "markup"
 LANGUAGES = ("en", "it", "nl", "ro", "sv", "cs")
+SPLITS = ("train", "train2", "val")  # train2: more training excerpts (`extend`), from other notes
 LABELS = {"DISEASE", "SYMPTOM", "PROCEDURE"}
 CORPORA = ("spaccc-train", "cardioccc-train")
 MISSING_DATA = (
@@ -217,8 +224,10 @@ def _file_name(excerpt_id: str) -> str:
 def build(languages: tuple[str, ...]) -> list[str]:
     """Write BRAT for every markup file present and return the problems found (empty: all good)."""
     problems: list[str] = []
-    for split in ("train", "val"):
+    for split in SPLITS:
         source_path = MARKUP / f"es-{split}.md"
+        if split not in ("train", "val") and not source_path.is_file():
+            continue  # an optional extension
         if not source_path.is_file():
             problems.append(f"{source_path} is missing (run `sample` first)")
             continue
@@ -273,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--train", type=int, default=240)
     s.add_argument("--val", type=int, default=60)
     s.add_argument("--seed", type=int, default=15)
+    x = sub.add_parser("extend")
+    x.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "es")
+    x.add_argument("--train", type=int, default=240, help="how many more training excerpts")
+    x.add_argument("--seed", type=int, default=15)
     b = sub.add_parser("build")
     b.add_argument("--lang", action="append", choices=LANGUAGES)
     args = parser.parse_args(argv)
@@ -282,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
             write_markup(MARKUP / f"es-{split}.md", excerpts)
             print(f"es-{split}.md: {len(excerpts)} excerpts, {sum(len(e.spans) for e in excerpts)} mentions, "
                   f"{sum(len(e.text) for e in excerpts)} characters")
+        return 0
+    if args.command == "extend":
+        first = read_markup(MARKUP / "es-train.md")
+        drawn = sample(args.data, len(first) + args.train, 60, args.seed)["train"]
+        if [e.excerpt_id for e in drawn[: len(first)]] != list(first):
+            raise SystemExit("the first excerpts drawn are not es-train.md's: different data or seed")
+        more = drawn[len(first) :]
+        write_markup(MARKUP / "es-train2.md", more)
+        print(f"es-train2.md: {len(more)} excerpts, {sum(len(e.spans) for e in more)} mentions, "
+              f"{sum(len(e.text) for e in more)} characters")
         return 0
     problems = build(tuple(args.lang or LANGUAGES))
     for problem in problems:

@@ -156,8 +156,9 @@ class _Note:
 
 
 def _folder_key(folder: Path) -> str:
-    """A folder's name in document ids: ``train``/``val`` folders are named with their parent (``en/val``)."""
-    return f"{folder.parent.name}-{folder.name}" if folder.name in ("train", "val") else folder.name
+    """A folder's name in document ids: ``train``/``train2``/``val`` folders are named with their parent (``en/val``
+    is ``en-val``), so that the same excerpt in two languages gets two ids."""
+    return f"{folder.parent.name}-{folder.name}" if folder.name in ("train", "train2", "val") else folder.name
 
 
 def load_corpora(
