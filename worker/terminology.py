@@ -149,8 +149,53 @@ def _default_leaf(icd: Any, code: str) -> str | None:
     return str(code)
 
 
+ICD10CM_TABLE = Path(__file__).resolve().parent / "linker" / "icd10cm.json.gz"
+
+
 @lru_cache(maxsize=1)
 def load_icd10cm() -> CodeSystemData:
+    """ICD-10-CM as the worker searches it: from the shipped table (``worker/linker/icd10cm.json.gz``, what
+    :func:`build_icd10cm` made of the April 2026 release), else built from the ``simple-icd-10-cm`` package.
+
+    Why a table: importing the package holds its whole classification in memory, ~175 MB of resident memory in
+    every worker process, to read ~45,000 names once. The table holds just those names (1 MB on disk);
+    ``tests/worker/test_terminology.py`` checks that it equals a fresh build from the installed package."""
+    if ICD10CM_TABLE.is_file():
+        return read_icd10cm_table(ICD10CM_TABLE)
+    return build_icd10cm()
+
+
+def write_icd10cm_table(data: CodeSystemData, path: Path) -> None:
+    """The code system as gzipped JSON: its entries in order and its non-billable codes' default leaves."""
+    import gzip
+
+    body = {
+        "source": icd10cm_version(),
+        "version": data.version,
+        "entries": [[e.code, e.display, e.term, e.kind, e.preferred] for e in data.entries],
+        "unbillable": data.unbillable,
+    }
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) as handle:
+        json.dump(body, handle, ensure_ascii=False, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+def read_icd10cm_table(path: Path) -> CodeSystemData:
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        body = json.load(handle)
+    entries = tuple(
+        TermEntry(code, display, term, kind, None, bool(preferred))
+        for code, display, term, kind, preferred in body["entries"]
+    )
+    unbillable: dict[str, str | None] = body["unbillable"]
+    unembedded = frozenset(code for code, leaf in unbillable.items() if leaf is None)
+    return CodeSystemData("icd-10-cm", ICD10CM_URL, entries, body["version"], unbillable, unembedded)
+
+
+def build_icd10cm() -> CodeSystemData:
     """Every ICD-10-CM category and subcategory (not chapters, blocks or 7th-character extensions).
 
     Each code is searchable by its description, the description without its filing qualifiers
@@ -1202,10 +1247,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m worker.terminology", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "icd10cm-table", help=f"rebuild {ICD10CM_TABLE.name} (shipped) from the installed simple-icd-10-cm package"
+    )
     build = commands.add_parser("build", help="embed every code system the profile uses, into the cache")
     build.add_argument("--profile", type=Path, default=None, help="mapping profile (default: settings, else built-in)")
     build.add_argument("--device", default=None, help="torch device for the encoder (e.g. cuda)")
     args = parser.parse_args(argv)
+    if args.command == "icd10cm-table":
+        write_icd10cm_table(build_icd10cm(), ICD10CM_TABLE)
+        print(f"wrote {ICD10CM_TABLE} ({ICD10CM_TABLE.stat().st_size} bytes)")
+        return 0
     settings = get_settings()
     try:
         profile = load_profile(args.profile or settings.mapping_profile)

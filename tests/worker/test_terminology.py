@@ -13,13 +13,16 @@ from mappings.profile import load_profile
 from mappings.terminology import CodeRequest, CodeSystemData, TerminologyError, parse_code_csv
 from worker.terminology import (
     AUTO_EMBED_LIMIT,
+    ICD10CM_TABLE,
     EmbeddingStore,
     TerminologyService,
     TextEncoder,
+    build_icd10cm,
     code_for,
     icd10cm_version,
     length_batches,
     load_icd10cm,
+    read_icd10cm_table,
     terminology_for,
 )
 
@@ -193,3 +196,21 @@ def test_mentions_are_batched_by_length_so_padding_wastes_little() -> None:
     assert padded <= 1.25 * sum(lengths) + 8 * len(batches)
     assert len(batches) < len(lengths)  # similar lengths share a forward pass
     assert [len(b) for b in length_batches([4] * 10, 4)] == [4, 4, 2]
+
+
+def test_the_shipped_icd10cm_table_is_the_installed_release_and_spares_its_memory() -> None:
+    # The worker reads worker/linker/icd10cm.json.gz instead of importing simple-icd-10-cm (~175 MB resident in
+    # every worker process); it must be exactly what the installed package gives.
+    import subprocess
+    import sys
+
+    assert ICD10CM_TABLE.is_file()
+    shipped, built = read_icd10cm_table(ICD10CM_TABLE), build_icd10cm()
+    assert shipped == built and shipped.unbillable == built.unbillable and shipped.unembedded == built.unembedded
+    # A fresh process that loads the code system never imports the package.
+    probe = (
+        "import sys; from worker.terminology import load_icd10cm; load_icd10cm(); "
+        "print('simple_icd_10_cm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
