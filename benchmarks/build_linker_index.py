@@ -51,22 +51,17 @@ def main() -> int:
         texts = json.loads(cache_texts.read_text(encoding="utf-8"))
         known = dict(zip(texts, np.load(cache_vectors).astype(np.float32), strict=True))
     systems = [icd10cm_with(load_icd10cm(), args.out), load_icd10pcs(args.out)]
+    # Every group's strings, named "<system>-<kind>" as in index.npz (one SourceIndex per system: they are slow).
+    strings = {f"{data.name}-{kind}": texts for data in systems for kind, texts in SourceIndex(data).groups.items()}
     reused: dict[str, np.ndarray] = {}
     if args.reuse_shipped:
         shipped = ShippedIndex(args.out / "index.npz")
-        for data in systems:
-            for kind, texts in SourceIndex(data).groups.items():
-                matrix = shipped.get(f"{data.name}-{kind}", texts, revision)
-                if matrix is not None:
-                    reused[f"{data.name}-{kind}"] = matrix
+        for group, texts in strings.items():
+            matrix = shipped.get(group, texts, revision)
+            if matrix is not None:
+                reused[group] = matrix
         print(f"reused from the shipped index: {sorted(reused)}", file=sys.stderr)
-    wanted = {
-        text
-        for data in systems
-        for kind, texts in SourceIndex(data).groups.items()
-        if f"{data.name}-{kind}" not in reused
-        for text in texts
-    }
+    wanted = {text for group, texts in strings.items() if group not in reused for text in texts}
     todo = sorted(wanted - set(known))
     print(f"{len(wanted)} strings, {len(todo)} to embed", file=sys.stderr)
     start = time.time()
@@ -78,11 +73,10 @@ def main() -> int:
         texts = sorted(known)
         np.save(cache_vectors, np.stack([known[t] for t in texts]).astype(np.float16))
         cache_texts.write_text(json.dumps(texts), encoding="utf-8")
-    groups = {}
-    for data in systems:
-        for kind, texts in SourceIndex(data).groups.items():
-            group = f"{data.name}-{kind}"
-            groups[group] = (texts, reused[group] if group in reused else np.stack([known[t] for t in texts]))
+    groups = {
+        group: (texts, reused[group] if group in reused else np.stack([known[t] for t in texts]))
+        for group, texts in strings.items()
+    }
     save_index(args.out / "index.npz", groups, revision)
     size = (args.out / "index.npz").stat().st_size
     print(json.dumps({"groups": {g: len(t) for g, (t, _) in groups.items()}, "index_npz_bytes": size}, indent=2))

@@ -90,15 +90,13 @@ def dump(args: argparse.Namespace) -> int:
 
 def load(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, int]]]:
     """The dump, the re-ranker's n-gram IDF per system and the codes CodiEsp train coded, as the worker builds them."""
-    from mappings.terminology import normalise
     from worker.linker import coded_counts, load_icd10pcs
-    from worker.rerank import NgramIdf
     from worker.terminology import SourceIndex, load_icd10cm_linked
 
     with path.open("rb") as handle:
         dumped = pickle.load(handle)
     idf = {
-        name: NgramIdf(normalise(e.term) for e in SourceIndex(loader()).entries if e.kind != "translation")
+        name: SourceIndex(loader()).ngram_idf()
         for name, loader in (("icd-10-cm", load_icd10cm_linked), ("icd-10-pcs", load_icd10pcs))
     }
     return dumped, idf, coded_counts()

@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 warnings.simplefilter("ignore", DeprecationWarning)
 
+from benchmarks.translated_corpus import LANGUAGES as TRANSLATED_LANGUAGES  # noqa: E402
+from benchmarks.translated_corpus import MARKUP as TRANSLATED  # noqa: E402
 from mappings.terminology import CodeSystemData, normalise  # noqa: E402
 from worker.linker import (  # noqa: E402
     SYSTEM_OF_LABEL,
@@ -65,8 +67,6 @@ def read_x(path: Path) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-TRANSLATED = ROOT / "worker" / "nlp" / "data" / "translated" / "markup"
-TRANSLATED_LANGUAGES = ("en", "it", "nl", "ro", "sv", "cs")
 
 
 def translated_pairs(split: str = "train", folder: Path = TRANSLATED) -> list[tuple[str, str, str, str]]:

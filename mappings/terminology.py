@@ -136,7 +136,8 @@ class Terminology(Protocol):
     def lookup(self, requests: Sequence[CodeRequest]) -> list[list[CandidateCode]]: ...
 
 
-def _primary_language(language: str | None) -> str | None:
+def primary_language(language: str | None) -> str | None:
+    """The primary subtag of a BCP-47 tag, lower case (``"es-ES"`` → ``"es"``); None for none."""
     return language.split("-")[0].lower() if language else None
 
 
@@ -144,7 +145,7 @@ def _language_fits(entry_language: str | None, note_language: str | None) -> boo
     """A term tagged with a language is matched as text only in notes of that language (or of unknown one)."""
     if entry_language is None or note_language is None:
         return True
-    return _primary_language(entry_language) == _primary_language(note_language)
+    return primary_language(entry_language) == primary_language(note_language)
 
 
 def code_allowed(code: str, prefixes: Sequence[str]) -> bool:

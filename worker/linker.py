@@ -75,9 +75,6 @@ def coded_counts(folder: Path | None = None) -> dict[str, dict[str, int]]:
     return counts
 
 
-TRANSLATION_LANGUAGES = ("en", "it", "nl", "ro", "sv", "cs")
-
-
 def read_translations(folder: Path | None = None) -> list[tuple[str, str, str, str, str]]:
     """(system, code, language, term, Spanish source) rows of ``translations.tsv``; empty when the file is absent."""
     path = linker_file("translations.tsv", folder)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from mappings.terminology import primary_language
+
 # Nouns that name a growth without its behaviour ("tumoral", an adjective, is not one: "masa tumoral").
 TUMOUR_WORDS: dict[str, tuple[str, ...]] = {
     "es": ("tumor", "tumores", "tumoracion", "tumoraciones", "neoplasia", "neoplasias", "neoformacion"),
@@ -30,8 +32,11 @@ TUMOUR_WORDS: dict[str, tuple[str, ...]] = {
     "cs": ("nador", "nadory", "tumor", "tumory", "novotvar", "novotvary"),
 }
 
+_ANY_TUMOUR_WORD = frozenset(word for words in TUMOUR_WORDS.values() for word in words)  # a note of no language
+
 # Languages that write the site and the tumour word as one word ("hersentumor", "hjärntumör"; "ö" folds to "o").
 COMPOUNDING = frozenset({"nl", "sv"})
+_COMPOUND_HEADS = ("tumor", "gezwel")
 
 # Words that name a behaviour, a kind of tumour or a history: then the mention is not "a tumour of <site>".
 _NOT_UNSPECIFIED = re.compile(
@@ -80,11 +85,11 @@ def names_unspecified_tumour(normalised: str, language: str | None) -> bool:
 
     ``normalised``: the mention's case- and accent-folded words (``mappings.terminology.normalise``)."""
     words = _WORD.findall(normalised)
-    primary = language.split("-")[0].lower() if language else None
-    vocabulary = TUMOUR_WORDS.get(primary, ()) if primary else tuple(w for ws in TUMOUR_WORDS.values() for w in ws)
+    primary = primary_language(language)
+    vocabulary = TUMOUR_WORDS.get(primary, ()) if primary else _ANY_TUMOUR_WORD
     if primary in COMPOUNDING or primary is None:
         # "hersentumor", "blåstumör": the site and the tumour word in one word.
-        compound = [w for w in words if any(w.endswith(t) and len(w) >= len(t) + 3 for t in ("tumor", "gezwel"))]
+        compound = [w for w in words if any(w.endswith(t) and len(w) >= len(t) + 3 for t in _COMPOUND_HEADS)]
         if compound:
             others = " ".join(w for w in words if w not in compound)
             return _NOT_UNSPECIFIED.search(others) is None

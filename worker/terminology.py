@@ -23,6 +23,7 @@ the exact strings. ``python -m worker.terminology build [--profile YAML]`` fills
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import logging
@@ -54,6 +55,7 @@ from mappings.terminology import (
     normalise,
     parse_code_csv,
     parse_code_system,
+    primary_language,
     rank_candidates,
     written_codes,
 )
@@ -167,8 +169,6 @@ def load_icd10cm() -> CodeSystemData:
 
 def write_icd10cm_table(data: CodeSystemData, path: Path) -> None:
     """The code system as gzipped JSON: its entries in order and its non-billable codes' default leaves."""
-    import gzip
-
     body = {
         "source": icd10cm_version(),
         "version": data.version,
@@ -182,8 +182,6 @@ def write_icd10cm_table(data: CodeSystemData, path: Path) -> None:
 
 
 def read_icd10cm_table(path: Path) -> CodeSystemData:
-    import gzip
-
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         body = json.load(handle)
     entries = tuple(
@@ -488,7 +486,6 @@ class SourceIndex:
         self._display = {entry.code: entry.display for entry in data.entries}
         self.preferred = {entry.code for entry in data.entries if entry.preferred}
         self._masks: dict[tuple[str, ...], np.ndarray] = {}
-        # Per kind of request: the rows it may match (None: all) and their matrix, so no search masks rows.
         # Per kind of request: its rows (None: all) and the matrix blocks that hold them, in row order.
         self._subsets: dict[tuple[str, ...], tuple[np.ndarray | None, tuple[np.ndarray, ...]]] = {}
         # Per row, the language of a translated name ("" for every other kind); None when there are none.
@@ -535,10 +532,6 @@ class SourceIndex:
         row = self._term_rows.get(normalise(text))
         return None if row is None else self.matrix[row]
 
-    def scope(self, language: str | None) -> str | None:
-        """The language whose translated names a search may match: the note's, or None (unknown: all of them)."""
-        return language.split("-")[0].lower() if language else None
-
     def _rows(
         self, prefixes: tuple[str, ...], categories: bool, scope: str | None = None
     ) -> tuple[np.ndarray | None, tuple[np.ndarray, ...]]:
@@ -565,6 +558,11 @@ class SourceIndex:
                     blocks = (self.matrix[rows],)
                 self._subsets[key] = (rows, blocks)
         return self._subsets[key]
+
+    def ngram_idf(self) -> NgramIdf:
+        """The re-ranker's n-gram frequencies, over the names a Spanish search reads (its weights apply to Spanish
+        notes): every row but the translated names."""
+        return NgramIdf(normalise(entry.term) for entry in self.entries if entry.kind != "translation")
 
     @staticmethod
     def _scores(vectors: np.ndarray, blocks: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -753,8 +751,7 @@ class TerminologyService:
                         )
                 weights = self.rerank.get("weights", {}).get(name)
                 if weights and index.matrix is not None:
-                    # Over the names a Spanish search reads (the weights apply to Spanish notes): no translations.
-                    idf = NgramIdf(normalise(entry.term) for entry in index.entries if entry.kind != "translation")
+                    idf = index.ngram_idf()
                     seen = self.rerank_seen.get(name, {})
                     languages = self.rerank.get("languages")
                     index.reranker = Reranker(
@@ -887,7 +884,7 @@ class TerminologyService:
             request = requests[position]
             prefixes = tuple(request.prefixes.get(name, ()))
             wide = self._reranker(name, request) is not None
-            scope = self._indexes[name].scope(request.language)
+            scope = primary_language(request.language)  # translated names of this language only; None: all
             key = (kind, name, request.text, prefixes, request.categories, self.limit, wide, scope)
             with self._lock:
                 answer = (self._wide_answers if wide else self._answers).get(key)
