@@ -50,6 +50,20 @@ def test_the_features_are_pure_and_deterministic() -> None:
     assert column["cat_mass"][0] == column["cat_mass"][1] > column["cat_mass"][2]  # K85 holds most of the mass
 
 
+def test_the_compact_cosines_equal_the_dictionary_ones() -> None:
+    """``cosines`` reads the strings it was built from as compact rows and builds others' vectors on demand: the
+    same values as ``cosine``, for built strings, other strings, repeats and a string without n-grams."""
+    idf = NgramIdf([*TERMS, ""])
+    strings = [*TERMS, "cyst of kidney", "", TERMS[0], "pancreatitis"]
+    for mention in ("pancreatitis aguda", "acute biliary pancreatitis", "zzz", ""):
+        fast = idf.cosines(mention, strings)
+        slow = [idf.cosine(mention, term) for term in strings]
+        assert fast == pytest.approx(slow, abs=1e-12)
+        assert idf.cosines(mention, []) == []
+    assert idf.cosines("biliary acute pancreatitis", ["biliary acute pancreatitis"]) == pytest.approx([1.0])
+    assert idf.cosines("pancreatitis", ["cyst of kidney"]) == [0.0]
+
+
 def test_a_code_whose_strings_agree_with_the_mention_moves_up() -> None:
     reranker = Reranker({"DISEASE": weights_on("tfidf_max", "n_close")}, {}, NgramIdf(TERMS))
     ranked = reranker.rerank("DISEASE", "pancreatitis aguda biliar", candidates())
