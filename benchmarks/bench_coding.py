@@ -62,7 +62,7 @@ def main() -> int:
     profile = load_profile()
     service = terminology_for(profile, "auto", cache_root=Path("/tmp/fhir-ner-bench-empty-cache"))
     assert service is not None and service.store is not None
-    service.store.encoder.encode(["warm-up"])
+    service.store.queries.encode(["warm-up"])
     before = rss_mb()
     for name in ("icd-10-cm", "icd-10-pcs"):
         service.index(name)

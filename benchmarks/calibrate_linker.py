@@ -1,7 +1,7 @@
 """Choose the linker's per-label thresholds on CodiEsp dev, through the production coding path.
 
     .venv/bin/python benchmarks/calibrate_linker.py [--data ../shared/data/es/codiesp] [--precision 0.9] \
-        [--gold-out /tmp/codiesp-dev-gold.tsv] [--write]
+        [--gold-out /tmp/codiesp-dev-gold.tsv] [--queries distilled|full] [--write]
 
 Gold (CodiEsp dev, never test): DIAGNOSTICO mentions are DISEASE (ICD-10-CM), those of them coded in chapter R
 are also SYMPTOM (the default profile codes symptoms in chapter R only), PROCEDIMIENTO mentions are PROCEDURE
@@ -10,8 +10,9 @@ with the default profile and the shipped linker). Per label, the threshold is th
 codes written (top-1 score >= threshold) are right at least ``--precision`` of the time. A two-fold check (chosen
 on half of the documents, scored on the other half) shows how much that choice flatters the figures.
 
-``--write`` stores the thresholds in ``worker/linker/thresholds.json``; ``--gold-out`` writes the gold TSV that
-``fhir-ner evaluate-codes --gold`` reads.
+``--write`` stores the thresholds in ``worker/linker/thresholds.json``, for the query encoder ``--queries`` (the
+distilled one, the default: ``min_score`` and ``report``; the full one: ``min_score_full`` and ``report_full``);
+``--gold-out`` writes the gold TSV that ``fhir-ner evaluate-codes --gold`` reads.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "es" / "codiesp")
     parser.add_argument("--precision", type=float, default=0.9)
     parser.add_argument("--gold-out", type=Path, default=None)
+    parser.add_argument("--queries", choices=("distilled", "full"), default="distilled")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
 
@@ -86,7 +88,7 @@ def main() -> int:
             for row in rows:
                 handle.write(f"{row['mention']}\t{row['label']}\t{row['code']}\t{row['language']}\n")
     profile = load_profile()
-    service = terminology_for(profile, "auto")
+    service = terminology_for(profile, "auto", queries=args.queries)
     assert service is not None
     report: dict[str, dict[str, object]] = {}
     chosen: dict[str, dict[str, float]] = {}
@@ -122,13 +124,17 @@ def main() -> int:
         }
         print(label, json.dumps(report[label]), file=sys.stderr)
     if args.write:
-        data = {
-            "min_score": chosen,
-            "chosen_on": "CodiEsp dev (benchmarks/calibrate_linker.py), written codes right >= "
-            f"{args.precision:.0%} of the time",
-            "report": report,
-        }
-        (LINKER_DIR / "thresholds.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        path = LINKER_DIR / "thresholds.json"
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        suffix = "" if args.queries == "distilled" else f"_{args.queries}"
+        data[f"min_score{suffix}"] = chosen
+        data["chosen_on"] = (
+            "CodiEsp dev (benchmarks/calibrate_linker.py), written codes right >= "
+            f"{args.precision:.0%} of the time; min_score for the distilled query encoder, min_score_full for the "
+            "full one"
+        )
+        data[f"report{suffix}"] = report
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         thresholds.cache_clear()
     print(json.dumps(report, indent=2))
     return 0

@@ -144,6 +144,11 @@ class Settings(BaseSettings):
     terminology_cache_dir: Path | None = Field(
         default=None, description="Where code-system embeddings are cached (default ~/.cache/fhir-ner/terminology)."
     )
+    terminology_queries: Literal["distilled", "full"] = Field(
+        default="distilled",
+        description="How the shipped linker encodes mentions: 'distilled' (four layers trained to imitate the full "
+        "encoder, about a quarter of its CPU) or 'full' (the twelve-layer encoder that embedded the index).",
+    )
     terminology_rerank: bool = Field(
         default=True,
         description="Re-rank the shipped linker's candidates with the weights fitted on CodiEsp dev "

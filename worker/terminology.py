@@ -302,6 +302,7 @@ class TextEncoder:
         self._tokenizer: Any = None
         self._revision: str | None = None
         self.encoded = 0  # strings encoded by this instance (tests check that caches are used)
+        self.prefix = QUERY_PREFIX  # put before every string (e5's convention; the distilled query encoder: none)
 
     @property
     def revision(self) -> str:
@@ -331,14 +332,14 @@ class TextEncoder:
         return model, tokenizer, resolved.revision
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """L2-normalised float32 embeddings of ``"query: " + text``, in the order given."""
+        """L2-normalised float32 embeddings of ``prefix + text`` (``"query: " + text``), in the order given."""
         import torch
 
         self._load()
         out = np.zeros((len(texts), 0), dtype=np.float32)
         if not texts:
             return out
-        prefixed = [QUERY_PREFIX + text for text in texts]
+        prefixed = [self.prefix + text for text in texts]
         lengths = [
             len(ids) for ids in self._tokenizer(prefixed, truncation=True, max_length=self.max_length)["input_ids"]
         ]
@@ -394,13 +395,16 @@ class TextEncoder:
 class EmbeddingStore:
     """Embeddings of groups of strings, on disk as float16 ``.npy`` plus a JSON note of encoder and count."""
 
-    def __init__(self, root: Path, encoder: TextEncoder, shipped: Any = None) -> None:
+    def __init__(
+        self, root: Path, encoder: TextEncoder, shipped: Any = None, queries: TextEncoder | None = None
+    ) -> None:
         self.root = root
-        self.encoder = encoder
+        self.encoder = encoder  # embeds the code systems' strings
+        self.queries = queries or encoder  # embeds mentions: the same encoder, or one distilled from it
         self.shipped = shipped  # a worker.linker.ShippedIndex: prebuilt groups, read before the disk cache
 
     def _path(self, group: str, texts: Sequence[str]) -> Path:
-        recipe = f"{self.encoder.spec}|prefix={QUERY_PREFIX}|max_length={self.encoder.max_length}|pool=mean"
+        recipe = f"{self.encoder.spec}|prefix={self.encoder.prefix}|max_length={self.encoder.max_length}|pool=mean"
         digest = hashlib.sha256(recipe.encode())
         for text in texts:
             digest.update(b"\x00" + text.encode("utf-8"))
@@ -907,9 +911,7 @@ class TerminologyService:
                     for answer in index.nearest_detail(matrix, prefixes, index.reranker.top, categories, scope)
                 ]
             else:
-                answers = [
-                    (answer, {}) for answer in index.nearest(matrix, prefixes, self.limit, categories, scope)
-                ]
+                answers = [(answer, {}) for answer in index.nearest(matrix, prefixes, self.limit, categories, scope)]
             if encode is None:  # answers from a caller's vectors are not the service's to remember
                 with self._lock:
                     for (_, key, _, _), answer in zip(members, answers, strict=True):
@@ -944,7 +946,7 @@ class TerminologyService:
             found = {text: self._query_cache[text] for text in texts if text in self._query_cache}
         missing = [text for text in texts if text not in found]
         if missing:
-            fresh = dict(zip(missing, self.store.encoder.encode(missing), strict=True))
+            fresh = dict(zip(missing, self.store.queries.encode(missing), strict=True))
             found.update(fresh)
             with self._lock:
                 self._query_cache.update(fresh)
@@ -1111,7 +1113,7 @@ class LinkerEncoder(TextEncoder):
         from worker.nlp.encoders import resolve_encoder
 
         resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
-        revision = f"{resolved.revision}+linker-{linker_weights_digest(self.folder)}"
+        revision = f"{resolved.revision}+linker-{linker_weights_digest(self.folder)}{self._revision_suffix()}"
         cpu = self.device in (None, "cpu")
         if cpu and self.runtime == "onnxruntime":
             try:
@@ -1132,11 +1134,39 @@ class LinkerEncoder(TextEncoder):
             model = _int8_except_ffn_output(model)
         return model, tokenizer, revision
 
+    def _revision_suffix(self) -> str:
+        return ""
+
     def _embed(self, batch: list[str]) -> np.ndarray:
         if not isinstance(self._model, _OnnxQueries):
             return super()._embed(batch)
         inputs = self._tokenizer(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
         return self._model(inputs["input_ids"].astype(np.int64), inputs["attention_mask"].astype(np.int64))
+
+
+class LinkerQueryEncoder(LinkerEncoder):
+    """The shipped linker's query encoder: four layers distilled from :class:`LinkerEncoder`
+    (``worker/linker/queries.safetensors``), trained to put a mention where the full encoder puts it among the
+    shipped index's rows (the index stays the full encoder's). No ``query: `` prefix. About a quarter of the full
+    encoder's CPU per mention, the same CodiEsp dev figures (README, "Cost"); it runs as the full encoder does
+    (the fused float32 ONNX Runtime graph on CPUs, under its own cache key).
+    """
+
+    def __init__(self, cache_dir: Path | None = None, folder: Path | None = None, runtime: str = "onnxruntime") -> None:
+        super().__init__(cache_dir, folder, runtime)
+        self.prefix = ""
+
+    def _torch_model(self) -> tuple[Any, Any]:
+        from worker.linker import apply_query_weights
+
+        model, tokenizer = super()._torch_model()
+        apply_query_weights(model, self.folder)
+        return model.eval(), tokenizer
+
+    def _revision_suffix(self) -> str:
+        from worker.linker import query_weights_digest
+
+        return f"+queries-{query_weights_digest(self.folder)}"
 
 
 def terminology_for(
@@ -1146,17 +1176,21 @@ def terminology_for(
     encoder: str = "multilingual-e5-small",
     encoder_cache_dir: Path | None = None,
     rerank: bool | None = None,
+    queries: str | None = None,
 ) -> TerminologyService | None:
     """The service for a profile: its own code systems (read now, so errors show at start-up) and the built-ins.
 
     ``rerank`` (None: the ``terminology_rerank`` setting, on by default): the shipped linker's candidates are
-    re-ranked (:mod:`worker.rerank`) with the weights of ``worker/linker/rerank.json``."""
+    re-ranked (:mod:`worker.rerank`) with the weights of ``worker/linker/rerank.json``. ``queries`` (None: the
+    ``terminology_queries`` setting): ``distilled`` encodes mentions with the shipped distilled query encoder
+    (:class:`LinkerQueryEncoder`), ``full`` with the encoder that embedded the index; each has its thresholds."""
     if mode == "off":
         return None
     from worker.linker import (
         LINKER_ENCODER,
         coded_counts,
         load_icd10pcs,
+        query_config,
         rerank_weights,
         shipped_index,
         shipped_linker_available,
@@ -1175,13 +1209,22 @@ def terminology_for(
     if mode in ("auto", "embedding"):
         root = cache_root or default_cache_root()
         if encoder in (LINKER_ENCODER, "multilingual-e5-small") and shipped_linker_available():
-            # The default: the shipped fine-tuned linker, its prebuilt index and its calibrated thresholds.
-            store = EmbeddingStore(root, LinkerEncoder(encoder_cache_dir), shipped=shipped_index())
-            calibrated = thresholds()
-            if rerank is None:
-                from core.settings import get_settings
+            # The default: the shipped fine-tuned linker, its prebuilt index, its distilled query encoder and the
+            # thresholds calibrated with it.
+            from core.settings import get_settings
 
-                rerank = get_settings().terminology_rerank
+            settings = get_settings()
+            queries = queries or settings.terminology_queries
+            if queries not in ("distilled", "full"):
+                raise TerminologyError(f"unknown query encoder {queries!r} (expected distilled or full)")
+            if queries == "distilled" and query_config() is None:
+                logger.warning("linker: no distilled query encoder in worker/linker/; mentions use the full encoder")
+                queries = "full"
+            distilled = LinkerQueryEncoder(encoder_cache_dir) if queries == "distilled" else None
+            store = EmbeddingStore(root, LinkerEncoder(encoder_cache_dir), shipped=shipped_index(), queries=distilled)
+            calibrated = thresholds(queries=queries)
+            if rerank is None:
+                rerank = settings.terminology_rerank
             weights = rerank_weights() if rerank else {}
         else:
             store = EmbeddingStore(root, TextEncoder(encoder, encoder_cache_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,11 +10,12 @@ import numpy as np
 import pytest
 
 from mappings.profile import load_profile
-from mappings.terminology import CodeRequest, normalise
+from mappings.terminology import CodeRequest, TerminologyError, normalise
 from worker.coding import code_mentions
 from worker.linker import (
     LINKER_DIR,
     ShippedIndex,
+    apply_query_weights,
     embedded_icd_codes,
     load_icd10pcs,
     quantise,
@@ -24,7 +26,7 @@ from worker.linker import (
     thresholds,
     translated_terms,
 )
-from worker.terminology import TerminologyService, terminology_for
+from worker.terminology import LinkerQueryEncoder, TerminologyService, terminology_for
 
 TRANSLATION_LANGUAGES = ("en", "it", "nl", "ro", "sv", "cs")  # the six besides Spanish that the project serves
 
@@ -47,11 +49,15 @@ def first(service: TerminologyService, text: str, label: str, language: str) -> 
 
 def test_the_shipped_artefacts_are_small_and_complete() -> None:
     sizes = {p.name: p.stat().st_size for p in LINKER_DIR.iterdir() if p.is_file()}
-    assert {"model.safetensors", "linker.json", "index.npz", "synonyms.tsv", "pcs.tsv", "thresholds.json"} <= set(sizes)
-    # 40 MiB with the names in six more languages (index.npz 24 MiB); a bound, so that growth is a decision.
-    assert sum(sizes.values()) < 42 * 2**20
-    calibrated = thresholds()
-    assert set(calibrated["icd-10-cm"]) == {"DISEASE", "SYMPTOM"} and set(calibrated["icd-10-pcs"]) == {"PROCEDURE"}
+    shipped = {"model.safetensors", "queries.safetensors", "linker.json", "index.npz", "synonyms.tsv", "pcs.tsv"}
+    assert shipped | {"thresholds.json"} <= set(sizes)
+    # 40 MiB with the names in six more languages (index.npz 24 MiB), 54 MiB with the distilled query encoder
+    # (14 MiB: four layers in float16); a bound, so that growth is a decision.
+    assert sum(sizes.values()) < 56 * 2**20
+    for queries in ("distilled", "full"):
+        calibrated = thresholds(queries=queries)
+        assert set(calibrated["icd-10-cm"]) == {"DISEASE", "SYMPTOM"}
+        assert set(calibrated["icd-10-pcs"]) == {"PROCEDURE"}
     assert all(system in {"icd-10-cm", "icd-10-pcs"} for system, *_ in read_synonyms())
 
 
@@ -60,14 +66,59 @@ def test_a_fresh_install_codes_without_embedding_the_code_systems(service: Termi
         index = service.index(name)
         assert index.matrix is not None
         assert index.matrix.nbytes < 300 * 2**20
-    assert service.store is not None and service.store.encoder.encoded == 0  # nothing embedded but queries
+    store = service.store
+    assert store is not None and store.encoder.encoded == store.queries.encoded == 0  # nothing embedded
     assert first(service, "neumonía", "DISEASE", "es") == "J18.9"  # a shipped Spanish synonym: no encoding
     # The exact match's other candidates are its term's nearest neighbours, still without encoding.
     (pneumonia,) = code_mentions(["neumonía"], "DISEASE", "es", 5, load_profile(), service)
     assert len(pneumonia.candidates) == 5 and len(set(pneumonia.ranked_codes())) == 5
-    assert service.store.encoder.encoded == 0
+    assert store.queries.encoded == 0
     first(service, "fibrillazione atriale parossistica di recente insorgenza", "DISEASE", "it")  # no shipped name
-    assert service.store.encoder.encoded == 1  # only the query
+    assert store.queries.encoded == 1  # only the query, by the distilled query encoder
+    assert store.encoder.encoded == 0 and store.queries is not store.encoder
+
+
+def test_mentions_are_encoded_by_the_distilled_query_encoder(service: TerminologyService) -> None:
+    """The worker encodes mentions with four layers distilled from the encoder that embedded the index: near that
+    encoder's vectors, without the ``query: `` prefix, and under its own revision (its own ONNX graph)."""
+    store = service.store
+    assert store is not None and isinstance(store.queries, LinkerQueryEncoder) and store.queries.prefix == ""
+    assert store.encoder.prefix == "query: " and store.queries.revision.startswith(store.encoder.revision + "+queries-")
+    texts = [
+        "dolor torácico opresivo irradiado al brazo izquierdo",
+        "insuficiencia renal crónica agudizada",
+        "acute exacerbation of chronic obstructive pulmonary disease",
+        "fibrillazione atriale parossistica",
+        "hartfalen met verminderde ejectiefractie",
+        "insuficiență cardiacă congestivă",
+        "cukrovka druhého typu",
+    ]
+    distilled, full = store.queries.encode(texts), store.encoder.encode(texts)
+    assert (distilled * full).sum(axis=1).min() > 0.85  # 0.89-0.95: it learnt the neighbourhood, not the point
+    # Its nearest names are the full encoder's: the first code of each, without text matching or re-ranking.
+    index = service.index("icd-10-cm")
+    assert [c[0].code for c in index.nearest(distilled, limit=1)] == [c[0].code for c in index.nearest(full, limit=1)]
+
+
+def test_the_queries_setting_picks_the_encoder_and_its_thresholds(tmp_path: Path) -> None:
+    full = terminology_for(load_profile(), "auto", cache_root=tmp_path, queries="full")
+    assert full is not None and full.store is not None and full.store.queries is full.store.encoder
+    assert full.calibrated == thresholds(queries="full") != thresholds(queries="distilled")
+    with pytest.raises(TerminologyError, match="unknown query encoder"):
+        terminology_for(load_profile(), "auto", cache_root=tmp_path, queries="tiny")
+
+
+def test_query_weights_for_another_layout_are_refused(tiny_encoder: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    (tmp_path / "queries.safetensors").write_bytes((LINKER_DIR / "queries.safetensors").read_bytes())
+    (tmp_path / "linker.json").write_text(json.dumps({"queries": {"layers": [0, 1]}}))
+    model = AutoModel.from_pretrained(str(tiny_encoder), add_pooling_layer=False)
+    with pytest.raises(ValueError, match="another layout"):
+        apply_query_weights(model, tmp_path)
+    (tmp_path / "linker.json").write_text(json.dumps({}))
+    with pytest.raises(ValueError, match="no distilled query encoder"):
+        apply_query_weights(model, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -201,7 +252,7 @@ def test_the_shipped_index_holds_the_translated_names(service: TerminologyServic
     assert service.store is not None
     for name in ("icd-10-cm", "icd-10-pcs"):
         assert "translation" in service.index(name).groups
-    encoded = service.store.encoder.encoded
+    encoded = service.store.queries.encoded
     assert first(service, "förmaksflimmer", "DISEASE", "sv") == "I48.91"
     assert first(service, "srdeční selhání", "DISEASE", "cs") == "I50.9"
-    assert service.store.encoder.encoded == encoded  # text matches: their neighbours come from the shipped vectors
+    assert service.store.queries.encoded == encoded  # text matches: their neighbours come from the shipped vectors

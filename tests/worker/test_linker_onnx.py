@@ -1,4 +1,5 @@
-"""The linker's query encoder in ONNX Runtime: same vectors and codes as PyTorch, built once, PyTorch as fallback."""
+"""The linker's query encoders (the full one and the distilled one the worker runs) in ONNX Runtime: same vectors
+and codes as PyTorch, built once, PyTorch as fallback."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from mappings.profile import load_profile
 from mappings.terminology import code_request
 from worker.linker import shipped_linker_available
-from worker.terminology import LinkerEncoder, _OnnxQueries, linker_onnx_path, terminology_for
+from worker.terminology import LinkerEncoder, LinkerQueryEncoder, _OnnxQueries, linker_onnx_path, terminology_for
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.skipif(not shipped_linker_available(), reason="worker/linker/ has no trained linker")
@@ -47,18 +48,26 @@ CHECK_SET = [
 ]
 
 
+ENCODERS: dict[str, type[LinkerEncoder]] = {"full": LinkerEncoder, "distilled": LinkerQueryEncoder}
+
+
+@pytest.fixture(scope="module", params=sorted(ENCODERS))
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def onnx_encoder() -> LinkerEncoder:
+def onnx_encoder(kind: str) -> LinkerEncoder:
     # The default cache, as in production: the graph is built there once per machine (about a minute).
-    encoder = LinkerEncoder()
+    encoder = ENCODERS[kind]()
     encoder.encode(["warm-up"])
     assert isinstance(encoder._model, _OnnxQueries)
     return encoder
 
 
 @pytest.fixture(scope="module")
-def float32_encoder() -> LinkerEncoder:
-    return LinkerEncoder(runtime="torch")
+def float32_encoder(kind: str) -> LinkerEncoder:
+    return ENCODERS[kind](runtime="torch")
 
 
 def test_onnx_query_vectors_agree_with_the_float32_path(

@@ -119,13 +119,13 @@ def first_codes(service: TerminologyService, texts: list[str], label: str = "DIS
 def test_the_shipped_reranker_corrects_codiesp_dev_mentions(
     services: tuple[TerminologyService, TerminologyService],
 ) -> None:
-    # CodiEsp dev's gold, which the search alone ranks second or lower: an old myocardial infarction (I25.2, not the
-    # acute STEMI I21.3), heart failure (I50.9, not a congenital heart malformation Q24.9), a cutaneous melanoma
-    # (C43.9, not a neoplasm of unspecified behaviour D49.2).
+    # CodiEsp dev's gold, which the search alone ranks second or lower: heart failure (I50.9, not a congenital heart
+    # malformation Q24.9), pulmonary emphysema (J43.9, not interstitial lung disease J84.10), cervical cancer (C53.9,
+    # not carcinoma in situ D06.9).
     on, off = services
-    texts = ["infarto agudo de miocardio antiguo", "fallo cardíaco", "melanoma cutáneo"]
-    assert first_codes(on, texts) == ["I25.2", "I50.9", "C43.9"]
-    assert all(a != b for a, b in zip(first_codes(off, texts), ["I25.2", "I50.9", "C43.9"], strict=True))
+    texts = ["fallo cardíaco", "enfisema pulmonar", "cáncer de cervix"]
+    assert first_codes(on, texts) == ["I50.9", "J43.9", "C53.9"]
+    assert all(a != b for a, b in zip(first_codes(off, texts), ["I50.9", "J43.9", "C53.9"], strict=True))
 
 
 @shipped
