@@ -1108,12 +1108,26 @@ class LinkerEncoder(TextEncoder):
         apply_linker_weights(model, self.folder)
         return model.eval(), tokenizer
 
-    def _build(self) -> tuple[Any, Any, str]:
+    @property
+    def revision(self) -> str:
+        """The weights' revision, without loading them: the worker reads the shipped index by the full linker's
+        revision, and with the distilled query encoder it never needs the full linker's model."""
+        if self._revision is None:
+            self._revision = self._weights_revision()
+        return self._revision
+
+    def _weights_revision(self) -> str:
         from worker.linker import linker_weights_digest
         from worker.nlp.encoders import resolve_encoder
 
         resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
-        revision = f"{resolved.revision}+linker-{linker_weights_digest(self.folder)}{self._revision_suffix()}"
+        return f"{resolved.revision}+linker-{linker_weights_digest(self.folder)}{self._revision_suffix()}"
+
+    def _build(self) -> tuple[Any, Any, str]:
+        from worker.nlp.encoders import resolve_encoder
+
+        resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
+        revision = self._weights_revision()
         cpu = self.device in (None, "cpu")
         if cpu and self.runtime == "onnxruntime":
             try:

@@ -76,6 +76,8 @@ def test_a_fresh_install_codes_without_embedding_the_code_systems(service: Termi
     first(service, "fibrillazione atriale parossistica di recente insorgenza", "DISEASE", "it")  # no shipped name
     assert store.queries.encoded == 1  # only the query, by the distilled query encoder
     assert store.encoder.encoded == 0 and store.queries is not store.encoder
+    # The full linker's model is never loaded: the index is found by its revision, the weights' digest.
+    assert store.encoder._model is None
 
 
 def test_mentions_are_encoded_by_the_distilled_query_encoder(service: TerminologyService) -> None:
