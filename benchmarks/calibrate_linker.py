@@ -68,17 +68,18 @@ def measure(points: list[tuple[float, bool]], threshold: float, n: int) -> dict[
 
 
 def main() -> int:
+    from worker.linker import LINKER_DIR, QUERY_ENCODERS, threshold_keys, thresholds
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "es" / "codiesp")
     parser.add_argument("--precision", type=float, default=0.9)
     parser.add_argument("--gold-out", type=Path, default=None)
-    parser.add_argument("--queries", choices=("distilled", "full"), default="distilled")
+    parser.add_argument("--queries", choices=QUERY_ENCODERS, default="distilled")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
 
     from mappings.profile import load_profile
     from worker.coding import code_mentions
-    from worker.linker import LINKER_DIR, thresholds
     from worker.terminology import terminology_for
 
     rows = gold_rows(args.data)
@@ -126,14 +127,14 @@ def main() -> int:
     if args.write:
         path = LINKER_DIR / "thresholds.json"
         data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        suffix = "" if args.queries == "distilled" else f"_{args.queries}"
-        data[f"min_score{suffix}"] = chosen
+        scores_key, report_key = threshold_keys(args.queries)
+        data[scores_key] = chosen
         data["chosen_on"] = (
             "CodiEsp dev (benchmarks/calibrate_linker.py), written codes right >= "
             f"{args.precision:.0%} of the time; min_score for the distilled query encoder, min_score_full for the "
             "full one"
         )
-        data[f"report{suffix}"] = report
+        data[report_key] = report
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         thresholds.cache_clear()
     print(json.dumps(report, indent=2))

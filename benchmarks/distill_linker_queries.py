@@ -59,11 +59,10 @@ def training_mentions(data: Path) -> list[str]:
 
 
 def student_from(teacher, layers: list[int]):  # type: ignore[no-untyped-def]
-    import torch
+    """A copy of ``teacher`` with only ``layers`` (the query encoder's shape), its embeddings frozen."""
+    from worker.linker import keep_layers
 
-    student = copy.deepcopy(teacher)
-    student.encoder.layer = torch.nn.ModuleList([copy.deepcopy(teacher.encoder.layer[i]) for i in layers])
-    student.config.num_hidden_layers = len(layers)
+    student = keep_layers(copy.deepcopy(teacher), layers)
     for parameter in student.embeddings.parameters():
         parameter.requires_grad = False
     return student

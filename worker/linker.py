@@ -45,6 +45,7 @@ logger = logging.getLogger("fhir_ner.terminology")
 LINKER_DIR = Path(__file__).resolve().parent / "linker"
 LINKER_ENCODER = "linker"  # FHIR_NER_TERMINOLOGY_ENCODER value that selects the shipped encoder (the default)
 SYSTEM_OF_LABEL = {"DIAGNOSTICO": "icd-10-cm", "PROCEDIMIENTO": "icd-10-pcs"}
+QUERY_ENCODERS = ("distilled", "full")  # how mentions are encoded (FHIR_NER_TERMINOLOGY_QUERIES); each has thresholds
 
 
 def linker_file(name: str, folder: Path | None = None) -> Path:
@@ -243,6 +244,23 @@ def query_weights_digest(folder: Path | None = None) -> str:
     return _weights_digest(linker_file("queries.safetensors", folder))
 
 
+def keep_layers(model: Any, layers: Sequence[int]) -> Any:
+    """``model`` (an e5-small) with only its transformer layers ``layers``, in that order: the distilled query
+    encoder's shape (``benchmarks/distill_linker_queries.py`` starts from it, :func:`apply_query_weights` loads
+    into it)."""
+    import torch
+
+    model.encoder.layer = torch.nn.ModuleList([model.encoder.layer[i] for i in layers])
+    model.config.num_hidden_layers = len(layers)
+    return model
+
+
+def threshold_keys(queries: str) -> tuple[str, str]:
+    """The keys of ``thresholds.json`` that hold ``queries``' thresholds and their report."""
+    suffix = "" if queries == "distilled" else f"_{queries}"
+    return f"min_score{suffix}", f"report{suffix}"
+
+
 def apply_query_weights(model: Any, folder: Path | None = None) -> str:
     """Make the linker ``model`` (e5-small with :func:`apply_linker_weights`) into its distilled query encoder:
     only the layers ``queries.layers`` of ``linker.json``, in that order, with the weights of
@@ -253,9 +271,7 @@ def apply_query_weights(model: Any, folder: Path | None = None) -> str:
     config = query_config(folder)
     if config is None:
         raise ValueError(f"no distilled query encoder in {linker_file('linker.json', folder).parent}")
-    layers = [int(i) for i in config["layers"]]
-    model.encoder.layer = torch.nn.ModuleList([model.encoder.layer[i] for i in layers])
-    model.config.num_hidden_layers = len(layers)
+    keep_layers(model, [int(i) for i in config["layers"]])
     path = linker_file("queries.safetensors", folder)
     state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
     expected = {k for k in model.state_dict() if k.startswith("encoder.layer.")}
@@ -332,7 +348,7 @@ def thresholds(folder: Path | None = None, queries: str = "distilled") -> dict[s
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    found = data.get("min_score" if queries == "distilled" else f"min_score_{queries}", {})
+    found = data.get(threshold_keys(queries)[0], {})
     return {system: {label: float(v) for label, v in labels.items()} for system, labels in found.items()}
 
 

@@ -112,7 +112,6 @@ class NgramIdf:
             self._norms[row] = math.sqrt(sum((c * self.idf[g]) ** 2 for g, c in grams.items())) or 1.0
             self._starts[row + 1] = end
             at = end
-        self._dense = np.zeros(len(self.idf), dtype=np.float64)  # a mention's weights, set and cleared per call
         self._vectors: dict[str, tuple[dict[str, float], float]] = {}
         self._cache = cache
 
@@ -136,31 +135,25 @@ class NgramIdf:
         rows = [self._row.get(term, -1) for term in terms]
         # A string without n-grams (empty) shares none with the mention: cosine 0, as cosine() gives.
         known = [row for row in rows if row >= 0 and self._starts[row + 1] > self._starts[row]]
-        out = [0.0] * len(terms)
+        value: dict[int, float] = {}
         if known:
             weights, norm = self.vector(mention)
-            columns = [self._column[g] for g in weights if g in self._column]
-            dense = self._dense
-            dense[columns] = [weights[g] for g in weights if g in self._column]
-            try:
-                starts, ends = self._starts[known], self._starts[np.asarray(known) + 1]
-                spans = [slice(int(s), int(e)) for s, e in zip(starts, ends, strict=True)]
-                picked = np.concatenate([self._columns[span] for span in spans])
-                counts = np.concatenate([self._counts[span] for span in spans])
-                products = dense[picked] * (counts * self._idf[picked])
-                offsets = np.concatenate([[0], np.cumsum(ends - starts)[:-1]])
-                values = np.add.reduceat(products, offsets) / (norm * self._norms[known])
-            finally:
-                dense[columns] = 0.0
+            dense = np.zeros(len(self._idf), dtype=np.float64)  # the mention's weights; per call: threads share none
+            for gram, weight in weights.items():
+                if gram in self._column:
+                    dense[self._column[gram]] = weight
+            starts, ends = self._starts[known], self._starts[np.asarray(known) + 1]
+            spans = [slice(int(s), int(e)) for s, e in zip(starts, ends, strict=True)]
+            picked = np.concatenate([self._columns[span] for span in spans])
+            counts = np.concatenate([self._counts[span] for span in spans])
+            products = dense[picked] * (counts * self._idf[picked])
+            offsets = np.concatenate([[0], np.cumsum(ends - starts)[:-1]])
+            values = np.add.reduceat(products, offsets) / (norm * self._norms[known])
             value = dict(zip(known, values.tolist(), strict=True))
-            for position, row in enumerate(rows):
-                if row >= 0:
-                    out[position] = value.get(row, 0.0)
-        for position, row in enumerate(rows):
-            if row < 0:
-                out[position] = self.cosine(mention, terms[position])
-        return out
-
+        return [
+            value.get(row, 0.0) if row >= 0 else self.cosine(mention, term)
+            for row, term in zip(rows, terms, strict=True)
+        ]
 
 def features(mention: str, candidates: Sequence[Scored], seen: Mapping[str, int], idf: NgramIdf) -> list[list[float]]:
     """One row of :data:`FEATURES` per candidate (``mention`` normalised, candidates in their search order)."""
@@ -175,13 +168,13 @@ def features(mention: str, candidates: Sequence[Scored], seen: Mapping[str, int]
         mass[category] = mass.get(category, 0.0) + math.exp(_MASS_SHARPNESS * (candidate.score - best))
     total = sum(mass.values()) or 1.0
     strings = [c.detail.terms if c.detail and c.detail.terms else (c.display,) for c in candidates]
-    flat = idf.cosines(mention, [term for terms in strings for term in terms])
+    flat = iter(idf.cosines(mention, [term for terms in strings for term in terms]))
     rows = []
     for candidate, terms in zip(candidates, strings, strict=True):
         detail = candidate.detail
         scores = detail.scores if detail else ()
         nn = scores[0] if scores else candidate.score
-        cosines, flat = flat[: len(terms)], flat[len(terms) :]
+        cosines = [next(flat) for _ in terms]
         first = set(terms[0].split())
         rows.append(
             [

@@ -1127,7 +1127,7 @@ class LinkerEncoder(TextEncoder):
         from worker.nlp.encoders import resolve_encoder
 
         resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
-        revision = self._weights_revision()
+        revision = self.revision  # the weights' digests, read once
         cpu = self.device in (None, "cpu")
         if cpu and self.runtime == "onnxruntime":
             try:
@@ -1202,6 +1202,7 @@ def terminology_for(
         return None
     from worker.linker import (
         LINKER_ENCODER,
+        QUERY_ENCODERS,
         coded_counts,
         load_icd10pcs,
         query_config,
@@ -1229,8 +1230,8 @@ def terminology_for(
 
             settings = get_settings()
             queries = queries or settings.terminology_queries
-            if queries not in ("distilled", "full"):
-                raise TerminologyError(f"unknown query encoder {queries!r} (expected distilled or full)")
+            if queries not in QUERY_ENCODERS:
+                raise TerminologyError(f"unknown query encoder {queries!r} (expected {' or '.join(QUERY_ENCODERS)})")
             if queries == "distilled" and query_config() is None:
                 logger.warning("linker: no distilled query encoder in worker/linker/; mentions use the full encoder")
                 queries = "full"
