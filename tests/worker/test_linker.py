@@ -248,6 +248,63 @@ def test_a_translated_name_is_matched_as_text_only_in_its_language(service: Term
     rows, blocks = index._rows((), False, "es")
     assert rows is not None and not (index._translated[rows] != "").any()
     assert len(blocks) == 1 and np.shares_memory(blocks[0], index.matrix)
+    # The int8 rows of the two-pass search are views too.
+    assert index.coarse is not None
+    for language in ("es", *TRANSLATION_LANGUAGES):
+        key = ("categories=False", f"scope={language}")
+        index._rows((), False, language)
+        assert all(np.shares_memory(block, index.coarse[0]) for block in index._coarse_subsets[key][0])
+
+
+def test_the_two_pass_search_finds_the_float32_searchs_rows(
+    service: TerminologyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The int8 first pass over ICD-10-CM picks rows whose float32 cosines give the one-pass answer: the same rows
+    in the same order, the same scores up to float32 rounding, and the same codes for mentions of every language."""
+    import worker.terminology as terminology
+
+    index = service.index("icd-10-cm")
+    assert index.matrix is not None and index.coarse is not None and len(index.matrix) >= terminology.COARSE_MIN_ROWS
+    store = service.store
+    assert store is not None
+    first_passes: list[int] = []
+    coarse_scores = terminology._coarse_scores
+
+    def counted(*args: object) -> np.ndarray:
+        first_passes.append(1)
+        return coarse_scores(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(terminology, "_coarse_scores", counted)
+    mentions = [
+        ("dolor torácico opresivo irradiado al brazo izquierdo", "es"),
+        ("insuficiencia renal crónica agudizada", "es"),
+        ("acute exacerbation of chronic obstructive pulmonary disease", "en"),
+        ("fibrillazione atriale parossistica", "it"),
+        ("hartfalen met verminderde ejectiefractie", "nl"),
+        ("insuficiență cardiacă congestivă", "ro"),
+        ("förmaksflimmer", "sv"),
+        ("cukrovka druhého typu", "cs"),
+    ]
+    for text, language in mentions:
+        vectors = store.queries.encode([text])
+        two_pass = index._best(vectors, (), False, language, terminology.WIDE_NEIGHBOURS)
+        key = ("categories=False", f"scope={language}")
+        kept = index._coarse_subsets.pop(key)
+        try:
+            one_pass = index._best(vectors, (), False, language, terminology.WIDE_NEIGHBOURS)
+        finally:
+            index._coarse_subsets[key] = kept
+        assert len(first_passes) == 1  # the two-pass search ran once, the float32 one without it
+        first_passes.clear()
+        assert two_pass[1].shape == one_pass[1].shape == (1, terminology.WIDE_NEIGHBOURS)
+        np.testing.assert_allclose(two_pass[2], one_pass[2], atol=1e-5)
+        # Positions agree except where two rows tie to float32 rounding.
+        differ = two_pass[1] != one_pass[1]
+        assert differ.sum() <= 4 and np.allclose(two_pass[2][differ], one_pass[2][differ], atol=1e-5), text
+    # The int8 rows are the matrix's within half a step of their scale.
+    q, scale = index.coarse
+    assert q.dtype == np.int8 and scale.dtype == np.float32
+    assert np.abs(q[:500] * scale[:500, None] - index.matrix[:500]).max() <= scale[:500].max() / 2 + 1e-6
 
 
 def test_the_shipped_index_holds_the_translated_names(service: TerminologyService) -> None:

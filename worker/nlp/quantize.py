@@ -380,6 +380,28 @@ class OnnxRunner:
             logits[row, :length] = out[0]
         return torch.from_numpy(logits)
 
+    def run_rows(self, output: str, ids: Any, attention_mask: Any) -> list[Any]:
+        """``run`` for each row alone, without its padding (right-padded rows); the word-embedding rows of the
+        whole batch are read once."""
+        import numpy as np
+
+        table = index = None
+        if self.words is not None:
+            unique, inverse = np.unique(ids, return_inverse=True)
+            table, index = self.words.lookup(unique), inverse.reshape(ids.shape).astype(np.int64)
+        results = []
+        for row in range(len(ids)):
+            length = int(attention_mask[row].sum())
+            feed = {"attention_mask": attention_mask[row : row + 1, :length]}
+            if table is None:
+                feed["input_ids"] = ids[row : row + 1, :length]
+            else:
+                assert index is not None
+                feed[WORD_TABLE_INPUT] = table
+                feed[WORD_INDEX_INPUT] = index[row : row + 1, :length]
+            results.append(self.session.run([output], feed)[0][0])
+        return results
+
     def run(self, output: str, ids: Any, attention_mask: Any) -> Any:
         """The graph's ``output`` for a batch of token ids and its mask (int64 numpy arrays), as numpy."""
         import numpy as np
