@@ -48,6 +48,12 @@ def main() -> int:
     parser.add_argument("--notes", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "int8", "bf16"),
+        help="the tagger's (auto: as the worker runs it; bf16 on a CPU with AMX, fp32 elsewhere)",
+    )
+    parser.add_argument(
         "--warm",
         type=int,
         default=0,
@@ -70,7 +76,7 @@ def main() -> int:
     from worker.predict import load_pipeline
     from worker.terminology import terminology_for
 
-    pipeline = load_pipeline(None, 8, args.threads)
+    pipeline = load_pipeline(None, 8, args.threads, args.precision)
     detector = default_detector()
     model = ModelInfo(*pipeline.tagger.model_info())
     profile = load_profile()
@@ -113,6 +119,7 @@ def main() -> int:
         "load_average_1min": round(os.getloadavg()[0], 2),  # other processes share the CPU: say how busy it was
         "notes": notes,
         "warm_notes": args.warm,
+        "tagger_precision": pipeline.precision,
         "coded_mentions_per_note": round(mentions / notes, 1),
         "tagging_cpu_s_per_note": round(tag_cpu / notes, 3),
         "assertion_cpu_s_per_note": round(assert_cpu / notes, 3),

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/eval_languages.py --checkpoint worker/models/default
     .venv/bin/python benchmarks/eval_languages.py --checkpoint CKPT --only short   # the 56 sentences only
+    .venv/bin/python benchmarks/eval_languages.py --checkpoint CKPT --record-bf16 yes  # bf16 against fp32, recorded
 
 * **short**: ``benchmarks/short_notes/sentences.tsv`` (56 one-sentence notes, 8 per language, each with the
   mention that matters). A sentence counts as found when a predicted span overlaps its target mention
@@ -145,6 +146,40 @@ def validation(
     return out
 
 
+def bf16_record(fp32: dict[str, Any], bf16: dict[str, Any], checkpoint: Path, auto: bool) -> dict[str, Any]:
+    """``extra.bf16``: per validation set, fp32's and bf16's strict and overlap F1 at the checkpoint's threshold;
+    ``meets_bar`` when bf16 is within :data:`worker.nlp.quantize.ACCURACY_BAR` of fp32 on both, in every set."""
+    import platform
+
+    import torch
+
+    from worker.nlp import quantize
+
+    by_language: dict[str, Any] = {}
+    for name, scores in fp32.items():
+        if not isinstance(scores, dict) or "threshold" not in scores:
+            continue
+        mine = {k: scores["threshold"][k] for k in ("strict_f1", "overlap_f1")}
+        theirs = {k: bf16[name]["threshold"][k] for k in ("strict_f1", "overlap_f1")}
+        delta = {k: round(theirs[k] - mine[k], 4) for k in mine}
+        by_language[name[:2]] = {"fp32": mine, "bf16": theirs, "delta": delta}
+    meets = bool(by_language) and all(
+        min(entry["delta"].values()) >= -quantize.ACCURACY_BAR for entry in by_language.values()
+    )
+    return {
+        "method": "torch-autocast-bf16",
+        "validation": "benchmarks/eval_languages.py --only val: the translated validation excerpts of six languages "
+        "and, where the Spanish corpora are beside the checkout, the 108 Spanish validation notes",
+        "by_language": by_language,
+        "bar": quantize.ACCURACY_BAR,
+        "meets_bar": meets,
+        "auto": auto,
+        "weights_sha256": quantize.weights_digest(checkpoint),
+        "torch": torch.__version__,
+        "measured_on": {"machine": platform.machine(), "amx": quantize.cpu_has_bf16_matrix_units()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -162,6 +197,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--no-edge-rules", action="store_true", help="the model's raw spans, without the span-edge rules (issue 15)"
+    )
+    parser.add_argument(
+        "--record-bf16",
+        choices=("yes", "no"),
+        default=None,
+        help="score the validation sets in fp32 and in bf16 and record the comparison in the checkpoint "
+        "(extra.bf16); yes: `--precision auto` may then run bf16 on CPUs with AMX when it met the bar",
     )
     parser.add_argument(
         "--window-lead",
@@ -186,6 +228,21 @@ def main() -> None:
         tagger.config.min_span_score = args.min_span_score
     result["model_revision"] = tagger.config.model_revision
     result["min_span_score"] = tagger.config.min_span_score
+    if args.record_bf16 is not None:
+        from worker.nlp.quantize import BF16_RECORD_KEY
+        from worker.nlp.tagger import CONFIG_FILE
+
+        scored = {
+            precision: validation(args.checkpoint, tagger.config.min_span_score, precision=precision)
+            for precision in ("fp32", "bf16")
+        }
+        record = bf16_record(scored["fp32"], scored["bf16"], args.checkpoint, args.record_bf16 == "yes")
+        config_file = args.checkpoint / CONFIG_FILE
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config.setdefault("extra", {})[BF16_RECORD_KEY] = record
+        config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        print(json.dumps(record, indent=1))
+        return
     if args.only in (None, "val"):
         result["validation"] = validation(
             args.checkpoint,

@@ -536,6 +536,29 @@ def int8_validated(tagger: Any) -> bool:
     return bool(record.get("weights_sha256") == weights_digest(Path(tagger.source)))
 
 
+# bf16 on CPUs: tagger_config.json's extra.bf16 records how PyTorch's bf16 autocast scored against fp32 on the
+# validation sets of every language (benchmarks/eval_languages.py --record-bf16).
+BF16_RECORD_KEY = "bf16"
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where PyTorch's bf16 matrix products run on
+    them (oneDNN): the tagger measured 2.15x the HF pipeline's fp32 there. Elsewhere bf16 is emulated and slower
+    than fp32, so ``auto`` never picks it."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch without the probe
+        return False
+
+
+def bf16_validated(tagger: Any) -> bool:
+    """True when the checkpoint records that bf16 met the accuracy bar in every language, for these very weights."""
+    record = tagger.config.extra.get(BF16_RECORD_KEY)
+    if not isinstance(record, dict) or not record.get("meets_bar") or not record.get("auto", True):
+        return False
+    return tagger.source is not None and record.get("weights_sha256") == weights_digest(Path(tagger.source))
+
+
 def recipe(tagger: Any) -> dict[str, Any]:
     """How the int8 graph is built: the record's choice, else static when calibration windows are there."""
     record = int8_record(tagger) or {}

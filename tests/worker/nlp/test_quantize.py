@@ -237,6 +237,60 @@ def test_auto_runs_int8_on_cpu_only_when_this_checkpoint_was_validated(
         TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), precision="int4")
 
 
+def test_auto_runs_bf16_on_a_cpu_with_amx_only_when_this_checkpoint_validated_it(
+    tiny_tagger_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_tagger_path, checkpoint)
+    digest = quantize.weights_digest(checkpoint)
+
+    def record(key: str, **fields: object) -> None:
+        config = json.loads((checkpoint / "tagger_config.json").read_text())
+        config["extra"][key] = fields
+        (checkpoint / "tagger_config.json").write_text(json.dumps(config))
+
+    def auto() -> str:
+        return TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu").precision
+
+    monkeypatch.setattr(quantize, "cpu_has_bf16_matrix_units", lambda: True)
+    assert auto() == "fp32"  # no record
+    record(quantize.BF16_RECORD_KEY, meets_bar=True, weights_sha256=digest)
+    assert auto() == "bf16"
+    # bf16 finds what fp32 finds on the trained tiny tagger, with the same offsets.
+    pipeline = TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu")
+    fp32 = TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu", precision="fp32")
+    assert pipeline.precision == "bf16" and spans_of(pipeline, SAMPLE_NOTES) == spans_of(fp32, SAMPLE_NOTES)
+    monkeypatch.setattr(quantize, "cpu_has_bf16_matrix_units", lambda: False)
+    assert auto() == "fp32"  # without AMX bf16 is emulated, slower than fp32
+    monkeypatch.setattr(quantize, "cpu_has_bf16_matrix_units", lambda: True)
+    record(quantize.BF16_RECORD_KEY, meets_bar=False, weights_sha256=digest)  # missed the bar somewhere
+    assert auto() == "fp32"
+    record(quantize.BF16_RECORD_KEY, meets_bar=True, weights_sha256=digest, auto=False)  # opted out of auto
+    assert auto() == "fp32"
+    record(quantize.BF16_RECORD_KEY, meets_bar=True, weights_sha256="0" * 64)  # another checkpoint's record
+    assert auto() == "fp32"
+    # A validated int8 model comes first (it is the smaller one).
+    record(quantize.BF16_RECORD_KEY, meets_bar=True, weights_sha256=digest)
+    record(quantize.RECORD_KEY, meets_bar=True, weights_sha256=digest)
+    monkeypatch.setattr(quantize, "int8_validated", lambda tagger: True)
+    assert auto() == "int8"
+
+
+def test_the_default_checkpoint_records_bf16_within_the_bar_in_every_language() -> None:
+    from worker.runtime import default_model_path
+
+    checkpoint = default_model_path()
+    assert checkpoint is not None
+    tagger = ClinicalTagger.from_pretrained(checkpoint)
+    record = tagger.config.extra[quantize.BF16_RECORD_KEY]
+    assert set(record["by_language"]) >= {"en", "it", "nl", "ro", "sv", "cs"}
+    for scores in record["by_language"].values():
+        assert min(scores["delta"].values()) >= -record["bar"]
+        for key in ("strict_f1", "overlap_f1"):
+            assert scores["delta"][key] == pytest.approx(scores["bf16"][key] - scores["fp32"][key], abs=1e-4)
+    assert record["meets_bar"] and quantize.bf16_validated(tagger)
+
+
 def test_smoothing_moves_outliers_into_the_weights_without_changing_the_function(tiny_tagger_path: Path) -> None:
     tagger = ClinicalTagger.from_pretrained(tiny_tagger_path)
     ids = torch.tensor([tagger.tokenizer(SAMPLE_NOTES[0])["input_ids"]])
