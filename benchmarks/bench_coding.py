@@ -1,6 +1,7 @@
 """What coding adds to a note: CPU time of coding a note's mentions next to tagging it, and the index's memory.
 
-    .venv/bin/python benchmarks/bench_coding.py [--notes 30] [--threads 2] [--warm N] [--data DIR_OF_TXT]
+    .venv/bin/python benchmarks/bench_coding.py [--notes 30] [--threads 2] [--warm N] [--precision auto]
+        [--data DIR_OF_TXT]
 
 Per note (default: the CodiEsp dev texts in ../shared/data/es/codiesp/dev/text_files, in order) the worker's
 in-process steps, each timed: the shipped tagger tags it (``TaggerPipeline.predict``), the assertion rules read

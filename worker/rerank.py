@@ -155,6 +155,7 @@ class NgramIdf:
             for row, term in zip(rows, terms, strict=True)
         ]
 
+
 def features(mention: str, candidates: Sequence[Scored], seen: Mapping[str, int], idf: NgramIdf) -> list[list[float]]:
     """One row of :data:`FEATURES` per candidate (``mention`` normalised, candidates in their search order)."""
     if not candidates:

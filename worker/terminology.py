@@ -23,6 +23,7 @@ the exact strings. ``python -m worker.terminology build [--profile YAML]`` fills
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import json
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -341,8 +342,6 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 embeddings of ``prefix + text`` (``"query: " + text``), in the order given."""
-        import torch
-
         self._load()
         out = np.zeros((len(texts), 0), dtype=np.float32)
         if not texts:
@@ -357,15 +356,10 @@ class TextEncoder:
             from tqdm import tqdm
 
             bar = tqdm(total=len(texts), unit="term", file=sys.stderr)
-        threads = torch.get_num_threads()
-        if len(texts) <= NOTE_TEXTS:
-            # A note's mentions: small matrices, where more threads spin more than they compute (measured: 2
-            # threads took 8x the CPU time of one on a busy 2-core machine).
-            torch.set_num_threads(1)
-        try:
+        # A note's mentions: small matrices, where more threads spin more than they compute (measured: 2 threads
+        # took 8x the CPU time of one on a busy 2-core machine).
+        with one_torch_thread() if len(texts) <= NOTE_TEXTS else contextlib.nullcontext():
             return self._encode_sorted(texts, prefixed, lengths, order, bar)
-        finally:
-            torch.set_num_threads(threads)
 
     def _encode_sorted(
         self, texts: Sequence[str], prefixed: list[str], lengths: list[int], order: list[int], bar: Any
@@ -482,6 +476,25 @@ def group_texts(entries: Sequence[TermEntry]) -> dict[str, list[str]]:
     return {kind: sorted(texts) for kind, texts in sorted(groups.items())}
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """PyTorch on one intra-op thread for the block, then back to the process's count: a note's work is small
+    matrices, where a second thread spins more than it computes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _subset_key(prefixes: tuple[str, ...], categories: bool, scope: str | None) -> tuple[str, ...]:
+    """The key of a kind of request's rows (:meth:`SourceIndex._rows` and the caches beside it)."""
+    return (*prefixes, f"categories={categories}", f"scope={scope}")
+
+
 def int8_rows(matrix: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """``matrix``'s rows in int8 with a float32 scale per row (row ~= int8 row * scale); ``chunk`` rows at a time,
     so that no float32 temporary the size of the matrix is made. A large result gets its own anonymous mapping:
@@ -516,13 +529,9 @@ def _coarse_scores(vectors: np.ndarray, blocks: tuple[np.ndarray, ...], scales: 
     import torch
 
     queries, query_scale = int8_rows(np.asarray(vectors, dtype=np.float32))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         left = torch.from_numpy(queries)
         parts = [torch._int_mm(left, torch.from_numpy(block).T) for block in blocks]
-    finally:
-        torch.set_num_threads(threads)
     found = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).numpy().astype(np.float32)
     found *= scales[0][None, :] if len(scales) == 1 else np.concatenate(scales)[None, :]
     found *= query_scale[:, None]
@@ -606,7 +615,7 @@ class SourceIndex:
         that hold them. The translated names are the last rows, one run per language, so a language's rows are two
         runs of the matrix, searched as two views instead of a copy of the whole matrix per language."""
         assert self.matrix is not None
-        key = (*prefixes, f"categories={categories}", f"scope={scope}")
+        key = _subset_key(prefixes, categories, scope)
         if key not in self._subsets:
             mask = self._mask(prefixes, categories) if prefixes or not categories else None
             if scope is not None and self._translated is not None:
@@ -642,7 +651,7 @@ class SourceIndex:
         SYMPTOM mentions (searches of 64 and 256 rows) it gave the float32 search's rows but where two rows tie to
         float32 rounding: another of the tied rows at the last place (106 of 3,872 searches) or in another order."""
         rows, blocks = self._rows(prefixes, categories, scope)
-        key = (*prefixes, f"categories={categories}", f"scope={scope}")
+        key = _subset_key(prefixes, categories, scope)
         total = sum(block.shape[0] for block in blocks)
         take = min(take, total)
         coarse = self._coarse_subsets.get(key)
@@ -679,13 +688,9 @@ class SourceIndex:
         and a second thread mostly spins (README, "Cost")."""
         import torch
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():
             queries = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
             parts = [(queries @ torch.from_numpy(block).T).numpy() for block in blocks]
-        finally:
-            torch.set_num_threads(threads)
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def _mask(self, prefixes: tuple[str, ...], categories: bool = False) -> np.ndarray:
@@ -781,7 +786,7 @@ class SourceIndex:
         self, prefixes: tuple[str, ...], categories: bool, scope: str | None = None
     ) -> tuple[np.ndarray, list[str], dict[str, int]]:
         """Per row of :meth:`_rows`'s subset, the number of the code it stands for; the codes; their numbers."""
-        key = (*prefixes, f"categories={categories}", f"scope={scope}")
+        key = _subset_key(prefixes, categories, scope)
         if key not in self._codes_of_rows:
             rows, blocks = self._rows(prefixes, categories, scope)
             number: dict[str, int] = {}

@@ -371,49 +371,41 @@ class OnnxRunner:
         ids, mask = input_ids.cpu().numpy(), attention_mask.cpu().numpy()
         if not self.rowwise or len(ids) < 2:
             return torch.from_numpy(self.run("logits", ids, mask))
-        logits: Any = None
-        for row in range(len(ids)):
-            length = int(mask[row].sum())  # the pipeline's rows are left-aligned: tokens first, then padding
-            out = self.run("logits", ids[row : row + 1, :length], mask[row : row + 1, :length])
-            if logits is None:
-                logits = np.zeros((len(ids), ids.shape[1], *out.shape[2:]), dtype=out.dtype)
-            logits[row, :length] = out[0]
+        rows = self.run_rows("logits", ids, mask)  # the pipeline's rows are left-aligned: tokens, then padding
+        logits = np.zeros((len(ids), ids.shape[1], *rows[0].shape[1:]), dtype=rows[0].dtype)
+        for row, out in enumerate(rows):
+            logits[row, : len(out)] = out
         return torch.from_numpy(logits)
 
-    def run_rows(self, output: str, ids: Any, attention_mask: Any) -> list[Any]:
-        """``run`` for each row alone, without its padding (right-padded rows); the word-embedding rows of the
-        whole batch are read once."""
+    def _token_inputs(self, ids: Any) -> dict[str, Any]:
+        """A batch's token inputs: its ids, or (a graph with a word table) the batch's word-embedding rows, read
+        once, and each token's index into them."""
         import numpy as np
 
-        table = index = None
-        if self.words is not None:
-            unique, inverse = np.unique(ids, return_inverse=True)
-            table, index = self.words.lookup(unique), inverse.reshape(ids.shape).astype(np.int64)
+        if self.words is None:
+            return {"input_ids": ids}
+        unique, index = np.unique(ids, return_inverse=True)
+        return {
+            WORD_TABLE_INPUT: self.words.lookup(unique),
+            WORD_INDEX_INPUT: index.reshape(ids.shape).astype(np.int64),
+        }
+
+    def run_rows(self, output: str, ids: Any, attention_mask: Any) -> list[Any]:
+        """``run`` for each row alone, without its padding (right-padded rows), as a list of per-row outputs; the
+        word-embedding rows of the whole batch are read once."""
+        tokens = self._token_inputs(ids)
         results = []
         for row in range(len(ids)):
             length = int(attention_mask[row].sum())
             feed = {"attention_mask": attention_mask[row : row + 1, :length]}
-            if table is None:
-                feed["input_ids"] = ids[row : row + 1, :length]
-            else:
-                assert index is not None
-                feed[WORD_TABLE_INPUT] = table
-                feed[WORD_INDEX_INPUT] = index[row : row + 1, :length]
+            for name, value in tokens.items():
+                feed[name] = value if name == WORD_TABLE_INPUT else value[row : row + 1, :length]
             results.append(self.session.run([output], feed)[0][0])
         return results
 
     def run(self, output: str, ids: Any, attention_mask: Any) -> Any:
         """The graph's ``output`` for a batch of token ids and its mask (int64 numpy arrays), as numpy."""
-        import numpy as np
-
-        feed = {"attention_mask": attention_mask}
-        if self.words is None:
-            feed["input_ids"] = ids
-        else:
-            unique, index = np.unique(ids, return_inverse=True)
-            feed[WORD_TABLE_INPUT] = self.words.lookup(unique)
-            feed[WORD_INDEX_INPUT] = index.reshape(ids.shape).astype(np.int64)
-        (result,) = self.session.run([output], feed)
+        (result,) = self.session.run([output], {"attention_mask": attention_mask, **self._token_inputs(ids)})
         return result
 
 
