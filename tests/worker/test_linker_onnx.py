@@ -178,3 +178,28 @@ def test_the_int8_pytorch_fallback_also_encodes_each_mention_alone(monkeypatch: 
     assert float((together * reference).sum(axis=1).min()) > 0.97
     for position in (0, 4, 9):
         np.testing.assert_allclose(encoder.encode([MULTILINGUAL[position]])[0], together[position], atol=1e-5)
+
+
+def test_a_notes_mentions_encode_on_one_thread_however_many(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long note's mentions (more than one batch of them) run on one thread, as a short note's do: a second
+    thread on short strings spins more than it computes. The process's thread count is restored after."""
+    import torch
+
+    encoder = LinkerQueryEncoder()
+    seen: list[int] = []
+    embed = encoder._embed
+
+    def recording(batch: list[str]) -> np.ndarray:
+        seen.append(torch.get_num_threads())
+        return embed(batch)
+
+    monkeypatch.setattr(encoder, "_embed", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mentions = [f"{text} {n}" for n in range(8) for text in MULTILINGUAL]  # 80: more than one batch of 64
+        vectors = encoder.encode(mentions)
+        assert vectors.shape == (80, 384) and len(seen) >= 2 and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
