@@ -52,7 +52,7 @@ def main() -> int:
         "--precision",
         default="auto",
         choices=("auto", "fp32", "int8", "bf16"),
-        help="the tagger's (auto: as the worker runs it; bf16 on a CPU with AMX, fp32 elsewhere)",
+        help="the tagger's (auto: as the worker runs it; bf16 on a CPU with AMX or AVX512-BF16, fp32 elsewhere)",
     )
     parser.add_argument(
         "--warm",

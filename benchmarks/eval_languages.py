@@ -176,8 +176,31 @@ def bf16_record(fp32: dict[str, Any], bf16: dict[str, Any], checkpoint: Path, au
         "auto": auto,
         "weights_sha256": quantize.weights_digest(checkpoint),
         "torch": torch.__version__,
-        "measured_on": {"machine": platform.machine(), "amx": quantize.cpu_has_bf16_matrix_units()},
+        "measured_on": {"machine": platform.machine(), "bf16_isa": quantize.cpu_bf16_isa()},
     }
+
+
+def _isa(record: dict[str, Any]) -> str:
+    measured = record.get("measured_on", {})
+    return str(measured.get("bf16_isa") or ("amx" if measured.get("amx") else "unknown"))
+
+
+def merge_bf16_records(previous: dict[str, Any] | None, fresh: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``extra.bf16`` after a measurement on this CPU: bf16's rounding differs a little between
+    AMX and AVX512-BF16 kernels, so a record measured on one keeps the other's as ``other_cpus`` (one entry per
+    ``bf16_isa``) and ``meets_bar`` holds only when every measurement met the bar. A record of other weights is
+    replaced."""
+    if previous is None or previous.get("weights_sha256") != fresh["weights_sha256"]:
+        return fresh
+    entries = [previous, *previous.get("other_cpus", [])]
+    kept = [
+        {k: v for k, v in entry.items() if k in ("by_language", "meets_bar", "measured_on", "torch")}
+        for entry in entries
+        if _isa(entry) != _isa(fresh)
+    ]
+    merged = {**fresh, "other_cpus": kept} if kept else dict(fresh)
+    merged["meets_bar"] = fresh["meets_bar"] and all(entry["meets_bar"] for entry in kept)
+    return merged
 
 
 def main() -> None:
@@ -203,7 +226,7 @@ def main() -> None:
         choices=("yes", "no"),
         default=None,
         help="score the validation sets in fp32 and in bf16 and record the comparison in the checkpoint "
-        "(extra.bf16); yes: `--precision auto` may then run bf16 on CPUs with AMX when it met the bar",
+        "(extra.bf16); yes: `--precision auto` may then run bf16 on CPUs with AMX or AVX512-BF16 when it met the bar",
     )
     parser.add_argument(
         "--window-lead",
@@ -239,7 +262,9 @@ def main() -> None:
         record = bf16_record(scored["fp32"], scored["bf16"], args.checkpoint, args.record_bf16 == "yes")
         config_file = args.checkpoint / CONFIG_FILE
         config = json.loads(config_file.read_text(encoding="utf-8"))
-        config.setdefault("extra", {})[BF16_RECORD_KEY] = record
+        extra = config.setdefault("extra", {})
+        record = merge_bf16_records(extra.get(BF16_RECORD_KEY), record)
+        extra[BF16_RECORD_KEY] = record
         config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         print(json.dumps(record, indent=1))
         return

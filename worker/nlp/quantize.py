@@ -533,14 +533,31 @@ def int8_validated(tagger: Any) -> bool:
 BF16_RECORD_KEY = "bf16"
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where PyTorch's bf16 matrix products run on
-    them (oneDNN): the tagger measured 2.15x the HF pipeline's fp32 there. Elsewhere bf16 is emulated and slower
-    than fp32, so ``auto`` never picks it."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):  # a PyTorch without the probe
-        return False
+def cpu_bf16_units() -> dict[str, bool]:
+    """Which native bf16 matrix instructions this CPU has, by PyTorch's own probes (false where a PyTorch lacks
+    one): AMX tiles and AVX512-BF16 dot products."""
+    found: dict[str, bool] = {}
+    for name, probe in (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        try:
+            found[name] = bool(getattr(torch.cpu, probe)())
+        except (AttributeError, RuntimeError):
+            found[name] = False
+    return found
+
+
+def cpu_bf16_isa() -> str:
+    """What PyTorch's bf16 matrix products run on here: "amx", "avx512_bf16" or "emulated". Rounding differs a little
+    between them (the kernels sum in different orders), so a bf16 accuracy record says which it was measured on."""
+    units = cpu_bf16_units()
+    return "amx" if units["amx"] else "avx512_bf16" if units["avx512_bf16"] else "emulated"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where PyTorch's bf16 matrix products run natively (oneDNN): AMX tiles (Intel Sapphire Rapids and later;
+    the tagger measured 2.15x the HF pipeline's fp32) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake; 2.22x
+    on a Zen 4-class EPYC). Elsewhere bf16 is emulated and slower than fp32, so ``auto`` never picks it; training's
+    bf16 autocast on CPUs asks the same."""
+    return any(cpu_bf16_units().values())
 
 
 def bf16_validated(tagger: Any) -> bool:

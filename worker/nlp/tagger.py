@@ -195,13 +195,13 @@ class ClinicalTagger(nn.Module):
 
 
 def _cpu_auto_precision(tagger: ClinicalTagger) -> str:
-    """int8 where the checkpoint validated it; else bf16 where it validated bf16 and the CPU has bf16 matrix units
-    (AMX); else fp32."""
-    from worker.nlp.quantize import bf16_validated, cpu_has_bf16_matrix_units, int8_validated
+    """int8 where the checkpoint validated it; else bf16 where it validated bf16 and the CPU runs bf16 natively
+    (AMX or AVX512-BF16); else fp32."""
+    from worker.nlp.quantize import bf16_validated, cpu_has_fast_bf16, int8_validated
 
     if int8_validated(tagger):
         return "int8"
-    if cpu_has_bf16_matrix_units() and bf16_validated(tagger):
+    if cpu_has_fast_bf16() and bf16_validated(tagger):
         return "bf16"
     return "fp32"
 
@@ -219,10 +219,10 @@ class TaggerPipeline:
     """Batched, windowed inference over whole notes; offsets come straight from the tokenizer.
 
     ``precision``: "auto" runs bf16 on GPUs; on CPUs it runs int8 when the checkpoint records that its int8
-    model met the accuracy bar on its validation notes (worker/nlp/quantize.py), else bf16 when the CPU has AMX
-    and the checkpoint records that bf16 met the bar in every language, else fp32. "int8" runs the
-    tagger as an int8 ONNX Runtime graph, exported once per checkpoint into ``cache_dir``; the pipeline then
-    frees the tagger's own weights (it keeps its tokenizer and config).
+    model met the accuracy bar on its validation notes (worker/nlp/quantize.py), else bf16 when the CPU runs bf16
+    natively (AMX or AVX512-BF16) and the checkpoint records that bf16 met the bar in every language, else fp32.
+    "int8" runs the tagger as an int8 ONNX Runtime graph, exported once per checkpoint into ``cache_dir``; the
+    pipeline then frees the tagger's own weights (it keeps its tokenizer and config).
     The pipeline moves the tagger to its device; build it around a model that is not being trained.
     """
 

@@ -407,11 +407,9 @@ def _autocast(device: torch.device) -> Any:
 
 
 def _cpu_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="ignore")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from worker.nlp.quantize import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16()
 
 
 def _progress(iterable: Iterable[Any], enabled: bool, **kwargs: Any) -> Iterable[Any]:

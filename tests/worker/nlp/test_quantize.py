@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -237,7 +238,25 @@ def test_auto_runs_int8_on_cpu_only_when_this_checkpoint_was_validated(
         TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), precision="int4")
 
 
-def test_auto_runs_bf16_on_a_cpu_with_amx_only_when_this_checkpoint_validated_it(
+def test_native_bf16_means_amx_tiles_or_avx512_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    def probes(amx: bool | None, avx512_bf16: bool | None) -> None:
+        for name, value in (("_is_amx_tile_supported", amx), ("_is_avx512_bf16_supported", avx512_bf16)):
+            if value is None:
+                monkeypatch.delattr(torch.cpu, name, raising=False)
+            else:
+                monkeypatch.setattr(torch.cpu, name, lambda value=value: value, raising=False)
+
+    probes(amx=True, avx512_bf16=False)  # Intel Sapphire Rapids and later
+    assert quantize.cpu_has_fast_bf16() and quantize.cpu_bf16_units() == {"amx": True, "avx512_bf16": False}
+    probes(amx=False, avx512_bf16=True)  # AMD Zen 4 and later, Intel Cooper Lake
+    assert quantize.cpu_has_fast_bf16()
+    probes(amx=False, avx512_bf16=False)  # AVX2 and plain AVX-512 CPUs: bf16 would be emulated
+    assert not quantize.cpu_has_fast_bf16()
+    probes(amx=None, avx512_bf16=None)  # a PyTorch without the probes
+    assert not quantize.cpu_has_fast_bf16() and quantize.cpu_bf16_units() == {"amx": False, "avx512_bf16": False}
+
+
+def test_auto_runs_bf16_on_a_cpu_with_native_bf16_only_when_this_checkpoint_validated_it(
     tiny_tagger_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     checkpoint = tmp_path / "ckpt"
@@ -252,7 +271,7 @@ def test_auto_runs_bf16_on_a_cpu_with_amx_only_when_this_checkpoint_validated_it
     def auto() -> str:
         return TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu").precision
 
-    monkeypatch.setattr(quantize, "cpu_has_bf16_matrix_units", lambda: True)
+    monkeypatch.setattr(quantize, "cpu_has_fast_bf16", lambda: True)
     assert auto() == "fp32"  # no record
     record(quantize.BF16_RECORD_KEY, meets_bar=True, weights_sha256=digest)
     assert auto() == "bf16"
@@ -260,9 +279,9 @@ def test_auto_runs_bf16_on_a_cpu_with_amx_only_when_this_checkpoint_validated_it
     pipeline = TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu")
     fp32 = TaggerPipeline(ClinicalTagger.from_pretrained(checkpoint), device="cpu", precision="fp32")
     assert pipeline.precision == "bf16" and spans_of(pipeline, SAMPLE_NOTES) == spans_of(fp32, SAMPLE_NOTES)
-    monkeypatch.setattr(quantize, "cpu_has_bf16_matrix_units", lambda: False)
-    assert auto() == "fp32"  # without AMX bf16 is emulated, slower than fp32
-    monkeypatch.setattr(quantize, "cpu_has_bf16_matrix_units", lambda: True)
+    monkeypatch.setattr(quantize, "cpu_has_fast_bf16", lambda: False)
+    assert auto() == "fp32"  # without AMX or AVX512-BF16 bf16 is emulated, slower than fp32
+    monkeypatch.setattr(quantize, "cpu_has_fast_bf16", lambda: True)
     record(quantize.BF16_RECORD_KEY, meets_bar=False, weights_sha256=digest)  # missed the bar somewhere
     assert auto() == "fp32"
     record(quantize.BF16_RECORD_KEY, meets_bar=True, weights_sha256=digest, auto=False)  # opted out of auto
@@ -284,11 +303,42 @@ def test_the_default_checkpoint_records_bf16_within_the_bar_in_every_language() 
     tagger = ClinicalTagger.from_pretrained(checkpoint)
     record = tagger.config.extra[quantize.BF16_RECORD_KEY]
     assert set(record["by_language"]) >= {"en", "it", "nl", "ro", "sv", "cs"}
-    for scores in record["by_language"].values():
-        assert min(scores["delta"].values()) >= -record["bar"]
-        for key in ("strict_f1", "overlap_f1"):
-            assert scores["delta"][key] == pytest.approx(scores["bf16"][key] - scores["fp32"][key], abs=1e-4)
+    # Measured on both kinds of native bf16 (AMX, AVX512-BF16): their kernels round a little differently.
+    measurements = [record, *record.get("other_cpus", [])]
+    assert {entry["measured_on"]["bf16_isa"] for entry in measurements} == {"amx", "avx512_bf16"}
+    for entry in measurements:
+        assert set(entry["by_language"]) >= {"es", "en", "it", "nl", "ro", "sv", "cs"} and entry["meets_bar"]
+        for scores in entry["by_language"].values():
+            assert min(scores["delta"].values()) >= -record["bar"]
+            for key in ("strict_f1", "overlap_f1"):
+                assert scores["delta"][key] == pytest.approx(scores["bf16"][key] - scores["fp32"][key], abs=1e-4)
     assert record["meets_bar"] and quantize.bf16_validated(tagger)
+
+
+def test_a_bf16_record_keeps_each_cpu_kinds_measurement_and_meets_the_bar_only_if_all_did() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    from eval_languages import merge_bf16_records
+
+    def measured(isa: str, drop: float, weights: str = "a" * 64) -> dict[str, object]:
+        scores = {"fp32": {"strict_f1": 0.6}, "bf16": {"strict_f1": 0.6 - drop}, "delta": {"strict_f1": -drop}}
+        return {
+            "by_language": {"es": scores},
+            "meets_bar": drop <= 0.005,
+            "weights_sha256": weights,
+            "measured_on": {"machine": "x86_64", "bf16_isa": isa},
+        }
+
+    amx = measured("amx", 0.001)
+    assert merge_bf16_records(None, amx) == amx
+    both = merge_bf16_records(amx, measured("avx512_bf16", 0.002))
+    assert both["measured_on"]["bf16_isa"] == "avx512_bf16" and both["meets_bar"]
+    assert [entry["measured_on"]["bf16_isa"] for entry in both["other_cpus"]] == ["amx"]
+    again = merge_bf16_records(both, measured("amx", 0.003))  # re-measured on AMX: replaces AMX's, keeps the other
+    assert again["measured_on"]["bf16_isa"] == "amx"
+    assert [entry["measured_on"]["bf16_isa"] for entry in again["other_cpus"]] == ["avx512_bf16"]
+    missed = merge_bf16_records(again, measured("avx512_bf16", 0.02))  # one kind of CPU missed the bar
+    assert not missed["meets_bar"]
+    assert "other_cpus" not in merge_bf16_records(missed, measured("amx", 0.0, weights="b" * 64))  # other weights
 
 
 def test_smoothing_moves_outliers_into_the_weights_without_changing_the_function(tiny_tagger_path: Path) -> None:
