@@ -1118,10 +1118,10 @@ def _int8_linear(model: Any, keep_ffn_output: bool = True) -> Any:
 # Attention, SkipLayerNormalization and BiasGelu per layer), dynamic int8 per channel with the feed-forward
 # output projections and the embeddings kept fp32, as the PyTorch path quantises it. Part of the cache key.
 LINKER_ONNX_KEEP_FP32: tuple[str, ...] = ("embeddings", "ffn_out")
-# The distilled query encoder's arithmetic on CPUs: dynamic int8 for every linear layer but the embeddings', each
-# mention alone (``_OnnxQueries.rowwise``), so its vector never depends on its note. Chosen by measurement (README,
-# "Cost"): ~40% less CPU than float32, CodiEsp dev DISEASE top-1 / top-5 -0.2 / -0.1 points; keeping the
-# feed-forward output projections float32 as well (``LINKER_ONNX_KEEP_FP32``) took that saving away. None: float32.
+# The distilled query encoder's arithmetic on CPUs: int8 for every linear layer but the embeddings'. Since session
+# 11 it is per-token int8 in PyTorch (worker/token_int8.py: a scale per token, so a note's mentions run in one call
+# and each gets exactly the vector it gets alone); before, ONNX Runtime's dynamic int8 ran each mention alone
+# (``_OnnxQueries.rowwise``). Chosen by measurement (README, "Cost"). None: float32.
 QUERY_KEEP_FP32: tuple[str, ...] | None = ("embeddings",)
 LINKER_ONNX_VERSION = 1  # bump when the linker's exported graph changes
 
@@ -1214,6 +1214,8 @@ class LinkerEncoder(TextEncoder):
     The revision names the weights, not the arithmetic: the index's own revision is what must match.
     """
 
+    token_int8 = False  # int8 as per-token PyTorch (worker/token_int8.py) instead of ONNX Runtime's row-wise graph
+
     def __init__(
         self,
         cache_dir: Path | None = None,
@@ -1257,6 +1259,11 @@ class LinkerEncoder(TextEncoder):
         resolved = resolve_encoder("multilingual-e5-small", self.cache_dir)
         revision = self.revision  # the weights' digests, read once
         cpu = self.device in (None, "cpu")
+        if cpu and self.keep_fp32 is not None and self.token_int8:
+            from worker.token_int8 import TokenInt8Encoder
+
+            model, tokenizer = self._torch_model()
+            return TokenInt8Encoder(model), tokenizer, revision
         if cpu and self.runtime == "onnxruntime":
             try:
                 from transformers import AutoTokenizer
@@ -1280,7 +1287,9 @@ class LinkerEncoder(TextEncoder):
         return ""
 
     def _embed(self, batch: list[str]) -> np.ndarray:
-        if not isinstance(self._model, _OnnxQueries):
+        from worker.token_int8 import TokenInt8Encoder
+
+        if not isinstance(self._model, (_OnnxQueries, TokenInt8Encoder)):
             if self.keep_fp32 is not None and self.device in (None, "cpu") and len(batch) > 1:
                 # PyTorch's dynamic int8 (the fallback): one string at a time, as the int8 graph runs them.
                 return np.concatenate([super(LinkerEncoder, self)._embed([text]) for text in batch])
@@ -1293,9 +1302,13 @@ class LinkerQueryEncoder(LinkerEncoder):
     """The shipped linker's query encoder: four layers distilled from :class:`LinkerEncoder`
     (``worker/linker/queries.safetensors``), trained to put a mention where the full encoder puts it among the
     shipped index's rows (the index stays the full encoder's). No ``query: `` prefix. About a quarter of the full
-    encoder's CPU per mention in float32, the same CodiEsp dev figures (README, "Cost"). On CPUs it runs as int8
-    (``QUERY_KEEP_FP32``, one mention at a time) in ONNX Runtime, under its own cache key.
+    encoder's CPU per mention in float32, the same CodiEsp dev figures (README, "Cost"). On CPUs it runs as
+    per-token int8 in PyTorch (``QUERY_KEEP_FP32``, :mod:`worker.token_int8`): no ONNX graph to build, a note's
+    mentions in one call, each mention's vector the one it gets alone. ``keep_fp32=None``: float32 (ONNX Runtime's
+    fused graph, or PyTorch with ``runtime="torch"``).
     """
+
+    token_int8 = True
 
     def __init__(
         self,

@@ -1,0 +1,94 @@
+"""Per-token int8 (worker/token_int8.py): near the float32 encoder, and a string's vector never depends on its batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from worker.token_int8 import TokenInt8Encoder, _int_mm_works
+
+TEXTS = [
+    "dolor torácico opresivo irradiado al brazo izquierdo",
+    "acute exacerbation of chronic obstructive pulmonary disease",
+    "fibrillazione atriale parossistica",
+    "förmaksflimmer",
+    "cukrovka druhého typu",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_encoder: Path) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(str(tiny_encoder), add_pooling_layer=False).eval()
+    return model, AutoTokenizer.from_pretrained(str(tiny_encoder))
+
+
+def float32_vectors(model: Any, tokenizer: Any, texts: list[str]) -> np.ndarray:
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        states = model(**inputs).last_hidden_state
+    weights = inputs["attention_mask"].unsqueeze(-1).float()
+    pooled = (states * weights).sum(1) / weights.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+
+def int8_vectors(encoder: TokenInt8Encoder, tokenizer: Any, texts: list[str]) -> np.ndarray:
+    inputs = tokenizer(texts, padding=True, return_tensors="np")
+    return encoder(inputs["input_ids"].astype(np.int64), inputs["attention_mask"].astype(np.int64))
+
+
+def test_per_token_int8_stays_near_float32(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    vectors = int8_vectors(TokenInt8Encoder(model), tokenizer, TEXTS)
+    reference = float32_vectors(model, tokenizer, TEXTS)
+    assert vectors.shape == reference.shape and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    cosine = (vectors * reference).sum(axis=1)
+    assert cosine.min() > 0.995, cosine
+    # The float32 model itself is unchanged (its weights were copied, not quantised in place).
+    np.testing.assert_array_equal(float32_vectors(model, tokenizer, TEXTS), reference)
+
+
+def test_a_strings_vector_is_the_same_alone_and_in_any_batch(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    encoder = TokenInt8Encoder(model)
+    together = int8_vectors(encoder, tokenizer, TEXTS)
+    for position, text in enumerate(TEXTS):
+        np.testing.assert_array_equal(int8_vectors(encoder, tokenizer, [text])[0], together[position])
+    # Strings of one length share an attention call (here the same string twice), longer ones pad the batch.
+    shuffled = int8_vectors(encoder, tokenizer, [*TEXTS[::-1], "a much longer string than any of the others", TEXTS[2]])
+    np.testing.assert_array_equal(shuffled[: len(TEXTS)][::-1], together)
+    np.testing.assert_array_equal(shuffled[-1], together[2])
+
+
+def test_without_int_mm_the_same_integers_are_multiplied_in_float32(
+    tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tokenizer = tiny
+    assert _int_mm_works()  # this PyTorch has the CPU operator, so the float32 way is the fallback
+    exact = int8_vectors(TokenInt8Encoder(model), tokenizer, TEXTS)
+
+    def refuses(*args: Any) -> Any:
+        raise RuntimeError("_int_mm: not supported here")
+
+    monkeypatch.setattr(torch, "_int_mm", refuses)
+    assert not _int_mm_works()
+    fallback = TokenInt8Encoder(model)
+    assert not fallback.exact_int_mm
+    np.testing.assert_allclose(int8_vectors(fallback, tokenizer, TEXTS), exact, atol=1e-6)
+
+
+def test_relative_positions_are_refused(tiny: tuple[Any, Any]) -> None:
+    model, _ = tiny
+    model.config.position_embedding_type = "relative_key"
+    try:
+        with pytest.raises(ValueError, match="absolute position"):
+            TokenInt8Encoder(model)
+    finally:
+        model.config.position_embedding_type = "absolute"
