@@ -134,8 +134,12 @@ def main() -> None:
                 while done_at(warm["id"]) is None:
                     time.sleep(0.2)
                 sent: dict[str, float] = {}
-                workers = [w.process.pid for w in (io_worker, model_worker) if w.process is not None]
-                cpu_before = sum(tree_cpu_seconds(pid) for pid in workers)
+                workers = {
+                    name: w.process.pid
+                    for name, w in (("io", io_worker), ("inference", model_worker))
+                    if w.process is not None
+                }
+                cpu_before = {name: tree_cpu_seconds(pid) for name, pid in workers.items()}
                 started = time.time()
                 for number, document in enumerate(documents, start=2):
                     if args.rate > 0:
@@ -150,7 +154,7 @@ def main() -> None:
                         if at is not None:
                             finished[document_id] = at
                     time.sleep(0.2)
-                cpu_used = sum(tree_cpu_seconds(pid) for pid in workers) - cpu_before
+                cpu_used = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in workers.items()}
         finally:
             io_worker.stop()
             model_worker.stop()
@@ -172,7 +176,8 @@ def main() -> None:
         "latency_max_s": round(max(latencies), 2),
         # The two workers' CPU (fetching, tagging, coding, mapping, writing back), less the idle polling of the
         # last notes' wait: FHIR_NER_TERMINOLOGY=off against the default gives coding's share of a note's CPU.
-        "worker_cpu_s_per_note": round(cpu_used / len(documents), 3),
+        "worker_cpu_s_per_note": round(sum(cpu_used.values()) / len(documents), 3),
+        **{f"{name}_worker_cpu_s_per_note": round(used / len(documents), 3) for name, used in cpu_used.items()},
     }
     print(json.dumps(result, indent=2))
 

@@ -109,7 +109,10 @@ def test_backport_notification_becomes_resources_in_the_ehr(
         },
     )
     version = document["meta"]["versionId"]
+    worker_process.env.pop("OMP_WAIT_POLICY", None)
     worker_process.start()
+    # PyTorch's OpenMP threads sleep between operations (FHIR_NER_THREAD_WAIT's default) instead of spinning.
+    assert "OpenMP threads wait: passive" in worker_process.log_path.read_text()
 
     with TestClient(create_app()) as client:
         started = time.perf_counter()

@@ -6,6 +6,10 @@ command module never imports the worker. Heavy imports happen inside each verb s
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import click
@@ -14,6 +18,21 @@ from core.cli import CliError
 from worker.backfill_cli import COMMANDS as BULK_COMMANDS
 from worker.coding import COMMANDS as CODING_COMMANDS
 from worker.feedback_cli import COMMANDS as FEEDBACK_COMMANDS
+
+logger = logging.getLogger("fhir_ner.worker")
+
+
+def set_thread_wait(policy: str, environ: MutableMapping[str, str], torch_loaded: bool | None = None) -> str:
+    """``OMP_WAIT_POLICY`` for this process, from ``FHIR_NER_THREAD_WAIT`` unless the environment already names one;
+    returns the policy in force. OpenMP reads it once, when PyTorch first loads, so it must be set before that: a
+    worker that has already imported torch keeps the policy it started with (said in the log)."""
+    if "OMP_WAIT_POLICY" in environ:
+        return environ["OMP_WAIT_POLICY"].lower()
+    if "torch" in sys.modules if torch_loaded is None else torch_loaded:
+        logger.warning("thread wait policy %s not applied: PyTorch was loaded before the worker started", policy)
+        return "unchanged"
+    environ["OMP_WAIT_POLICY"] = policy.upper()
+    return policy
 
 
 @click.command()
@@ -43,6 +62,9 @@ def worker(queues: str, pool: str | None, concurrency: int | None, loglevel: str
     unknown = sorted(set(kinds) - set(QUEUES))
     if not kinds or unknown:
         raise CliError(f"--queues takes io, inference or both (got {queues!r})")
+    from core.settings import get_settings
+
+    waiting = set_thread_wait(get_settings().thread_wait, os.environ)
     serves_model = INFERENCE_QUEUE in kinds
     pool = pool or ("solo" if serves_model else "threads")
     concurrency = concurrency or (1 if serves_model else 8)
@@ -50,6 +72,8 @@ def worker(queues: str, pool: str | None, concurrency: int | None, loglevel: str
     prefetch = inference_max_notes() if serves_model else 1
     # Our JSON handler instead of Celery's own log setup (connecting to the signal tells Celery to skip it).
     setup_logging.connect(lambda **_: configure_logging(loglevel), weak=False)
+    configure_logging(loglevel)
+    logger.info("OpenMP threads wait: %s (FHIR_NER_THREAD_WAIT or OMP_WAIT_POLICY)", waiting)
     app = get_celery_app()
     app.worker_main(
         [
