@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cache", type=Path, default=None, help="layer-cache folder (default: the stage's)")
     parser.add_argument("--no-calibrate", action="store_true", help="skip the final threshold calibration")
+    parser.add_argument(
+        "--frozen-embeddings",
+        action="store_true",
+        help="with --frozen-layers 0: train the 12 layers and the head, not the embeddings",
+    )
     args = parser.parse_args(argv)
     if not all((args.data / name).is_dir() for name in CORPORA):
         raise SystemExit(MISSING_DATA.format(path=args.data))
@@ -112,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         patience=args.patience,
         crops_per_note=args.crops,
         group_fraction=_mix(args.mix),
+        train_embeddings=not args.frozen_embeddings,
     )
+    if args.frozen_embeddings and args.frozen_layers != 0:
+        raise SystemExit("--frozen-embeddings is for full fine-tuning (--frozen-layers 0)")
     languages = [lang for lang in args.languages.split(",") if lang] if args.translated else []
     config.model_revision = _revision(config, "mul" if languages else "es")
     work = args.work / ("smoke" if args.smoke else args.stage)

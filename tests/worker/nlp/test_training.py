@@ -189,6 +189,24 @@ def test_train_loss_falls_and_checkpoint_round_trips(tiny_encoder: Path, tmp_pat
     assert first == second
 
 
+def test_full_fine_tuning_can_keep_the_embeddings_frozen(tiny_encoder: Path, tmp_path: Path) -> None:
+    """Issue 15's "frozen or trained embeddings": with ``train_embeddings=False`` every layer and the head learn,
+    the embeddings stay the base encoder's, and the checkpoint (the whole encoder) loads with them."""
+    torch.set_num_threads(2)
+    base = ClinicalTagger.from_encoder(str(tiny_encoder), cnn_channels=32, cnn_kernel_size=3).encoder.state_dict()
+    config = _config(tiny_encoder, 3, 0)
+    config.train_embeddings = False
+    assert config.fingerprint() != _config(tiny_encoder, 3, 0).fingerprint()  # a resumed run keeps its own state
+    train([_write_brat(tmp_path / "notes")], tmp_path / "model", config=config, progress=False)
+    trained = ClinicalTagger.from_pretrained(tmp_path / "model").encoder.state_dict()
+    embeddings = [key for key in base if key.startswith("embeddings.")]
+    layers = [key for key in base if key.startswith("encoder.layer.") and key.endswith("weight")]
+    assert embeddings and layers
+    for key in embeddings:
+        torch.testing.assert_close(trained[key], base[key], atol=1e-3, rtol=0)  # float16 on disk
+    assert all(not torch.allclose(trained[key], base[key], atol=1e-3) for key in layers)
+
+
 def test_without_validation_notes_a_first_epoch_with_loss_above_one_is_kept(tiny_encoder: Path, tmp_path: Path) -> None:
     """With no validation notes the epoch score is minus the loss; an untrained head's loss is ~ln 3 > 1."""
     config = _config(tiny_encoder, 1, 1)
