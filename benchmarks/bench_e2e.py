@@ -50,30 +50,6 @@ def notes_of(count: int, chars: int) -> list[str]:
     return notes
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU seconds of process ``root`` and its live descendants (Celery's pool processes), from
-    /proc: what the workers spent, whatever ran on which core."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        parents[int(entry.name)] = int(fields[1])  # field 4 of stat: ppid (fields here start at field 3)
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick  # fields 14 and 15: utime, stime
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(times.get(pid, 0.0) for pid in tree)
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -91,6 +67,7 @@ def main() -> None:
     texts = notes_of(args.notes + 1, args.chars)
 
     import redis
+    from bench_notify import tree_cpu_seconds  # the one /proc reader (benchmarks/ is this script's folder)
     from conftest import WorkerProcess
     from ehr.harness import FhirTestServer
     from fastapi.testclient import TestClient

@@ -282,20 +282,28 @@ def check_queues(redis_url: str, prefix: str, accepted_documents: list[str]) -> 
     return check
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process and its children (uvicorn workers), from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of process ``root`` and its live descendants (uvicorn's or Celery's pool processes),
+    from /proc: what they spent, whatever ran on which core. bench_e2e.py uses it for the workers."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            continue
-        if int(entry.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+            continue  # exited meanwhile
+        parents[int(entry.name)] = int(fields[1])  # field 4 of stat: ppid (fields here start at field 3)
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick  # fields 14 and 15: utime, stime
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(times.get(pid, 0.0) for pid in tree)
 
 
 def free_port() -> int:

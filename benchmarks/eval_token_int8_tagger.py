@@ -37,51 +37,23 @@ class Int8Hidden(torch.nn.Module):
     layers in per-token int8 except the groups in ``keep``; returns ``last_hidden_state`` as the encoder does."""
 
     def __init__(self, encoder: Any, keep: set[str]) -> None:
-        from worker.token_int8 import _Int8Linear
+        from worker.token_int8 import encoder_layers
 
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
         self.hidden, self.heads = int(encoder.config.hidden_size), int(encoder.config.num_attention_heads)
-        self.layers: list[dict[str, Any]] = []
-
-        def linear(weight: torch.Tensor, bias: torch.Tensor, name: str, index: int) -> tuple[Any, ...]:
-            kept = name in keep or f"{name}{index}" in keep
-            return (None if kept else _Int8Linear(weight, bias), weight.detach().float(), bias.detach().float())
-
-        for index, layer in enumerate(encoder.encoder.layer):
-            attention, own = layer.attention, layer.attention.self
-            self.layers.append(
-                {
-                    "qkv": linear(
-                        torch.cat([own.query.weight, own.key.weight, own.value.weight]),
-                        torch.cat([own.query.bias, own.key.bias, own.value.bias]),
-                        "qkv",
-                        index,
-                    ),
-                    "out": linear(attention.output.dense.weight, attention.output.dense.bias, "out", index),
-                    "norm1": attention.output.LayerNorm,
-                    "up": linear(layer.intermediate.dense.weight, layer.intermediate.dense.bias, "up", index),
-                    "act": layer.intermediate.intermediate_act_fn,
-                    "down": linear(layer.output.dense.weight, layer.output.dense.bias, "down", index),
-                    "norm2": layer.output.LayerNorm,
-                }
-            )
-
-    @staticmethod
-    def _linear(x: torch.Tensor, parts: tuple[Any, ...]) -> torch.Tensor:
-        quantised, weight, bias = parts
-        return quantised(x, True) if quantised is not None else torch.nn.functional.linear(x, weight, bias)
+        self.layers = encoder_layers(encoder, keep)
 
     def body(self, x: torch.Tensor, blocked: torch.Tensor, batch: int, length: int) -> torch.Tensor:
         head_size = self.hidden // self.heads
         for layer in self.layers:
-            qkv = self._linear(x, layer["qkv"]).view(batch, length, 3, self.heads, head_size)
+            qkv = layer["qkv"](x, True).view(batch, length, 3, self.heads, head_size)
             query, key, value = qkv.permute(2, 0, 3, 1, 4)
             context = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=blocked)
             context = context.transpose(1, 2).reshape(batch * length, self.hidden)
-            x = layer["norm1"](self._linear(context, layer["out"]) + x)
-            x = layer["norm2"](self._linear(layer["act"](self._linear(x, layer["up"])), layer["down"]) + x)
+            x = layer["norm1"](layer["out"](context, True) + x)
+            x = layer["norm2"](layer["down"](layer["act"](layer["up"](x, True)), True) + x)
         return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> Any:

@@ -18,6 +18,7 @@ stay below 2**25; the float32 sum may round the last bit beyond 2**24, far below
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,49 @@ def _int_mm_works() -> bool:
         return False
 
 
+class _Float32Linear:
+    """A linear layer left float32 among int8 ones (same call as :class:`_Int8Linear`)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.weight = weight.detach().float()
+        self.bias = bias.detach().float()
+
+    def __call__(self, x: torch.Tensor, exact_int_mm: bool) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def encoder_layers(model: Any, keep_fp32: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Per encoder layer: its linear groups (``qkv``: query, key and value fused; ``out``, the attention output;
+    ``up`` and ``down``, the feed-forward) in per-token int8, or float32 for the groups ``keep_fp32`` names (a group,
+    or a group and a layer number: ``down11``), with the layer's norms (``norm1``, ``norm2``, shared, not copied)
+    and activation (``act``)."""
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor, group: str, index: int) -> _Int8Linear | _Float32Linear:
+        kept = group in keep_fp32 or f"{group}{index}" in keep_fp32
+        return (_Float32Linear if kept else _Int8Linear)(weight, bias)
+
+    layers: list[dict[str, Any]] = []
+    for index, layer in enumerate(model.encoder.layer):
+        attention, own = layer.attention, layer.attention.self
+        layers.append(
+            {
+                "qkv": linear(
+                    torch.cat([own.query.weight, own.key.weight, own.value.weight]),
+                    torch.cat([own.query.bias, own.key.bias, own.value.bias]),
+                    "qkv",
+                    index,
+                ),
+                "out": linear(attention.output.dense.weight, attention.output.dense.bias, "out", index),
+                "norm1": attention.output.LayerNorm,
+                "up": linear(layer.intermediate.dense.weight, layer.intermediate.dense.bias, "up", index),
+                "act": layer.intermediate.intermediate_act_fn,
+                "down": linear(layer.output.dense.weight, layer.output.dense.bias, "down", index),
+                "norm2": layer.output.LayerNorm,
+            }
+        )
+    return layers
+
+
 class TokenInt8Encoder:
     """(ids, mask) -> L2-normalised mean-pooled vectors, like the float32 model with mean pooling, in per-token int8.
 
@@ -71,24 +115,7 @@ class TokenInt8Encoder:
         self.embeddings = model.embeddings
         self.heads = int(config.num_attention_heads)
         self.hidden = int(config.hidden_size)
-        self.layers: list[dict[str, Any]] = []
-        for layer in model.encoder.layer:
-            attention = layer.attention
-            own = attention.self
-            self.layers.append(
-                {
-                    "qkv": _Int8Linear(
-                        torch.cat([own.query.weight, own.key.weight, own.value.weight]),
-                        torch.cat([own.query.bias, own.key.bias, own.value.bias]),
-                    ),
-                    "out": _Int8Linear(attention.output.dense.weight, attention.output.dense.bias),
-                    "norm1": attention.output.LayerNorm,
-                    "up": _Int8Linear(layer.intermediate.dense.weight, layer.intermediate.dense.bias),
-                    "act": layer.intermediate.intermediate_act_fn,
-                    "down": _Int8Linear(layer.output.dense.weight, layer.output.dense.bias),
-                    "norm2": layer.output.LayerNorm,
-                }
-            )
+        self.layers = encoder_layers(model)
         self.exact_int_mm = _int_mm_works()
         if not self.exact_int_mm:
             logger.info("linker query encoder: torch._int_mm unavailable; int8 products run in float32 (same result)")

@@ -406,15 +406,11 @@ def _autocast(device: torch.device) -> Any:
     """bf16 autocast: on CUDA always; on CPU where the ISA has bf16 dot products (2x on AVX512-BF16)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if _cpu_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _cpu_bf16() -> bool:
     from worker.nlp.quantize import cpu_has_fast_bf16
 
-    return cpu_has_fast_bf16()
+    if cpu_has_fast_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def _progress(iterable: Iterable[Any], enabled: bool, **kwargs: Any) -> Iterable[Any]:
