@@ -8,6 +8,7 @@ span-edge rules, the checkpoint's threshold) against the fp32 scores the checkpo
     .venv/bin/python benchmarks/eval_token_int8_tagger.py                 # every linear layer int8
     .venv/bin/python benchmarks/eval_token_int8_tagger.py --keep down     # feed-forward output projections fp32
     .venv/bin/python benchmarks/eval_token_int8_tagger.py --speed         # tokens/s: fp32, bf16, int8, int8 compiled
+    .venv/bin/python benchmarks/eval_token_int8_tagger.py --checkpoint CKPT   # another tagger (default: shipped)
 
 ``--keep`` names linear groups left fp32: qkv, out (attention output), up, down (feed-forward), each optionally
 followed by a layer number (``down11``).
@@ -29,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 warnings.simplefilter("ignore")
-CHECKPOINT = ROOT / "worker" / "models" / "default"
+DEFAULT_CHECKPOINT = ROOT / "worker" / "models" / "default"
 
 
 class Int8Hidden(torch.nn.Module):
@@ -65,7 +66,7 @@ class Int8Hidden(torch.nn.Module):
         return types.SimpleNamespace(last_hidden_state=hidden.view(batch, length, self.hidden))
 
 
-def accuracy(keep: set[str]) -> None:
+def accuracy(checkpoint: Path, keep: set[str]) -> None:
     from eval_languages import validation
 
     import worker.nlp.training as training
@@ -79,9 +80,9 @@ def accuracy(keep: set[str]) -> None:
         return tagger
 
     training.ClinicalTagger.from_pretrained = classmethod(with_int8)  # type: ignore[method-assign, assignment]
-    config = json.loads((CHECKPOINT / "tagger_config.json").read_text(encoding="utf-8"))
+    config = json.loads((checkpoint / "tagger_config.json").read_text(encoding="utf-8"))
     reference = config["extra"]["bf16"]["by_language"]  # fp32's scores, recorded beside bf16's
-    scores = validation(CHECKPOINT, float(config["min_span_score"]))
+    scores = validation(checkpoint, float(config["min_span_score"]))
     worst = 0.0
     for name, result in scores.items():
         if not isinstance(result, dict) or "threshold" not in result:
@@ -97,10 +98,10 @@ def accuracy(keep: set[str]) -> None:
     print(f"kept fp32: {sorted(keep) or 'nothing'}; worst {worst:+.2f} points (bar -0.50)")
 
 
-def speed(keep: set[str], windows: int = 8, length: int = 512) -> None:
+def speed(checkpoint: Path, keep: set[str], windows: int = 8, length: int = 512) -> None:
     from worker.nlp.tagger import ClinicalTagger
 
-    encoder = ClinicalTagger.from_pretrained(CHECKPOINT).eval().encoder
+    encoder = ClinicalTagger.from_pretrained(checkpoint).eval().encoder
     int8 = Int8Hidden(encoder, keep)
     ids = torch.randint(5, 200_000, (windows, length))
     mask = torch.ones_like(ids)
@@ -142,10 +143,13 @@ def main() -> None:
     parser.add_argument("--keep", default="", help="linear groups left fp32, comma-separated (qkv, out, up, down)")
     parser.add_argument("--speed", action="store_true", help="time the encoder instead of scoring it")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="a tagger with a bf16 record (its fp32 scores)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep = {name.strip() for name in args.keep.split(",") if name.strip()}
-    speed(keep) if args.speed else accuracy(keep)
+    speed(args.checkpoint, keep) if args.speed else accuracy(args.checkpoint, keep)
 
 
 if __name__ == "__main__":
