@@ -83,6 +83,9 @@ def get_celery_app() -> Celery:
             "visibility_timeout": settings.broker_visibility_timeout,
             "unacked_restore_interval": settings.broker_restore_interval,
             "unacked_restore_throttle": 1,
+            # The restore sweep's lock: a worker killed while holding it (kombu's default lock lasts 300 s)
+            # delays the restore of everyone's abandoned messages by at most one visibility timeout.
+            "unacked_mutex_expire": min(300, settings.broker_visibility_timeout),
             "global_keyprefix": broker_key_prefix(),
             # Sentinel (FHIR_NER_REDIS_URL=sentinel://...;sentinel://...): kombu asks them for this master.
             **_sentinel_options(settings),

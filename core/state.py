@@ -32,6 +32,20 @@ if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[5]) end
 return others
 """
 
+# Record an in-flight stage unless the version is already finished: a stage that hands on is followed by
+# the next stage's message, whose worker may finish the note first; its "done" must never be overwritten
+# by a late "processing". Returns 1 when written.
+_ADVANCE = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then
+  local status = cjson.decode(current)['status']
+  if status == 'done' or status == 'skipped' then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+FINISHED_STATUSES = ("done", "skipped")
+
 
 class NoteState:
     """Small task messages carry (document id, version); the DocumentReference itself waits here."""
@@ -40,6 +54,7 @@ class NoteState:
         self.client = client
         self.prefix = prefix
         self._claim_and_queue = client.register_script(_CLAIM_AND_QUEUE)
+        self._advance = client.register_script(_ADVANCE)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -118,6 +133,11 @@ class NoteState:
         """:meth:`set_status` as part of a pipeline."""
         record = {"status": status, "updated": time.time(), **details}
         pipe.hset(self._key("status", document_id), version_id, json.dumps(record))
+
+    def advance_status(self, document_id: str, version_id: str, status: str, **details: Any) -> bool:
+        """Set an in-flight status, unless the version is finished already (then False, nothing written)."""
+        record = json.dumps({"status": status, "updated": time.time(), **details})
+        return bool(self._advance(keys=[self._key("status", document_id)], args=[version_id, record]))
 
     def get_status(self, document_id: str) -> dict[str, dict[str, Any]]:
         raw = self.client.hgetall(self._key("status", document_id))

@@ -57,13 +57,14 @@ def statuses(client: TestClient, document_id: str) -> dict[str, dict[str, Any]]:
     return response.json()["versions"] if response.status_code == 200 else {}
 
 
-def wait_until(predicate: Any, timeout: float, interval: float = 0.1, message: str = "") -> None:
+def wait_until(predicate: Any, timeout: float, interval: float = 0.1, message: str | Any = "") -> None:
+    """Poll ``predicate``; on timeout fail with ``message`` (a callable is asked then, to describe the state)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
+    raise AssertionError(f"timed out after {timeout:.0f} s: {message() if callable(message) else message}")
 
 
 def all_of(ehr: FhirTestServer, resource_type: str) -> list[dict[str, Any]]:

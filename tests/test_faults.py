@@ -136,6 +136,33 @@ def present_mentions(record: dict[str, object]) -> int:
     return len(references)
 
 
+def test_a_worker_killed_during_the_restore_sweep_blocks_restores_for_one_visibility_timeout_at_most(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker sweeps abandoned messages back to their queue under one Redis lock. A worker killed while
+    holding it leaves the lock to expire; kombu's own expiry (300 s) would hold every restore up that long."""
+    from kombu.transport.redis import Mutex, MutexHeld
+
+    from core.celery_app import broker_key_prefix, get_celery_app
+    from core.deps import get_redis
+    from core.settings import get_settings
+
+    for key, value in FAST_REDELIVERY.items():  # visibility timeout 25 s
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    get_celery_app.cache_clear()
+    with get_celery_app().connection_for_read() as connection:
+        qos = connection.default_channel.qos
+        client = connection.default_channel.client
+        sweep = Mutex(client, qos.unacked_mutex_key, qos.unacked_mutex_expire)
+        sweep.__enter__()  # the sweeping worker dies here, lock held, never released
+        with pytest.raises(MutexHeld), Mutex(client, qos.unacked_mutex_key, qos.unacked_mutex_expire):
+            pass  # another worker's sweep is refused while the lock lives
+        lock_key = broker_key_prefix() + qos.unacked_mutex_key
+        assert 0 < get_redis().ttl(lock_key) <= 25
+        get_redis().delete(lock_key)
+
+
 def test_an_ehr_failing_twice_then_answering_costs_nothing(
     stack_env: dict[str, str], ehr: FhirTestServer, workers: list[WorkerProcess], tmp_path: Path, tiny_tagger_path: Path
 ) -> None:

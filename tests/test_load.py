@@ -4,6 +4,7 @@ Every note is processed and the EHR holds exactly the resources expected, none t
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -92,15 +93,32 @@ def test_500_notifications_with_worker_restarts_are_each_processed_once(
                     1 for d in list(accepted) if state.get_status(d).get("1", {}).get("status") in ("done", "skipped")
                 )
 
-            wait_until(lambda: finished() >= 100, 300, 0.2, "the first notes were not processed")
+            def unfinished() -> str:
+                """What the notes still open are doing, and what the workers logged, for a failure message."""
+                records = {d: state.get_status(d).get("1", {}) for d in list(accepted)}
+                open_records = {d: r for d, r in records.items() if r.get("status") not in ("done", "skipped")}
+                by_status = Counter(r.get("status", "none") for r in records.values())
+                logs = "\n".join(
+                    f"--- {w.log_path.name}\n"
+                    + "\n".join(
+                        line
+                        for line in w.log_path.read_text(errors="replace").splitlines()
+                        if "ERROR" in line or "WARNING" in line or "Traceback" in line
+                    )[-3000:]
+                    for w in workers
+                )
+                sample = dict(list(open_records.items())[:5])
+                return f"{len(accepted)} accepted, statuses {dict(by_status)}; open: {sample}\n{logs}"
+
+            wait_until(lambda: finished() >= 100, 300, 0.2, unfinished)
             model_worker.kill()  # kill -9 in the middle of the run
             model_worker = start("inference", "inference-2")
-            wait_until(lambda: finished() >= 250, 300, 0.2, "processing did not resume")
+            wait_until(lambda: finished() >= 250, 300, 0.2, unfinished)
             io_worker.stop()  # a warm restart of the I/O worker
             io_worker = start("io", "io-2")
             sender.join(timeout=300)
             assert not sender.is_alive() and len(accepted) == NOTES
-            wait_until(lambda: finished() == NOTES, 400, 0.5, "not every note was processed")
+            wait_until(lambda: finished() == NOTES, 400, 0.5, unfinished)
             records = {d: state.get_status(d)["1"] for d in accepted}
     finally:
         for worker in workers:

@@ -305,8 +305,7 @@ def _run_stage(
         raise
     if result is ALREADY_DONE:
         return {"already": "done"}
-    if isinstance(result, Handoff):
-        state.set_status(document_id, version_id, "processing", stage=result.stage)
+    if isinstance(result, Handoff):  # its status was recorded before the next stage was queued
         return {"handoff": result.stage}
     if "skipped" in result:
         state.set_status(document_id, version_id, "skipped", reason=result.pop("skipped"), **result)
@@ -330,6 +329,14 @@ def _send(task: str, document_id: str, version_id: str) -> None:
     get_celery_app().send_task(task, args=[document_id, version_id], priority=priority)
 
 
+def _hand_on(task: str, document_id: str, version_id: str, stage: str) -> Handoff:
+    """Record the stage, then queue it. In that order: the next stage may finish the note at once, and its
+    final status must be the last one written (a late "processing" is refused once the note is finished)."""
+    get_note_state().advance_status(document_id, version_id, "processing", stage=stage)
+    _send(task, document_id, version_id)
+    return Handoff(stage)
+
+
 def load_document(document_id: str, version_id: str) -> dict[str, Any]:
     """The version's DocumentReference: as the notification brought it, else read from the EHR."""
     document = get_note_state().load_note(document_id, version_id)
@@ -351,14 +358,13 @@ def start_note(document_id: str, version_id: str) -> dict[str, Any] | Handoff:
     state = get_note_state()
     if is_done(document_id, version_id):  # delivered again after the note was finished (an acknowledgement lost)
         return ALREADY_DONE
-    state.set_status(document_id, version_id, "processing", stage="reading")
+    state.advance_status(document_id, version_id, "processing", stage="reading")
     document = load_document(document_id, version_id)
     if is_retracted(document):
         return retract_document(str(document.get("id") or document_id), version_id)
     item = read_note(document)
     work_store().put_input(document_id, version_id, item)
-    _send(TAG_NOTES, document_id, version_id)
-    return Handoff("waiting for the model")
+    return _hand_on(TAG_NOTES, document_id, version_id, "waiting for the model")
 
 
 def finish_note(document_id: str, version_id: str) -> dict[str, Any] | Handoff:
@@ -371,8 +377,7 @@ def finish_note(document_id: str, version_id: str) -> dict[str, Any] | Handoff:
         logger.warning(
             "tagging output missing, note restarted", extra={"document_version": f"{document_id}/{version_id}"}
         )
-        _send(PROCESS_NOTE, document_id, version_id)
-        return Handoff("restarted")
+        return _hand_on(PROCESS_NOTE, document_id, version_id, "restarted")
     # A backfill's note reaches the EHR at its run's rate, however many of them the workers have in hand.
     from core.backfill import pace_bulk_note
 
@@ -486,7 +491,7 @@ def tag_jobs(jobs: list[tuple[str, str]]) -> set[tuple[str, str]]:
     if not ready:
         return done
     for job, _ in ready:
-        state.set_status(*job, "processing", stage="tagging")
+        state.advance_status(*job, "processing", stage="tagging")
     try:
         found, model = tag_texts(get_pipeline(), [item.text for _, item in ready], [item.language for _, item in ready])
     except BROKER_ERRORS:
@@ -505,8 +510,7 @@ def tag_jobs(jobs: list[tuple[str, str]]) -> set[tuple[str, str]]:
         return done
     store.put_outputs({job: (mentions, model) for (job, _), mentions in zip(ready, found, strict=True)})
     for job, _ in ready:
-        _send(WRITE_NOTE, *job)
-        state.set_status(*job, "processing", stage="writing")
+        _hand_on(WRITE_NOTE, *job, "writing")
         done.add(job)
     return done
 

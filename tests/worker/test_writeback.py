@@ -429,6 +429,38 @@ def test_a_mismatched_transaction_response_is_an_error() -> None:
         check_transaction_response(bundle, {"resourceType": "OperationOutcome"})
 
 
+def test_a_next_stage_that_finishes_the_note_at_once_leaves_it_done(
+    writeback_env: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each stage queues the next, whose worker may finish the note before the sender has gone on (a busy
+    machine deschedules it). The sender's "processing" must not land after that "done": here every next stage
+    runs to the end inside ``_send``, the worst ordering, and the note ends done."""
+    from core.deps import get_note_state, reset_dependencies
+    from core.settings import get_settings
+    from worker.tasks import PROCESS_NOTE, TAG_NOTES, WRITE_NOTE, process_note, tag_jobs, write_note
+
+    def next_stage_runs_at_once(task: str, doc: str, version: str) -> None:
+        {PROCESS_NOTE: process_note.run, WRITE_NOTE: write_note.run}.get(task, lambda *job: tag_jobs([job]))(
+            doc, version
+        )
+        assert task in (PROCESS_NOTE, TAG_NOTES, WRITE_NOTE)
+
+    monkeypatch.setattr("worker.tasks._send", next_stage_runs_at_once)
+    monkeypatch.setenv("FHIR_NER_EHR_BASE_URL", writeback_env.base_url)
+    monkeypatch.setenv("FHIR_NER_IDENTIFIER_NAMESPACE", NAMESPACE)
+    get_settings.cache_clear()
+    reset_dependencies()
+    document = note_document(writeback_env, "Neumonía.")
+    state = get_note_state()
+    state.store_note(document["id"], "1", document)
+
+    assert process_note.run(document["id"], "1") == {"handoff": "waiting for the model"}
+    record = state.get_status(document["id"])["1"]
+    assert record["status"] == "done" and record["mentions"] == 1
+    assert not state.advance_status(document["id"], "1", "processing", stage="writing")
+    assert state.get_status(document["id"])["1"] == record
+
+
 def test_the_three_stages_hand_on_by_id_and_record_the_outcome_in_the_note_status(
     writeback_env: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
