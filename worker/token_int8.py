@@ -10,15 +10,18 @@ weight, per mention. One scale per token is also closer to float32 (cosine 0.999
 query encoder, CodiEsp train synonyms).
 
 Attention, layer norms, the activation function and the embeddings stay float32. The int8 products are
-``torch._int_mm`` (oneDNN: VNNI where the CPU has it); where that operator is missing or refuses, the same
-integers are multiplied in float32, which is exact for these sizes (sums of at most 1,536 products of 127 x 127
-stay below 2**25; the float32 sum may round the last bit beyond 2**24, far below the activations' own rounding).
+``torch._int_mm`` (oneDNN: VNNI where the CPU has it); where that operator is missing, refuses, or is slower
+than float32 (:func:`int_mm_pays`: on a CPU without VNNI, AVX2 only, it ran 35-40x slower), the same integers
+are multiplied in float32, which is exact for these sizes (sums of at most 1,536 products of 127 x 127 stay
+below 2**25; the float32 sum may round the last bit beyond 2**24, far below the activations' own rounding).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -37,14 +40,17 @@ class _Int8Linear:
         self.weight = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).t().contiguous()  # [in, out]
         self.scale = scale
         self.bias = bias.detach().float()
+        self._float_weight: torch.Tensor | None = None  # the same integers in float32, made on first use
 
     def __call__(self, x: torch.Tensor, exact_int_mm: bool) -> torch.Tensor:
         row_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        quantised = torch.round(x / row_scale).clamp(-127, 127).to(torch.int8)
+        quantised = torch.round(x / row_scale).clamp_(-127, 127)  # integers, still in float32
         if exact_int_mm:
-            product = torch._int_mm(quantised, self.weight).float()
+            product = torch._int_mm(quantised.to(torch.int8), self.weight).float()
         else:
-            product = quantised.float() @ self.weight.float()
+            if self._float_weight is None:
+                self._float_weight = self.weight.float()
+            product = quantised @ self._float_weight
         return torch.addcmul(self.bias, product, row_scale * self.scale)
 
 
@@ -56,6 +62,43 @@ def _int_mm_works() -> bool:
         return bool(torch.equal(torch._int_mm(a, b), a.int() @ b.int()))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+def _best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@lru_cache(maxsize=1)
+def int_mm_pays() -> bool:
+    """Whether ``torch._int_mm`` is right on this CPU and faster than the same integers multiplied in float32.
+
+    Asked once per process, on one product of a note's size (a few milliseconds; the answer changes only the
+    speed, never a result). With VNNI (AVX512-VNNI, AVX-VNNI, AMX) oneDNN's int8 product is the faster; on an AMD
+    EPYC with AVX2 only it ran at 3.5 GFLOP/s against float32's 130 (session 12), so there the int8 arithmetic
+    stays and its products run in float32, and the linker searches its index in float32 alone.
+    """
+    if not _int_mm_works():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randint(-127, 128, (128, 384), dtype=torch.int8, generator=generator)
+    right = torch.randint(-127, 128, (384, 384), dtype=torch.int8, generator=generator)
+    left_float, right_float = left.float(), right.float()
+    integer = _best_seconds(lambda: torch._int_mm(left, right))
+    floating = _best_seconds(lambda: left_float @ right_float)
+    pays = integer < floating
+    logger.info(
+        "int8 products: %s (torch._int_mm %.2f ms, float32 %.2f ms)",
+        "torch._int_mm" if pays else "float32",
+        integer * 1000,
+        floating * 1000,
+    )
+    return pays
 
 
 class _Float32Linear:
@@ -116,9 +159,7 @@ class TokenInt8Encoder:
         self.heads = int(config.num_attention_heads)
         self.hidden = int(config.hidden_size)
         self.layers = encoder_layers(model)
-        self.exact_int_mm = _int_mm_works()
-        if not self.exact_int_mm:
-            logger.info("linker query encoder: torch._int_mm unavailable; int8 products run in float32 (same result)")
+        self.exact_int_mm = int_mm_pays()  # else the same integers multiplied in float32: the same result
 
     @property
     def device(self) -> torch.device:

@@ -231,7 +231,9 @@ def test_the_translated_names_come_from_codiesp_codes_and_name_six_languages() -
     assert len({(system, language, normalise(term)) for system, _, language, term in chosen}) == len(chosen)
 
 
-def test_a_translated_name_is_matched_as_text_only_in_its_language(service: TerminologyService) -> None:
+def test_a_translated_name_is_matched_as_text_only_in_its_language(
+    service: TerminologyService, int8_first_pass: None
+) -> None:
     profile = load_profile()
     (czech,) = code_mentions(["plicní tuberkulóza"], "DISEASE", "cs", 5, profile, service)
     assert czech.candidates[0][1] == "A15.0" and czech.candidates[0][3] == 1.0 and czech.written() == "A15.0"
@@ -248,7 +250,8 @@ def test_a_translated_name_is_matched_as_text_only_in_its_language(service: Term
     rows, blocks = index._rows((), False, "es")
     assert rows is not None and not (index._translated[rows] != "").any()
     assert len(blocks) == 1 and np.shares_memory(blocks[0], index.matrix)
-    # The int8 rows of the two-pass search are views too.
+    # The int8 rows of the two-pass search (where the CPU multiplies int8 fast) are views too.
+    index.set_int8_first_pass(True)
     assert index.coarse is not None
     for language in ("es", *TRANSLATION_LANGUAGES):
         key = ("categories=False", f"scope={language}")
@@ -256,8 +259,20 @@ def test_a_translated_name_is_matched_as_text_only_in_its_language(service: Term
         assert all(np.shares_memory(block, index.coarse[0]) for block in index._coarse_subsets[key][0])
 
 
+@pytest.fixture()
+def int8_first_pass(service: TerminologyService) -> Iterator[None]:
+    """The two-pass search on, whatever this CPU's int8 speed (:func:`worker.token_int8.int_mm_pays`); as it was
+    after the test."""
+    from worker.token_int8 import int_mm_pays
+
+    index = service.index("icd-10-cm")
+    index.set_int8_first_pass(True)
+    yield
+    index.set_int8_first_pass(int_mm_pays())
+
+
 def test_the_two_pass_search_finds_the_float32_searchs_rows(
-    service: TerminologyService, monkeypatch: pytest.MonkeyPatch
+    service: TerminologyService, monkeypatch: pytest.MonkeyPatch, int8_first_pass: None
 ) -> None:
     """The int8 first pass over ICD-10-CM picks rows whose float32 cosines give the one-pass answer: the same rows
     in the same order, the same scores up to float32 rounding, and the same codes for mentions of every language."""
@@ -305,6 +320,33 @@ def test_the_two_pass_search_finds_the_float32_searchs_rows(
     q, scale = index.coarse
     assert q.dtype == np.int8 and scale.dtype == np.float32
     assert np.abs(q[:500] * scale[:500, None] - index.matrix[:500]).max() <= scale[:500].max() / 2 + 1e-6
+
+
+def test_where_int8_products_are_slow_the_index_keeps_no_int8_rows_and_searches_in_float32(
+    service: TerminologyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.terminology as terminology
+    from worker.token_int8 import int_mm_pays
+
+    index = service.index("icd-10-cm")
+    assert service.store is not None
+    vectors = service.store.queries.encode(["insuficiencia renal crónica agudizada"])
+    index.set_int8_first_pass(True)
+    try:
+        two_pass = index._best(vectors, (), False, "es", terminology.WIDE_NEIGHBOURS)
+        index.set_int8_first_pass(False)
+        assert index.coarse is None
+
+        def no_first_pass(*args: object) -> np.ndarray:
+            raise AssertionError("an int8 first pass ran")
+
+        monkeypatch.setattr(terminology, "_coarse_scores", no_first_pass)
+        one_pass = index._best(vectors, (), False, "es", terminology.WIDE_NEIGHBOURS)
+        assert index._coarse_subsets == {}
+    finally:
+        index.set_int8_first_pass(int_mm_pays())
+    np.testing.assert_allclose(two_pass[2], one_pass[2], atol=1e-5)
+    assert (two_pass[1] != one_pass[1]).sum() <= 4
 
 
 def test_the_shipped_index_holds_the_translated_names(service: TerminologyService) -> None:

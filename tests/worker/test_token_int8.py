@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.token_int8 import TokenInt8Encoder, _int_mm_works
+from worker.token_int8 import TokenInt8Encoder, _int_mm_works, int_mm_pays
 
 TEXTS = [
     "dolor torácico opresivo irradiado al brazo izquierdo",
@@ -71,17 +72,50 @@ def test_without_int_mm_the_same_integers_are_multiplied_in_float32(
     tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, tokenizer = tiny
-    assert _int_mm_works()  # this PyTorch has the CPU operator, so the float32 way is the fallback
-    exact = int8_vectors(TokenInt8Encoder(model), tokenizer, TEXTS)
+    assert _int_mm_works()  # this PyTorch has the CPU operator
+    exact = TokenInt8Encoder(model)
+    exact.exact_int_mm = True  # whatever this CPU's speed: the integer products themselves
+    reference = int8_vectors(exact, tokenizer, TEXTS)
 
     def refuses(*args: Any) -> Any:
         raise RuntimeError("_int_mm: not supported here")
 
     monkeypatch.setattr(torch, "_int_mm", refuses)
-    assert not _int_mm_works()
-    fallback = TokenInt8Encoder(model)
+    int_mm_pays.cache_clear()
+    try:
+        assert not _int_mm_works() and not int_mm_pays()
+        fallback = TokenInt8Encoder(model)
+    finally:
+        int_mm_pays.cache_clear()
     assert not fallback.exact_int_mm
-    np.testing.assert_allclose(int8_vectors(fallback, tokenizer, TEXTS), exact, atol=1e-6)
+    np.testing.assert_allclose(int8_vectors(fallback, tokenizer, TEXTS), reference, atol=1e-6)
+
+
+def test_int_mm_is_used_only_where_it_beats_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU without VNNI (AVX2 only) ``torch._int_mm`` ran 35-40x slower than float32: the probe times both
+    on one product and keeps the faster (here the integer product is replaced by a slow and by a fast one)."""
+    real = torch._int_mm
+    known: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def slow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.01)
+        return real(a, b)
+
+    def instant(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        key = (a.data_ptr(), b.data_ptr(), *a.shape, *b.shape)
+        if key not in known:
+            known[key] = real(a, b)  # the first call (a warm-up) computes it; the timed ones look it up
+        return known[key]
+
+    try:
+        for fake, expected in ((slow, False), (instant, True)):
+            monkeypatch.setattr(torch, "_int_mm", fake)
+            int_mm_pays.cache_clear()
+            assert int_mm_pays() is expected
+            assert int_mm_pays() is expected  # asked once per process
+    finally:
+        monkeypatch.setattr(torch, "_int_mm", real)
+        int_mm_pays.cache_clear()
 
 
 def test_relative_positions_are_refused(tiny: tuple[Any, Any]) -> None:
