@@ -295,7 +295,8 @@ def _run_stage(
         raise
     except EhrError as error:
         if error.transient and _has_retries_left(self):
-            state.set_status(document_id, version_id, "queued", reason=f"retrying: {error}")
+            # Unless another delivery of the note has finished it meanwhile (then the retry finds it done).
+            state.advance_status(document_id, version_id, "queued", reason=f"retrying: {error}")
             _retry(self)
         dead_letter(self.name, document_id, version_id, str(error), int(self.request.retries or 0) + 1)
         raise

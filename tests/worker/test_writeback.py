@@ -461,6 +461,34 @@ def test_a_next_stage_that_finishes_the_note_at_once_leaves_it_done(
     assert state.get_status(document["id"])["1"] == record
 
 
+def test_a_retry_of_a_stage_never_reopens_a_note_another_delivery_finished(
+    app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two deliveries of a write stage: one finishes the note while the other fails on a busy EHR (503) and is
+    retried. The retry's "queued" must not replace "done"; without another delivery it is recorded."""
+    from celery.exceptions import Retry
+
+    from core.deps import get_note_state
+    from worker import tasks
+    from worker.ehr import EhrError
+
+    state = get_note_state()
+
+    def finished_elsewhere_then_busy(document_id: str, version_id: str) -> dict[str, Any]:
+        state.set_status(document_id, version_id, "done", mentions=1)
+        raise EhrError("503 from the EHR", 503)
+
+    def busy(document_id: str, version_id: str) -> dict[str, Any]:
+        raise EhrError("503 from the EHR", 503)
+
+    for stage, expected in ((finished_elsewhere_then_busy, "done"), (busy, "queued")):
+        monkeypatch.setattr(tasks, "finish_note", stage)
+        state.set_status("doc-retry", "1", "processing", stage="writing")
+        with pytest.raises(Retry):
+            tasks.write_note.run("doc-retry", "1")
+        assert state.get_status("doc-retry")["1"]["status"] == expected
+
+
 def test_the_three_stages_hand_on_by_id_and_record_the_outcome_in_the_note_status(
     writeback_env: FhirTestServer, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
