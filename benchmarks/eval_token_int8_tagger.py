@@ -9,9 +9,11 @@ span-edge rules, the checkpoint's threshold) against the fp32 scores the checkpo
     .venv/bin/python benchmarks/eval_token_int8_tagger.py --keep down     # feed-forward output projections fp32
     .venv/bin/python benchmarks/eval_token_int8_tagger.py --speed         # tokens/s: fp32, bf16, int8, int8 compiled
     .venv/bin/python benchmarks/eval_token_int8_tagger.py --checkpoint CKPT   # another tagger (default: shipped)
+    .venv/bin/python benchmarks/eval_token_int8_tagger.py --weight-bits 7  # weights in 7 bits (AVX2's u8 x s8 product)
 
 ``--keep`` names linear groups left fp32: qkv, out (attention output), up, down (feed-forward), each optionally
-followed by a layer number (``down11``).
+followed by a layer number (``down11``). Scoring multiplies the integers with ``torch._int_mm`` where it pays
+(``worker.token_int8.int_mm_pays``), else in float32: the same integers, the same result.
 """
 
 from __future__ import annotations
@@ -37,24 +39,32 @@ class Int8Hidden(torch.nn.Module):
     """Stands in for the tagger's encoder: the same embeddings, layer norms and attention (float32), the linear
     layers in per-token int8 except the groups in ``keep``; returns ``last_hidden_state`` as the encoder does."""
 
-    def __init__(self, encoder: Any, keep: set[str]) -> None:
+    def __init__(
+        self,
+        encoder: Any,
+        keep: set[str],
+        weight_levels: int = 127,
+        exact_int_mm: bool = True,
+        activation_levels: int = 127,
+    ) -> None:
         from worker.token_int8 import encoder_layers
 
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
         self.hidden, self.heads = int(encoder.config.hidden_size), int(encoder.config.num_attention_heads)
-        self.layers = encoder_layers(encoder, keep)
+        self.layers = encoder_layers(encoder, keep, weight_levels, activation_levels)
+        self.exact = exact_int_mm  # False: the same integers multiplied in float32 (the same result)
 
     def body(self, x: torch.Tensor, blocked: torch.Tensor, batch: int, length: int) -> torch.Tensor:
         head_size = self.hidden // self.heads
         for layer in self.layers:
-            qkv = layer["qkv"](x, True).view(batch, length, 3, self.heads, head_size)
+            qkv = layer["qkv"](x, self.exact).view(batch, length, 3, self.heads, head_size)
             query, key, value = qkv.permute(2, 0, 3, 1, 4)
             context = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=blocked)
             context = context.transpose(1, 2).reshape(batch * length, self.hidden)
-            x = layer["norm1"](layer["out"](context, True) + x)
-            x = layer["norm2"](layer["down"](layer["act"](layer["up"](x, True)), True) + x)
+            x = layer["norm1"](layer["out"](context, self.exact) + x)
+            x = layer["norm2"](layer["down"](layer["act"](layer["up"](x, self.exact)), self.exact) + x)
         return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> Any:
@@ -66,17 +76,18 @@ class Int8Hidden(torch.nn.Module):
         return types.SimpleNamespace(last_hidden_state=hidden.view(batch, length, self.hidden))
 
 
-def accuracy(checkpoint: Path, keep: set[str]) -> None:
+def accuracy(checkpoint: Path, keep: set[str], weight_levels: int = 127, activation_levels: int = 127) -> None:
     from eval_languages import validation
 
     import worker.nlp.training as training
     from worker.nlp.tagger import ClinicalTagger
+    from worker.token_int8 import int_mm_pays
 
     original = ClinicalTagger.from_pretrained.__func__  # type: ignore[attr-defined]
 
     def with_int8(cls: type, *args: Any, **kwargs: Any) -> Any:
         tagger = original(cls, *args, **kwargs)
-        tagger.encoder = Int8Hidden(tagger.encoder, keep)
+        tagger.encoder = Int8Hidden(tagger.encoder, keep, weight_levels, int_mm_pays(), activation_levels)
         return tagger
 
     training.ClinicalTagger.from_pretrained = classmethod(with_int8)  # type: ignore[method-assign, assignment]
@@ -95,7 +106,11 @@ def accuracy(checkpoint: Path, keep: set[str]) -> None:
             f"{name[:2]}  int8 {mine['strict_f1']:.4f} / {mine['overlap_f1']:.4f}  fp32 {fp32['strict_f1']:.4f} / "
             f"{fp32['overlap_f1']:.4f}  points {strict:+.2f} / {overlap:+.2f}"
         )
-    print(f"kept fp32: {sorted(keep) or 'nothing'}; worst {worst:+.2f} points (bar -0.50)")
+    print(
+        f"kept fp32: {sorted(keep) or 'nothing'}; weights {weight_levels.bit_length() + 1} bits, "
+        f"tokens {activation_levels.bit_length() + 1} bits; "
+        f"worst {worst:+.2f} points (bar -0.50)"
+    )
 
 
 def speed(checkpoint: Path, keep: set[str], windows: int = 8, length: int = 512) -> None:
@@ -142,14 +157,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", default="", help="linear groups left fp32, comma-separated (qkv, out, up, down)")
     parser.add_argument("--speed", action="store_true", help="time the encoder instead of scoring it")
+    parser.add_argument(
+        "--weight-bits",
+        type=int,
+        choices=(8, 7),
+        default=8,
+        help="7: weights in -63..63, which AVX2's u8 x s8 product adds without saturating (bench_int8_products.py)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="a tagger with a bf16 record (its fp32 scores)"
     )
+    parser.add_argument(
+        "--activation-bits", type=int, choices=(8, 7), default=8, help="7: each token's integers in -63..63"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep = {name.strip() for name in args.keep.split(",") if name.strip()}
-    speed(args.checkpoint, keep) if args.speed else accuracy(args.checkpoint, keep)
+    levels = 2 ** (args.weight_bits - 1) - 1
+    activation_levels = 2 ** (args.activation_bits - 1) - 1
+    speed(args.checkpoint, keep) if args.speed else accuracy(args.checkpoint, keep, levels, activation_levels)
 
 
 if __name__ == "__main__":

@@ -34,17 +34,26 @@ logger = logging.getLogger("fhir_ner.terminology")
 class _Int8Linear:
     """``x @ weight.T + bias`` with int8 weights (a scale per output channel) and int8 tokens (a scale per row)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor, levels: int = 127, activation_levels: int = 127
+    ) -> None:
+        """``levels`` and ``activation_levels``: the largest integer of the weights and of the tokens (127: int8;
+        63: 7 bits; with either in 7 bits, AVX2's unsigned x signed int8 product, ``vpmaddubsw``, adds its pairs
+        without saturating)."""
+        self.activation_levels = float(activation_levels)
         weight = weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.weight = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).t().contiguous()  # [in, out]
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / levels
+        self.weight = (
+            torch.round(weight / scale[:, None]).clamp(-levels, levels).to(torch.int8).t().contiguous()
+        )  # [in, out]
         self.scale = scale
         self.bias = bias.detach().float()
         self._float_weight: torch.Tensor | None = None  # the same integers in float32, made on first use
 
     def __call__(self, x: torch.Tensor, exact_int_mm: bool) -> torch.Tensor:
-        row_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        quantised = torch.round(x / row_scale).clamp_(-127, 127)  # integers, still in float32
+        levels = self.activation_levels
+        row_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / levels
+        quantised = torch.round(x / row_scale).clamp_(-levels, levels)  # integers, still in float32
         if exact_int_mm:
             product = torch._int_mm(quantised.to(torch.int8), self.weight).float()
         else:
@@ -112,15 +121,18 @@ class _Float32Linear:
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-def encoder_layers(model: Any, keep_fp32: Collection[str] = ()) -> list[dict[str, Any]]:
+def encoder_layers(
+    model: Any, keep_fp32: Collection[str] = (), weight_levels: int = 127, activation_levels: int = 127
+) -> list[dict[str, Any]]:
     """Per encoder layer: its linear groups (``qkv``: query, key and value fused; ``out``, the attention output;
     ``up`` and ``down``, the feed-forward) in per-token int8, or float32 for the groups ``keep_fp32`` names (a group,
     or a group and a layer number: ``down11``), with the layer's norms (``norm1``, ``norm2``, shared, not copied)
-    and activation (``act``)."""
+    and activation (``act``). ``weight_levels``, ``activation_levels``: see :class:`_Int8Linear`."""
 
     def linear(weight: torch.Tensor, bias: torch.Tensor, group: str, index: int) -> _Int8Linear | _Float32Linear:
-        kept = group in keep_fp32 or f"{group}{index}" in keep_fp32
-        return (_Float32Linear if kept else _Int8Linear)(weight, bias)
+        if group in keep_fp32 or f"{group}{index}" in keep_fp32:
+            return _Float32Linear(weight, bias)
+        return _Int8Linear(weight, bias, weight_levels, activation_levels)
 
     layers: list[dict[str, Any]] = []
     for index, layer in enumerate(model.encoder.layer):
