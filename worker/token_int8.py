@@ -12,8 +12,9 @@ query encoder, CodiEsp train synonyms).
 Attention, layer norms, the activation function and the embeddings stay float32. The int8 products are
 ``torch._int_mm`` (oneDNN: VNNI where the CPU has it); where that operator is missing, refuses, or is slower
 than float32 (:func:`int_mm_pays`: on a CPU without VNNI, AVX2 only, it ran 35-40x slower), the same integers
-are multiplied in float32, which is exact for these sizes (sums of at most 1,536 products of 127 x 127 stay
-below 2**25; the float32 sum may round the last bit beyond 2**24, far below the activations' own rounding).
+are multiplied in float32, in slices of the inner dimension short enough that every partial sum stays below 2**24
+(exact whatever the kernel's order), the slices added in float64: the same float32 result as ``_int_mm``'s, to the
+bit and for any batch.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ class _Int8Linear:
         )  # [in, out]
         self.scale = scale
         self.bias = bias.detach().float()
-        self._float_weight: torch.Tensor | None = None  # the same integers in float32, made on first use
+        # Inner-dimension slices short enough that no partial sum of products reaches 2**24, where float32 stops
+        # holding every integer: each slice's float32 product is then exact whatever the kernel's order.
+        self._slice = max(1, 2**24 // (int(levels) * int(activation_levels)))
+        self._float_weights: list[torch.Tensor] | None = None  # those slices in float32, made on first use
 
     def __call__(self, x: torch.Tensor, exact_int_mm: bool) -> torch.Tensor:
         levels = self.activation_levels
@@ -57,10 +61,23 @@ class _Int8Linear:
         if exact_int_mm:
             product = torch._int_mm(quantised.to(torch.int8), self.weight).float()
         else:
-            if self._float_weight is None:
-                self._float_weight = self.weight.float()
-            product = quantised @ self._float_weight
+            product = self._float_product(quantised)
         return torch.addcmul(self.bias, product, row_scale * self.scale)
+
+    def _float_product(self, quantised: torch.Tensor) -> torch.Tensor:
+        """The integer product in float32 arithmetic, equal to ``torch._int_mm``'s rounded to float32, to the bit
+        and for any batch: each slice's product is exact, and the slices' sums are added exactly (float64) before
+        the one rounding to float32 that ``_int_mm(...).float()`` makes too."""
+        if self._float_weights is None:
+            self._float_weights = [part.float() for part in self.weight.split(self._slice)]
+        if len(self._float_weights) == 1:
+            return quantised @ self._float_weights[0]
+        total: torch.Tensor | None = None
+        for part, weight in zip(quantised.split(self._slice, dim=1), self._float_weights, strict=True):
+            partial = (part @ weight).double()
+            total = partial if total is None else total + partial
+        assert total is not None
+        return total.float()
 
 
 def _int_mm_works() -> bool:

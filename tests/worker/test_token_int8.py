@@ -88,7 +88,33 @@ def test_without_int_mm_the_same_integers_are_multiplied_in_float32(
     finally:
         int_mm_pays.cache_clear()
     assert not fallback.exact_int_mm
-    np.testing.assert_allclose(int8_vectors(fallback, tokenizer, TEXTS), reference, atol=1e-6)
+    np.testing.assert_array_equal(int8_vectors(fallback, tokenizer, TEXTS), reference)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_float32_product_is_int_mms_to_the_bit_for_any_batch(threads: int) -> None:
+    """A feed-forward output projection (1,536 inputs: sums of products reach 2**24, beyond which float32 rounds):
+    its float32 product equals ``torch._int_mm``'s, for a row alone and inside batches of any size."""
+    from worker.token_int8 import _Int8Linear
+
+    generator = torch.Generator().manual_seed(3)
+    # Weights of +-1 (every integer +-127) and rows that follow one channel's signs (integers 120-127): that
+    # channel's sum of products is ~24 million, past 2**24, where a float32 sum rounds by the order it is taken in.
+    signs = torch.randint(0, 2, (384, 1536), generator=generator).float() * 2 - 1
+    linear = _Int8Linear(signs, torch.zeros(384))
+    channels = torch.randint(0, 384, (42,), generator=generator)
+    rows = signs[channels] * (120 + 7 * torch.rand(42, 1536, generator=generator))
+    rows[:2] = torch.randn(2, 1536, generator=generator)  # and two ordinary rows
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        exact = linear(rows, exact_int_mm=True)
+        assert torch.equal(linear(rows, exact_int_mm=False), exact)
+        for size in (1, 3, 17):
+            assert torch.equal(linear(rows[:size], exact_int_mm=False), exact[:size])
+        assert torch.equal(linear(rows[-1:], exact_int_mm=False), exact[-1:])
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_int_mm_is_used_only_where_it_beats_float32(monkeypatch: pytest.MonkeyPatch) -> None:
