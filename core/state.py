@@ -44,7 +44,6 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
-FINISHED_STATUSES = ("done", "skipped")
 
 
 class NoteState:
