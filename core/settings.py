@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     broker_restore_interval: int = Field(
         default=10, ge=1, description="How often workers look for such abandoned messages, in seconds."
     )
+    lost_message_seconds: int = Field(
+        default=300,
+        ge=0,
+        description="A note whose status has not moved for this long, with its stage's message neither queued nor "
+        "held by a worker (lost by a worker killed while taking it), gets that stage sent again by the I/O "
+        "workers, which look every half of it; 0 turns the check off.",
+    )
     task_soft_time_limit: int = Field(default=600, ge=1, description="A task is asked to stop after this many s.")
     task_time_limit: int = Field(default=660, ge=1, description="A task is killed after this many seconds.")
     task_max_retries: int = Field(

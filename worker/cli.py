@@ -74,6 +74,14 @@ def worker(queues: str, pool: str | None, concurrency: int | None, loglevel: str
     setup_logging.connect(lambda **_: configure_logging(loglevel), weak=False)
     configure_logging(loglevel)
     logger.info("OpenMP threads wait: %s (FHIR_NER_THREAD_WAIT or OMP_WAIT_POLICY)", waiting)
+    if "io" in kinds:
+        from celery.signals import worker_ready, worker_shutdown
+
+        from worker.reconcile import LostMessageWatch
+
+        watch = LostMessageWatch()
+        worker_ready.connect(lambda **_: watch.start(), weak=False)
+        worker_shutdown.connect(lambda **_: watch.stop(), weak=False)
     app = get_celery_app()
     app.worker_main(
         [
