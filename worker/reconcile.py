@@ -12,6 +12,7 @@ that stage again. A queue longer than :data:`MAX_QUEUE_SCAN` is a backlog, not a
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 
 logger = logging.getLogger("fhir_ner.worker")
 
+READ_BATCH = 500  # status hashes read per round trip
 MAX_QUEUE_SCAN = 20_000  # messages read per queue per round; a longer queue is a backlog: skip the round
 IN_FLIGHT = ("queued", "processing")
 LOCK_SECONDS_FLOOR = 5
@@ -66,15 +68,26 @@ def _messages_in_flight(client: Any) -> set[tuple[str, str]] | None:
 
 
 def _in_flight_notes(client: Any, prefix: str, older_than: float) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(document, version, status record) of every note version in flight whose status is older than that."""
+    """(document, version, status record) of every note version in flight whose status is older than that.
+
+    Reads every status the deployment keeps (``NOTE_TTL_SECONDS``), :data:`READ_BATCH` per round trip: a cost in
+    proportion to the notes kept, paid once a round by one worker."""
     status_prefix = f"{prefix}:status:"
-    for key in client.scan_iter(match=status_prefix + "*", count=1000):
-        name = key.decode() if isinstance(key, bytes) else key
-        document_id = name[len(status_prefix) :]
-        for version, raw in client.hgetall(key).items():
-            record = json.loads(raw)
-            if record.get("status") in IN_FLIGHT and float(record.get("updated", 0)) < older_than:
-                yield document_id, version.decode() if isinstance(version, bytes) else version, record
+    keys = client.scan_iter(match=status_prefix + "*", count=READ_BATCH)
+    while batch := list(itertools.islice(keys, READ_BATCH)):
+        pipe = client.pipeline(transaction=False)
+        for key in batch:
+            pipe.hgetall(key)
+        for key, versions in zip(batch, pipe.execute(), strict=True):
+            name = key.decode() if isinstance(key, bytes) else key
+            for version, raw in versions.items():
+                record = json.loads(raw)
+                if record.get("status") in IN_FLIGHT and float(record.get("updated", 0)) < older_than:
+                    yield (
+                        name[len(status_prefix) :],
+                        version.decode() if isinstance(version, bytes) else version,
+                        record,
+                    )
 
 
 def _stage_task(document_id: str, version_id: str, record: dict[str, Any]) -> str:
