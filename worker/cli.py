@@ -368,10 +368,10 @@ def dlq_retry(letter_id: str | None, retry_all: bool) -> None:
     for letter in letters:
         if letter is None:
             continue
+        if letter.task in NOTE_TASKS:  # before the message: its worker may finish the note at once
+            get_note_state().set_status(str(letter.args[0]), str(letter.args[1]), "queued", reason="retried from dlq")
         app.send_task(letter.task, args=letter.args)
         store.remove(letter.id)
-        if letter.task in NOTE_TASKS:
-            get_note_state().set_status(str(letter.args[0]), str(letter.args[1]), "queued", reason="retried from dlq")
         click.echo(f"requeued {letter.id}")
 
 

@@ -104,12 +104,12 @@ def retry_letter(letter_id: str) -> bool:
     letter = store.get(letter_id)
     if letter is None:
         return False
-    get_celery_app().send_task(letter.task, args=letter.args)
-    store.remove(letter.id)
-    if letter.task in NOTE_TASKS:
+    if letter.task in NOTE_TASKS:  # before the message: its worker may finish the note at once
         get_note_state().set_status(
             str(letter.args[0]), str(letter.args[1]), "queued", reason="retried from the review page"
         )
+    get_celery_app().send_task(letter.task, args=letter.args)
+    store.remove(letter.id)
     logger.info("dead letter retried", extra={"dead_letter": letter_id})
     return True
 
