@@ -17,20 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.token_int8 import best_seconds  # noqa: E402
 
 SHAPES = ((384, 384), (384, 1536), (1536, 384))  # (K, N): projections, feed-forward in, feed-forward out
-
-
-def best_seconds(run: Callable[[], object], repeat: int) -> float:
-    run()
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def ort_matmul_integer(m: int, k: int, n: int, threads: int) -> Callable[[], object]:

@@ -20,24 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.token_int8 import best_seconds  # noqa: E402
+
 SHAPES = [(256, 384, 1152), (256, 384, 1536), (256, 1536, 384), (4096, 384, 1536)]
 
 
 def best_ms(run: Callable[..., object], arguments: tuple[Any, ...], repeats: int) -> float:
-    run(*arguments)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(*arguments)
-        best = min(best, time.perf_counter() - start)
-    return round(best * 1000, 3)
+    return round(best_seconds(lambda: run(*arguments), repeats) * 1000, 3)
 
 
 def matmul_integer_session(left_type: int, threads: int) -> Any:
@@ -93,8 +92,6 @@ def main() -> None:
             key = "ort u8s7" if name else "ort u8s8"
             row[key] = {"ms": best_ms(unsigned.run, (None, feeds_u), args.repeats), "exact": exact}
         results.append(row)
-    from pathlib import Path
-
     lines = Path("/proc/cpuinfo").read_text().splitlines()
     flags = next((line for line in lines if line.startswith("flags")), "")
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags]

@@ -354,9 +354,8 @@ def dlq_show(letter_id: str) -> None:
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead-lettered job.")
 def dlq_retry(letter_id: str | None, retry_all: bool) -> None:
     """Send a dead-lettered job (or all of them) back to its queue."""
-    from core.celery_app import get_celery_app
-    from core.deps import get_note_state
-    from worker.tasks import NOTE_TASKS, dead_letter_store
+    from worker.review_tasks import requeue_letter
+    from worker.tasks import dead_letter_store
 
     if bool(letter_id) == retry_all:
         raise CliError("give one job id, or --all")
@@ -364,14 +363,10 @@ def dlq_retry(letter_id: str | None, retry_all: bool) -> None:
     letters = store.list(1_000_000) if retry_all else [store.get(letter_id or "")]
     if letters == [None]:
         raise CliError(f"no dead-lettered job {letter_id!r}")
-    app = get_celery_app()
     for letter in letters:
         if letter is None:
             continue
-        if letter.task in NOTE_TASKS:  # before the message: its worker may finish the note at once
-            get_note_state().set_status(str(letter.args[0]), str(letter.args[1]), "queued", reason="retried from dlq")
-        app.send_task(letter.task, args=letter.args)
-        store.remove(letter.id)
+        requeue_letter(letter, "retried from dlq")
         click.echo(f"requeued {letter.id}")
 
 

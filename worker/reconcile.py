@@ -25,7 +25,7 @@ logger = logging.getLogger("fhir_ner.worker")
 READ_BATCH = 500  # status hashes read per round trip
 MAX_QUEUE_SCAN = 20_000  # messages read per queue per round; a longer queue is a backlog: skip the round
 IN_FLIGHT = ("queued", "processing")
-LOCK_SECONDS_FLOOR = 5
+MIN_ROUND_SECONDS = 5  # the shortest time between two rounds
 
 
 def _note_jobs(raw_messages: Iterable[bytes | str]) -> set[tuple[str, str]]:
@@ -157,7 +157,7 @@ class LostMessageWatch:
         from core.settings import get_settings
 
         settings = get_settings()
-        period = max(LOCK_SECONDS_FLOOR, settings.lost_message_seconds / 2)
+        period = max(MIN_ROUND_SECONDS, settings.lost_message_seconds / 2)
         lock = f"{settings.key_prefix}:lost-message-watch"
         while not self._stop.wait(period):
             try:

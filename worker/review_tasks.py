@@ -22,6 +22,7 @@ from mappings.context import DocumentContext
 from mappings.profile import ProfileError
 from mappings.terminology import TerminologyError
 from mappings.uploaded import parse_uploaded_profile
+from worker.dlq import DeadLetter
 
 logger = logging.getLogger("fhir_ner.worker")
 
@@ -95,21 +96,26 @@ def try_text(request_id: str) -> None:
     store.put_try_result(request_id, result)
 
 
-def retry_letter(letter_id: str) -> bool:
-    """Send a dead-lettered job back to its queue (``fhir-ner dlq retry``); False when there is no such job."""
+def requeue_letter(letter: DeadLetter, reason: str) -> None:
+    """Send a dead-lettered job back to its queue and out of the store; a note's job marks the note queued first
+    (its worker may finish the note at once, and "queued" must not land after that)."""
     from core.celery_app import get_celery_app
     from worker.tasks import NOTE_TASKS, dead_letter_store
 
-    store = dead_letter_store()
-    letter = store.get(letter_id)
+    if letter.task in NOTE_TASKS:
+        get_note_state().set_status(str(letter.args[0]), str(letter.args[1]), "queued", reason=reason)
+    get_celery_app().send_task(letter.task, args=letter.args)
+    dead_letter_store().remove(letter.id)
+
+
+def retry_letter(letter_id: str) -> bool:
+    """Send a dead-lettered job back to its queue from the review page; False when there is no such job."""
+    from worker.tasks import dead_letter_store
+
+    letter = dead_letter_store().get(letter_id)
     if letter is None:
         return False
-    if letter.task in NOTE_TASKS:  # before the message: its worker may finish the note at once
-        get_note_state().set_status(
-            str(letter.args[0]), str(letter.args[1]), "queued", reason="retried from the review page"
-        )
-    get_celery_app().send_task(letter.task, args=letter.args)
-    store.remove(letter.id)
+    requeue_letter(letter, "retried from the review page")
     logger.info("dead letter retried", extra={"dead_letter": letter_id})
     return True
 

@@ -586,9 +586,7 @@ class SourceIndex:
         self.matrix = np.stack([matrices[e.kind][rows[e.kind][e.term]] for e in self.entries]).astype(np.float32)
         from worker.token_int8 import int_mm_pays
 
-        self.set_int8_first_pass(int_mm_pays())
-        self._subsets.clear()
-        self._coarse_subsets.clear()
+        self.set_int8_first_pass(int_mm_pays())  # clears the subsets and their int8 blocks too
         self._codes_of_rows.clear()
         self._term_rows = None
         return True

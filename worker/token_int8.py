@@ -90,7 +90,8 @@ def _int_mm_works() -> bool:
         return False
 
 
-def _best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed runs, after one untimed (a busy machine lowers a best less than a mean)."""
     run()
     best = float("inf")
     for _ in range(repeats):
@@ -115,8 +116,8 @@ def int_mm_pays() -> bool:
     left = torch.randint(-127, 128, (128, 384), dtype=torch.int8, generator=generator)
     right = torch.randint(-127, 128, (384, 384), dtype=torch.int8, generator=generator)
     left_float, right_float = left.float(), right.float()
-    integer = _best_seconds(lambda: torch._int_mm(left, right))
-    floating = _best_seconds(lambda: left_float @ right_float)
+    integer = best_seconds(lambda: torch._int_mm(left, right))
+    floating = best_seconds(lambda: left_float @ right_float)
     pays = integer < floating
     logger.info(
         "int8 products: %s (torch._int_mm %.2f ms, float32 %.2f ms)",
