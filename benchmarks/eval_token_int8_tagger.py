@@ -12,8 +12,9 @@ span-edge rules, the checkpoint's threshold) against the fp32 scores the checkpo
     .venv/bin/python benchmarks/eval_token_int8_tagger.py --weight-bits 7  # weights in 7 bits (AVX2's u8 x s8 product)
 
 ``--keep`` names linear groups left fp32: qkv, out (attention output), up, down (feed-forward), each optionally
-followed by a layer number (``down11``). Scoring multiplies the integers with ``torch._int_mm`` where it pays
-(``worker.token_int8.int_mm_pays``), else in float32: the same integers, the same result.
+followed by a layer number (``down11``). Scoring multiplies the integers with the fastest exact product here
+(``worker.token_int8.int8_product``: ``torch._int_mm``, ONNX Runtime's u8 x s8 where a side has 7 bits, or
+float32): the same integers, the same result.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Int8Hidden(torch.nn.Module):
         encoder: Any,
         keep: set[str],
         weight_levels: int = 127,
-        exact_int_mm: bool = True,
+        product: str = "int_mm",
         activation_levels: int = 127,
     ) -> None:
         from worker.token_int8 import encoder_layers
@@ -54,7 +55,7 @@ class Int8Hidden(torch.nn.Module):
         self.config = encoder.config
         self.hidden, self.heads = int(encoder.config.hidden_size), int(encoder.config.num_attention_heads)
         self.layers = encoder_layers(encoder, keep, weight_levels, activation_levels)
-        self.exact = exact_int_mm  # False: the same integers multiplied in float32 (the same result)
+        self.exact = product  # worker.token_int8.PRODUCTS: any of them gives the same result
 
     def body(self, x: torch.Tensor, blocked: torch.Tensor, batch: int, length: int) -> torch.Tensor:
         head_size = self.hidden // self.heads
@@ -81,13 +82,15 @@ def accuracy(checkpoint: Path, keep: set[str], weight_levels: int = 127, activat
 
     import worker.nlp.training as training
     from worker.nlp.tagger import ClinicalTagger
-    from worker.token_int8 import int_mm_pays
+    from worker.token_int8 import int8_product
 
     original = ClinicalTagger.from_pretrained.__func__  # type: ignore[attr-defined]
 
     def with_int8(cls: type, *args: Any, **kwargs: Any) -> Any:
         tagger = original(cls, *args, **kwargs)
-        tagger.encoder = Int8Hidden(tagger.encoder, keep, weight_levels, int_mm_pays(), activation_levels)
+        tagger.encoder = Int8Hidden(
+            tagger.encoder, keep, weight_levels, int8_product(weight_levels, activation_levels), activation_levels
+        )
         return tagger
 
     training.ClinicalTagger.from_pretrained = classmethod(with_int8)  # type: ignore[method-assign, assignment]

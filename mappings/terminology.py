@@ -13,6 +13,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol
 
 from mappings.mentions import CandidateCode
@@ -36,10 +37,23 @@ class TerminologyError(ValueError):
 
 
 def normalise(text: str) -> str:
-    """Case-, accent- and punctuation-insensitive form: ``"Neumonía,  NOS"`` → ``"neumonia nos"``."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+    """Case-, accent- and punctuation-insensitive form: ``"Neumonía,  NOS"`` → ``"neumonia nos"``.
+
+    Coding a note normalises the same short strings (its mentions, its candidates' names) hundreds of times:
+    those are remembered (a pure function; long texts are not kept)."""
+    return _normalise_short(text) if len(text) <= 200 else _normalise(text)
+
+
+def _normalise(text: str) -> str:
+    if text.isascii():
+        stripped = text.casefold()
+    else:
+        decomposed = unicodedata.normalize("NFKD", text)
+        stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
     return " ".join(_NON_WORD.sub(" ", stripped).replace("_", " ").split())
+
+
+_normalise_short = lru_cache(maxsize=32768)(_normalise)
 
 
 _QUALIFIER_TAIL = re.compile(

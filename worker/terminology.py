@@ -78,6 +78,10 @@ WIDE_ANSWERS = 2000  # re-ranked mentions whose nearest-neighbour answers a serv
 # build) on the process's threads. A note with more than one batch of mentions ran on two, for ~15% more CPU.
 NOTE_TEXTS = 1024
 QUERY_CACHE = 20_000  # distinct mention texts whose query vectors a service remembers
+# Whole answers (a request's ranked candidates, after text matching, search and re-ranking) a service remembers:
+# a mention a worker has coded before is coded again by one lookup (19% of the requests of 30 CodiEsp dev notes
+# in a row; a lookup's answer depends on its request alone, never on the other requests of its note).
+FINAL_ANSWERS = 5000
 # A search over at least this many rows runs in two passes: an int8 product over all of them (a quarter of the
 # float32 matrix's bytes: a note's few queries against the index are bound by memory, not arithmetic), then the
 # float32 cosines of the COARSE_MARGIN rows more than asked for that it found best, which rank them.
@@ -495,10 +499,11 @@ def _subset_key(prefixes: tuple[str, ...], categories: bool, scope: str | None) 
     return (*prefixes, f"categories={categories}", f"scope={scope}")
 
 
-def int8_rows(matrix: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """``matrix``'s rows in int8 with a float32 scale per row (row ~= int8 row * scale); ``chunk`` rows at a time,
-    so that no float32 temporary the size of the matrix is made. A large result gets its own anonymous mapping:
-    on the heap it kept the temporaries freed under it resident (measured: +77 MB for a 24 MB table)."""
+def int8_rows(matrix: np.ndarray, chunk: int = 1024, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """``matrix``'s rows in int8 (within -``levels``..``levels``) with a float32 scale per row (row ~= int8 row *
+    scale); ``chunk`` rows at a time, so that no float32 temporary the size of the matrix is made. A large result
+    gets its own anonymous mapping: on the heap it kept the temporaries freed under it resident (measured: +77 MB
+    for a 24 MB table)."""
     size = int(np.prod(matrix.shape))
     if size >= 2**20:
         import mmap
@@ -510,9 +515,18 @@ def int8_rows(matrix: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.nda
     for start in range(0, len(matrix), chunk):
         part = matrix[start : start + chunk]
         peak = np.abs(part).max(axis=1) if part.shape[1] else np.zeros(len(part), dtype=np.float32)
-        scale[start : start + chunk] = np.where(peak > 0, peak / 127.0, 1.0)
+        scale[start : start + chunk] = np.where(peak > 0, peak / float(levels), 1.0)
         rows[start : start + chunk] = np.rint(part / scale[start : start + chunk, None])
     return rows, scale
+
+
+def uint8_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`int8_rows` stored as uint8 (each int8 + 128, in place: XOR 0x80), the left side of ONNX Runtime's
+    u8 x s8 product (:func:`worker.token_int8.onnx_u8s8`)."""
+    rows, scale = int8_rows(matrix)
+    shifted = rows.view(np.uint8)
+    np.bitwise_xor(shifted, np.uint8(0x80), out=shifted)
+    return shifted, scale
 
 
 def _top_positions(scores: np.ndarray, take: int) -> np.ndarray:
@@ -523,16 +537,27 @@ def _top_positions(scores: np.ndarray, take: int) -> np.ndarray:
     return np.argpartition(scores, count - take, axis=1)[:, count - take :]  # half torch.topk's CPU here
 
 
-def _coarse_scores(vectors: np.ndarray, blocks: tuple[np.ndarray, ...], scales: tuple[np.ndarray, ...]) -> np.ndarray:
-    """Approximate cosines of the query vectors with int8 rows (:func:`int8_rows`): the queries in int8 too, one
-    integer product per block on one thread (``torch._int_mm``), rescaled to float32."""
+def _coarse_scores(
+    vectors: np.ndarray, blocks: tuple[np.ndarray, ...], scales: tuple[np.ndarray, ...], product: str = "int_mm"
+) -> np.ndarray:
+    """Approximate cosines of the query vectors with the int8 rows (:func:`int8_rows`), one integer product per
+    block on one thread, rescaled to float32. ``product``: ``int_mm`` (int8 rows x int8 queries, ``torch._int_mm``)
+    or ``onnxruntime`` (uint8 rows, :func:`uint8_rows`, x queries in 7 bits, which AVX2's pair sums hold)."""
     import torch
 
-    queries, query_scale = int8_rows(np.asarray(vectors, dtype=np.float32))
-    with one_torch_thread():
-        left = torch.from_numpy(queries)
-        parts = [torch._int_mm(left, torch.from_numpy(block).T) for block in blocks]
-    found = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).numpy().astype(np.float32)
+    if product == "onnxruntime":
+        from worker.token_int8 import onnx_u8s8
+
+        queries, query_scale = int8_rows(np.asarray(vectors, dtype=np.float32), levels=63)
+        right = np.ascontiguousarray(queries.T)
+        parts = [onnx_u8s8(block, right) for block in blocks]
+        found = (parts[0] if len(parts) == 1 else np.concatenate(parts)).T.astype(np.float32)
+    else:
+        queries, query_scale = int8_rows(np.asarray(vectors, dtype=np.float32))
+        with one_torch_thread():
+            left = torch.from_numpy(queries)
+            products = [torch._int_mm(left, torch.from_numpy(block).T) for block in blocks]
+        found = (products[0] if len(products) == 1 else torch.cat(products, dim=1)).numpy().astype(np.float32)
     found *= scales[0][None, :] if len(scales) == 1 else np.concatenate(scales)[None, :]
     found *= query_scale[:, None]
     return found
@@ -550,9 +575,11 @@ class SourceIndex:
         self.entries = [entry for entry in entries if entry.kind not in SHARED_TEXT_ONLY or entry.term not in shared]
         self.groups = group_texts(self.entries)
         self.matrix: np.ndarray | None = None
-        # The matrix's rows in int8 (a scale per row) for the first pass of large searches; None below
-        # COARSE_MIN_ROWS rows.
+        # The matrix's rows in int8 (a scale per row) for the first pass of large searches, and the integer product
+        # that reads them (``first_pass``: "int_mm" int8 rows, "onnxruntime" uint8 rows); None below COARSE_MIN_ROWS
+        # rows, or where float32 alone is faster.
         self.coarse: tuple[np.ndarray, np.ndarray] | None = None
+        self.first_pass: str | None = None
         self._codes = [entry.code for entry in self.entries]
         self._display = {entry.code: entry.display for entry in data.entries}
         self.preferred = {entry.code for entry in data.entries if entry.preferred}
@@ -584,19 +611,26 @@ class SourceIndex:
             matrices[kind] = matrix
             rows[kind] = {text: row for row, text in enumerate(texts)}
         self.matrix = np.stack([matrices[e.kind][rows[e.kind][e.term]] for e in self.entries]).astype(np.float32)
-        from worker.token_int8 import int_mm_pays
+        from worker.token_int8 import first_pass_product
 
-        self.set_int8_first_pass(int_mm_pays())  # clears the subsets and their int8 blocks too
+        self.set_first_pass(first_pass_product())  # clears the subsets and their int8 blocks too
         self._codes_of_rows.clear()
         self._term_rows = None
         return True
 
-    def set_int8_first_pass(self, enabled: bool) -> None:
-        """Search large subsets in two passes, int8 rows first (:meth:`_best`), or in float32 alone. Two passes
-        pay where the CPU multiplies int8 fast (:func:`worker.token_int8.int_mm_pays`); without VNNI the int8
-        product over ICD-10-CM took most of a note's coding (session 12, AVX2 only: coding +275% of tagging)."""
+    def set_first_pass(self, product: str | None) -> None:
+        """Search large subsets in two passes, int8 rows first (:meth:`_best`) multiplied by ``product`` (see
+        :func:`_coarse_scores`), or in float32 alone (None). Two passes pay where the CPU multiplies int8 faster
+        than float32 (:func:`worker.token_int8.first_pass_product`); ``torch._int_mm`` without VNNI took most of a
+        note's coding (session 12, AVX2 only: coding +275% of tagging), ONNX Runtime's u8 x s8 there runs the
+        product over ICD-10-CM 2.5x faster than float32."""
         assert self.matrix is not None
-        self.coarse = int8_rows(self.matrix) if enabled and len(self.matrix) >= COARSE_MIN_ROWS else None
+        large = product is not None and len(self.matrix) >= COARSE_MIN_ROWS
+        self.first_pass = product if large else None
+        if not large:
+            self.coarse = None
+        else:
+            self.coarse = uint8_rows(self.matrix) if product == "onnxruntime" else int8_rows(self.matrix)
         self._subsets.clear()
         self._coarse_subsets.clear()
 
@@ -668,11 +702,11 @@ class SourceIndex:
         approximate = None
         if coarse is not None and wide < total:
             try:
-                approximate = _coarse_scores(vectors, *coarse)
-            except (AttributeError, RuntimeError) as error:  # a PyTorch without int8 products on this CPU
+                approximate = _coarse_scores(vectors, *coarse, self.first_pass or "int_mm")
+            except (AttributeError, RuntimeError) as error:  # no int8 product on this CPU after all
                 logger.warning("nearest neighbour: no int8 first pass (%s); searching in float32", error)
                 self._coarse_subsets.clear()
-                self.coarse = None
+                self.coarse = self.first_pass = None
         if approximate is None:
             scores = self._scores(vectors, blocks)
             picked = _top_positions(scores, take)
@@ -765,29 +799,35 @@ class SourceIndex:
         for found, row in zip(best, values, strict=True):
             # found: the best strings' positions, best first; row: their cosines
             ids = row_code[found]  # each string's code, best string first
-            _, first = np.unique(ids, return_index=True)
-            first.sort()  # the codes in the order of their best string; a margin for ties in rank_candidates
+            # Each code's strings, best first: a stable sort by code keeps the search's order within a code.
+            order = np.argsort(ids, kind="stable")
+            numbers, starts, counts = np.unique(ids[order], return_index=True, return_counts=True)
+            first = np.sort(order[starts])  # each code's best string, in the order of the search
+            strings = dict(zip(numbers.tolist(), zip(starts.tolist(), counts.tolist(), strict=True), strict=True))
+            order_list, found_list, row_list = order.tolist(), found.tolist(), row.tolist()
             candidates = [
                 CandidateCode(
                     self.data.url,
                     names[c],
                     self._display[names[c]],
-                    max(0.0, min(1.0, float(row[k]))),
+                    max(0.0, min(1.0, row_list[k])),
                     self.data.name,
                 )
-                for k, c in zip(first[: top + 10], ids[first[: top + 10]], strict=True)
-            ]
+                for k, c in zip(first[: top + 10].tolist(), ids[first[: top + 10]].tolist(), strict=True)
+            ]  # the codes in the order of their best string; a margin for ties in rank_candidates
+            # The features read the first three scores and those within 0.05 of the best candidate, whose score is
+            # at least this search's best: the others are not kept.
+            close_to = row_list[0] - 0.05
             answer = []
             for candidate in rank_candidates(candidates, self.preferred)[:top]:
-                mine = ids == number[candidate.code]
-                positions, scores = found[mine], row[mine]
-                where = rows[positions[:3]] if rows is not None else positions[:3]
-                terms = tuple(self._normal[int(i)] for i in where)
-                # The features read the first three scores and those within 0.05 of the best candidate, whose score
-                # is at least this search's best: the others are not kept.
-                close = int((scores >= float(row[0]) - 0.05).sum())
-                kept = tuple(scores[: max(3, close)].tolist())
-                answer.append((candidate, Detail(kept, terms, self.entries[int(where[0])].kind)))
+                start, count = strings[number[candidate.code]]
+                mine = order_list[start : start + count]
+                scores = [row_list[k] for k in mine]
+                where = [found_list[k] if rows is None else int(rows[found_list[k]]) for k in mine[:3]]
+                terms = tuple(self._normal[i] for i in where)
+                close = sum(1 for score in scores if score >= close_to)
+                kept = tuple(scores[: max(3, close)])
+                answer.append((candidate, Detail(kept, terms, self.entries[where[0]].kind)))
             results.append(answer)
         return results
 
@@ -810,6 +850,12 @@ class SourceIndex:
 # --------------------------------------------------------------------------------------------------
 # The service the mappings call
 # --------------------------------------------------------------------------------------------------
+def _request_key(request: CodeRequest) -> tuple[Any, ...]:
+    """Everything a lookup's answer depends on (:attr:`TerminologyService._final`)."""
+    prefixes = tuple(sorted(request.prefixes.items()))
+    return (request.text, request.label, request.systems, request.language, prefixes, request.categories)
+
+
 def _constant(data: CodeSystemData) -> Callable[[], CodeSystemData]:
     def load() -> CodeSystemData:
         return data
@@ -843,12 +889,22 @@ class TerminologyService:
         self._answers: dict[tuple[Any, ...], tuple[list[CandidateCode], dict[str, Detail]]] = {}
         # The re-ranker's answers (its top 20 codes with their details) in a smaller cache of their own.
         self._wide_answers: dict[tuple[Any, ...], tuple[list[CandidateCode], dict[str, Detail]]] = {}
+        # Whole answers by request (:data:`FINAL_ANSWERS`).
+        self._final: dict[tuple[Any, ...], list[CandidateCode]] = {}
         # {system name: {label: min_score}} for the encoder in use (the shipped linker's, worker/linker/).
         self.calibrated: dict[str, dict[str, float]] = {}
         # The shipped linker's re-ranking weights ({"top": n, "weights": {system: {label: [...]}}}; empty: none) and
         # each system's counts of codes CodiEsp train coded (a feature).
         self.rerank: dict[str, Any] = {}
         self.rerank_seen: dict[str, dict[str, int]] = {}
+
+    def clear_answers(self) -> None:
+        """Forget every remembered answer and query vector (after an index's search settings changed)."""
+        with self._lock:
+            self._final.clear()
+            self._answers.clear()
+            self._wide_answers.clear()
+            self._query_cache.clear()
 
     def threshold(self, system: str, label: str) -> float | None:
         """The calibrated score under which ``system``'s codes are not written for ``label`` (None: not calibrated)."""
@@ -904,6 +960,24 @@ class TerminologyService:
         """Candidates per request, best first. ``encode`` replaces the encoder (the benchmark passes cached vectors)."""
         if self.mode == "off":
             return [[] for _ in requests]
+        if encode is not None:
+            return self._lookup(requests, encode)
+        keys = [_request_key(request) for request in requests]
+        with self._lock:
+            known = {key: self._final[key] for key in keys if key in self._final}
+        missing = {key: request for key, request in zip(keys, requests, strict=True) if key not in known}
+        if missing:
+            fresh = dict(zip(missing, self._lookup(list(missing.values()), None), strict=True))
+            known.update(fresh)
+            with self._lock:
+                self._final.update(fresh)
+                while len(self._final) > FINAL_ANSWERS:
+                    self._final.pop(next(iter(self._final)))
+        return [list(known[key]) for key in keys]
+
+    def _lookup(
+        self, requests: Sequence[CodeRequest], encode: Callable[[list[str]], np.ndarray] | None
+    ) -> list[list[CandidateCode]]:
         found: list[dict[tuple[str, str], CandidateCode]] = [{} for _ in requests]
         details: list[dict[tuple[str, str], Detail]] = [{} for _ in requests]
         texts: list[set[tuple[str, str]]] = [set() for _ in requests]  # found by text

@@ -1,24 +1,30 @@
 """Per-token dynamic int8 for a BERT-style encoder on CPUs: the linker's query encoder.
 
-Weights are int8 with one scale per output channel; activations are quantised to int8 when each linear layer
-runs, with **one scale per token**. No scale is shared between tokens, so a string's vector never depends on the
-other strings of its batch: a note's mentions run together in one call, their real tokens packed for the linear
-layers (no padding) and attention run on strings of one length at a time, unpadded, and each mention gets exactly
-the vector it gets alone. ONNX Runtime's dynamic int8 quantises a whole call's activations with one scale, which is
-why its graph had to run each mention alone (``_OnnxQueries.rowwise``): one session run, and one read of every
-weight, per mention. One scale per token is also closer to float32 (cosine 0.9992 against 0.9970 on the distilled
-query encoder, CodiEsp train synonyms).
+Weights are int8 with one scale per output channel; activations are quantised to 7-bit integers (-63..63) when
+each linear layer runs, with **one scale per token**. No scale is shared between tokens, so a string's vector
+never depends on the other strings of its batch: a note's mentions run together in one call, their real tokens
+packed for the linear layers (no padding) and attention run on each string alone, unpadded, and each
+mention gets exactly the vector it gets alone. ONNX Runtime's dynamic int8 quantises a whole call's activations
+with one scale, which is why its graph had to run each mention alone (``_OnnxQueries.rowwise``): one session run,
+and one read of every weight, per mention. One scale per token is also closer to float32 (cosine 0.9992 against
+0.9970 on the distilled query encoder, CodiEsp train synonyms).
 
-Attention, layer norms, the activation function and the embeddings stay float32. The int8 products are
-``torch._int_mm`` (oneDNN: VNNI where the CPU has it); where that operator is missing, refuses, or is slower
-than float32 (:func:`int_mm_pays`: on a CPU without VNNI, AVX2 only, it ran 35-40x slower), the same integers
-are multiplied in float32, in slices of the inner dimension short enough that every partial sum stays below 2**24
-(exact whatever the kernel's order), the slices added in float64: the same float32 result as ``_int_mm``'s, to the
-bit and for any batch.
+Attention, layer norms, the activation function and the embeddings stay float32. The integer products are exact
+on every CPU, so every CPU gets the same vectors to the bit; :func:`int8_product` picks the fastest exact kernel,
+once per process:
+
+* ``torch._int_mm`` (oneDNN: fast with VNNI: AVX512-VNNI, AVX-VNNI, AMX; 35-40x slower than float32 on AVX2);
+* ONNX Runtime's ``MatMulInteger`` on uint8 tokens (the 7-bit integers + 64) x int8 weights: on AVX2
+  (``vpmaddubsw``) it adds pairs of products in 16 bits, which 8-bit tokens would overflow (255 x 127 x 2) and
+  7-bit ones cannot (127 x 127 x 2 = 32,258): that is why the tokens have 7 bits. 1.7-2.7x faster than float32
+  on an AVX2 EPYC;
+* the same integers multiplied in float32, in slices of the inner dimension short enough that every partial sum
+  stays below 2**24 (exact whatever the kernel's order), the slices added in float64.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -30,6 +36,14 @@ import torch
 from torch import nn
 
 logger = logging.getLogger("fhir_ner.terminology")
+
+# The largest integers of the weights and of the tokens in :class:`TokenInt8Encoder`. Tokens in 7 bits let ONNX
+# Runtime's u8 x s8 product run exact on AVX2; on CodiEsp dev they moved DISEASE top-1 / top-5 by +0.17 / -0.06
+# points (7-bit weights instead: -0.03 / -0.03, and more translated pairs lost their Spanish code; README, "Cost").
+WEIGHT_LEVELS = 127
+ACTIVATION_LEVELS = 63
+# The exact integer products, by name (:func:`int8_product` chooses).
+PRODUCTS = ("int_mm", "onnxruntime", "float32")
 
 
 class _Int8Linear:
@@ -53,16 +67,23 @@ class _Int8Linear:
         # holding every integer: each slice's float32 product is then exact whatever the kernel's order.
         self._slice = max(1, 2**24 // (int(levels) * int(activation_levels)))
         self._float_weights: list[torch.Tensor] | None = None  # those slices in float32, made on first use
+        self._onnx: _OnnxIntegerProduct | None = None  # made on first use
+        self.levels = int(levels)
 
-    def __call__(self, x: torch.Tensor, exact_int_mm: bool) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, product: str) -> torch.Tensor:
+        """``product``: which exact integer product (:data:`PRODUCTS`); every one gives the same result."""
         levels = self.activation_levels
         row_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / levels
         quantised = torch.round(x / row_scale).clamp_(-levels, levels)  # integers, still in float32
-        if exact_int_mm:
-            product = torch._int_mm(quantised.to(torch.int8), self.weight).float()
+        if product == "int_mm":
+            products = torch._int_mm(quantised.to(torch.int8), self.weight).float()
+        elif product == "onnxruntime":
+            if self._onnx is None:
+                self._onnx = _OnnxIntegerProduct(self.weight, int(levels) + 1)
+            products = self._onnx(quantised)
         else:
-            product = self._float_product(quantised)
-        return torch.addcmul(self.bias, product, row_scale * self.scale)
+            products = self._float_product(quantised)
+        return torch.addcmul(self.bias, products, row_scale * self.scale)
 
     def _float_product(self, quantised: torch.Tensor) -> torch.Tensor:
         """The integer product in float32 arithmetic, equal to ``torch._int_mm``'s rounded to float32, to the bit
@@ -78,6 +99,42 @@ class _Int8Linear:
             total = partial if total is None else total + partial
         assert total is not None
         return total.float()
+
+
+def onnx_product_exact(weight_levels: int, activation_levels: int) -> bool:
+    """Whether uint8 tokens (the int8 ones + ``activation_levels + 1``) x int8 weights can never overflow AVX2's
+    16-bit pair sums: the largest pair, (2a + 1) x w x 2, stays within 32,767."""
+    return (2 * activation_levels + 1) * weight_levels * 2 <= 32767
+
+
+class _OnnxIntegerProduct:
+    """ONNX Runtime's ``MatMulInteger``, one thread: uint8 tokens (the int8 integers + ``zero_point``) x the int8
+    weights ``[in, out]`` (an initializer, packed once), with the zero point taken off exactly in int32."""
+
+    def __init__(self, weight: torch.Tensor, zero_point: int) -> None:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        self.zero_point = float(zero_point)
+        tokens = helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", int(weight.shape[0])])
+        out = helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", int(weight.shape[1])])
+        initializers = [
+            numpy_helper.from_array(weight.numpy(), "B"),
+            numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), "A_zero"),
+        ]
+        node = helper.make_node("MatMulInteger", ["A", "B", "A_zero"], ["Y"])
+        graph = helper.make_graph([node], "int8_product", [tokens], [out], initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, quantised: torch.Tensor) -> torch.Tensor:
+        tokens = (quantised + self.zero_point).to(torch.uint8).numpy()
+        (products,) = self.session.run(None, {"A": tokens})
+        return torch.from_numpy(products).float()
 
 
 def _int_mm_works() -> bool:
@@ -101,31 +158,115 @@ def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
     return best
 
 
-@lru_cache(maxsize=1)
-def int_mm_pays() -> bool:
-    """Whether ``torch._int_mm`` is right on this CPU and faster than the same integers multiplied in float32.
-
-    Asked once per process, on one product of a note's size (a few milliseconds; the answer changes only the
-    speed, never a result). With VNNI (AVX512-VNNI, AVX-VNNI, AMX) oneDNN's int8 product is the faster; on an AMD
-    EPYC with AVX2 only it ran at 3.5 GFLOP/s against float32's 130 (session 12), so there the int8 arithmetic
-    stays and its products run in float32, and the linker searches its index in float32 alone.
-    """
-    if not _int_mm_works():
+def _product_works(product: str, weight_levels: int, activation_levels: int) -> bool:
+    """Whether ``product`` gives the exact integers here, on random and on the largest tokens and weights."""
+    if product == "float32":
+        return True
+    if product == "int_mm" and not _int_mm_works():
         return False
+    if product == "onnxruntime" and not onnx_product_exact(weight_levels, activation_levels):
+        return False
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randint(-weight_levels, weight_levels + 1, (96, 40), dtype=torch.int8, generator=generator)
+    weight[:, 0] = weight_levels
+    weight[:, 1] = -weight_levels
+    rows = torch.randint(-activation_levels, activation_levels + 1, (5, 96), generator=generator).float()
+    rows[0] = activation_levels
+    rows[1] = -activation_levels
+    try:
+        expected = (rows.long() @ weight.long()).float()
+        if product == "int_mm":
+            got = torch._int_mm(rows.to(torch.int8), weight).float()
+        else:
+            got = _OnnxIntegerProduct(weight, activation_levels + 1)(rows)
+        return bool(torch.equal(got, expected))
+    except Exception as error:  # a missing operator or runtime: that kernel is not used
+        logger.info("int8 products: %s unavailable (%s)", product, error)
+        return False
+
+
+@lru_cache(maxsize=4)
+def int8_product(
+    weight_levels: int = WEIGHT_LEVELS, activation_levels: int = ACTIVATION_LEVELS, repeats: int = 6
+) -> str:
+    """The fastest exact integer product on this CPU for these levels (:data:`PRODUCTS`).
+
+    Asked once per process and per levels, on one product of a note's size (a few milliseconds; the answer changes
+    only the speed, never a result): every kernel that gives the exact integers here is timed and the fastest
+    kept. With VNNI that is ``torch._int_mm``; on an AMD EPYC with AVX2 only, ONNX Runtime's u8 x s8 product
+    (7-bit tokens) ran 1.7-2.7x faster than float32 and ``torch._int_mm`` 35-40x slower (sessions 12 and 13).
+    """
     generator = torch.Generator().manual_seed(0)
-    left = torch.randint(-127, 128, (128, 384), dtype=torch.int8, generator=generator)
-    right = torch.randint(-127, 128, (384, 384), dtype=torch.int8, generator=generator)
-    left_float, right_float = left.float(), right.float()
-    integer = best_seconds(lambda: torch._int_mm(left, right))
-    floating = best_seconds(lambda: left_float @ right_float)
-    pays = integer < floating
+    left = torch.randint(-activation_levels, activation_levels + 1, (128, 384), generator=generator).float()
+    right = torch.randint(-weight_levels, weight_levels + 1, (384, 1536), dtype=torch.int8, generator=generator)
+    runs: dict[str, Callable[[], object]] = {}
+    for product in PRODUCTS:
+        if not _product_works(product, weight_levels, activation_levels):
+            continue
+        if product == "int_mm":
+            runs[product] = functools.partial(torch._int_mm, left.to(torch.int8), right)
+        elif product == "onnxruntime":
+            runs[product] = functools.partial(_OnnxIntegerProduct(right, activation_levels + 1), left)
+        else:
+            runs[product] = functools.partial(torch.matmul, left, right.float())
+    # Each kernel's best of a few runs, taken in turns so that a busy moment of a shared machine slows them alike;
+    # a kernel more than 4x slower than the fastest after the first turn is not timed again (AVX2's _int_mm).
+    timings = {product: best_seconds(run, 1) for product, run in runs.items()}
+    fastest = min(timings.values())
+    runs = {product: run for product, run in runs.items() if timings[product] <= 4 * fastest}
+    for _ in range(repeats):
+        for product, run in runs.items():
+            timings[product] = min(timings[product], best_seconds(run, 1))
+    chosen = min(timings, key=lambda name: timings[name])
     logger.info(
-        "int8 products: %s (torch._int_mm %.2f ms, float32 %.2f ms)",
-        "torch._int_mm" if pays else "float32",
-        integer * 1000,
-        floating * 1000,
+        "int8 products: %s (%s)",
+        chosen,
+        ", ".join(f"{name} {seconds * 1000:.2f} ms" for name, seconds in timings.items()),
     )
-    return pays
+    return chosen
+
+
+def int_mm_pays() -> bool:
+    """Whether ``torch._int_mm`` is the fastest exact product of full int8 (8-bit weights and tokens): ONNX
+    Runtime's u8 x s8 could overflow there, so it is ``_int_mm`` or float32."""
+    return int8_product(127, 127) == "int_mm"
+
+
+def first_pass_product() -> str | None:
+    """The integer product of the linker index's first pass (``SourceIndex.set_first_pass``): ``int_mm`` (int8
+    rows x int8 queries) where it is the fastest, else ``onnxruntime`` (uint8 rows x 7-bit queries, AVX2) where
+    that beats float32, else None: the index is searched in float32 alone."""
+    if int_mm_pays():
+        return "int_mm"
+    # The same kernel as the query encoder's (7-bit queries here, 7-bit tokens there): one probe decides both.
+    return "onnxruntime" if int8_product() == "onnxruntime" else None
+
+
+@lru_cache(maxsize=1)
+def _onnx_u8s8_session() -> Any:
+    """One ONNX Runtime session, one thread: ``MatMulInteger(A uint8 [M, K] with zero point 128, B int8 [K, N])``."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    left = helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", "K"])
+    right = helper.make_tensor_value_info("B", TensorProto.INT8, ["K", "N"])
+    out = helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", "N"])
+    zero = numpy_helper.from_array(np.array(128, dtype=np.uint8), "A_zero")
+    node = helper.make_node("MatMulInteger", ["A", "B", "A_zero"], ["Y"])
+    graph = helper.make_graph([node], "u8s8", [left, right], [out], [zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_u8s8(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``(left - 128) @ right`` in int32, exact where no pair of products overflows 16 bits (``right`` within
+    -63..63): ``left`` uint8 [M, K] (int8 rows stored + 128), ``right`` int8 [K, N]."""
+    (product,) = _onnx_u8s8_session().run(None, {"A": left, "B": right})
+    return np.asarray(product)
 
 
 class _Float32Linear:
@@ -135,7 +276,7 @@ class _Float32Linear:
         self.weight = weight.detach().float()
         self.bias = bias.detach().float()
 
-    def __call__(self, x: torch.Tensor, exact_int_mm: bool) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, product: str) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
 
 
@@ -188,8 +329,8 @@ class TokenInt8Encoder:
         self.embeddings = model.embeddings
         self.heads = int(config.num_attention_heads)
         self.hidden = int(config.hidden_size)
-        self.layers = encoder_layers(model)
-        self.exact_int_mm = int_mm_pays()  # else the same integers multiplied in float32: the same result
+        self.layers = encoder_layers(model, (), WEIGHT_LEVELS, ACTIVATION_LEVELS)
+        self.product = int8_product(WEIGHT_LEVELS, ACTIVATION_LEVELS)  # any of them: the same result
 
     @property
     def device(self) -> torch.device:
@@ -201,32 +342,25 @@ class TokenInt8Encoder:
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Vectors of right-padded rows: the linear layers run on the batch's real tokens packed together, the
-        attention on strings of one length at a time, unpadded (so that no padding, and no string of another
-        length, changes a result; strings of one length share a call, each computed as alone)."""
+        attention on each string alone, unpadded (so that no padding and no other string changes a result:
+        PyTorch's attention kernel is not batch-invariant, two strings of one length in one call came out up to a
+        float32 step apart from each alone, which a token's 7-bit rounding sometimes carried on)."""
         keep = mask.bool()
         lengths = keep.sum(dim=1).tolist()
         starts = np.cumsum([0, *lengths[:-1]]).tolist()
-        by_length: dict[int, list[int]] = {}
-        for row, length in enumerate(lengths):
-            by_length.setdefault(int(length), []).append(row)
-        # Per length: the packed positions of its strings' tokens, [strings, length].
-        groups = [
-            (length, torch.tensor([list(range(starts[row], starts[row] + length)) for row in rows]))
-            for length, rows in by_length.items()
-        ]
+        spans = [(int(start), int(start + length)) for start, length in zip(starts, lengths, strict=True)]
         head_size = self.hidden // self.heads
         x = self.embeddings(input_ids=ids)[keep]  # [tokens, hidden]
         for layer in self.layers:
-            qkv = layer["qkv"](x, self.exact_int_mm)
+            qkv = layer["qkv"](x, self.product)
             context = torch.empty_like(x)
-            for length, positions in groups:
-                count = positions.shape[0]
-                parts = qkv[positions.reshape(-1)].view(count, length, 3, self.heads, head_size)
+            for start, end in spans:
+                parts = qkv[start:end].view(1, end - start, 3, self.heads, head_size)
                 query, key, value = parts.permute(2, 0, 3, 1, 4)
                 attended = nn.functional.scaled_dot_product_attention(query, key, value)
-                context[positions.reshape(-1)] = attended.transpose(1, 2).reshape(count * length, self.hidden)
-            x = layer["norm1"](layer["out"](context, self.exact_int_mm) + x)
-            x = layer["norm2"](layer["down"](layer["act"](layer["up"](x, self.exact_int_mm)), self.exact_int_mm) + x)
+                context[start:end] = attended.transpose(1, 2).reshape(end - start, self.hidden)
+            x = layer["norm1"](layer["out"](context, self.product) + x)
+            x = layer["norm2"](layer["down"](layer["act"](layer["up"](x, self.product)), self.product) + x)
         pooled = torch.stack(
             [x[start : start + length].mean(dim=0) for start, length in zip(starts, lengths, strict=True)]
         )

@@ -250,29 +250,61 @@ def test_a_translated_name_is_matched_as_text_only_in_its_language(
     rows, blocks = index._rows((), False, "es")
     assert rows is not None and not (index._translated[rows] != "").any()
     assert len(blocks) == 1 and np.shares_memory(blocks[0], index.matrix)
-    # The int8 rows of the two-pass search (where the CPU multiplies int8 fast) are views too.
-    index.set_int8_first_pass(True)
-    assert index.coarse is not None
-    for language in ("es", *TRANSLATION_LANGUAGES):
-        key = ("categories=False", f"scope={language}")
-        index._rows((), False, language)
-        assert all(np.shares_memory(block, index.coarse[0]) for block in index._coarse_subsets[key][0])
+    # The int8 rows of the two-pass search (where the CPU multiplies int8 fast) are views too, with either product.
+    from worker.token_int8 import first_pass_product
+
+    try:
+        for product in ("int_mm", "onnxruntime"):
+            index.set_first_pass(product)
+            assert index.coarse is not None
+            for language in ("es", *TRANSLATION_LANGUAGES):
+                key = ("categories=False", f"scope={language}")
+                index._rows((), False, language)
+                assert all(np.shares_memory(block, index.coarse[0]) for block in index._coarse_subsets[key][0])
+    finally:
+        index.set_first_pass(first_pass_product())
 
 
-@pytest.fixture()
-def int8_first_pass(service: TerminologyService) -> Iterator[None]:
-    """The two-pass search on, whatever this CPU's int8 speed (:func:`worker.token_int8.int_mm_pays`); as it was
-    after the test."""
-    from worker.token_int8 import int_mm_pays
+@pytest.fixture(params=["int_mm", "onnxruntime"])
+def int8_first_pass(service: TerminologyService, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The two-pass search on, with each integer product, whatever this CPU's int8 speed
+    (:func:`worker.token_int8.first_pass_product`); as it was after the test."""
+    from worker.token_int8 import first_pass_product
 
     index = service.index("icd-10-cm")
-    index.set_int8_first_pass(True)
-    yield
-    index.set_int8_first_pass(int_mm_pays())
+    index.set_first_pass(request.param)
+    service.clear_answers()  # so that this product's search answers, not a remembered one
+    yield request.param
+    index.set_first_pass(first_pass_product())
+    service.clear_answers()
+
+
+def test_a_mention_coded_before_is_answered_from_memory_alike(
+    service: TerminologyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker remembers whole answers by request: a mention of an earlier note costs one lookup, with the same
+    candidates; only the requests it has not seen (here the same text in another language) are searched."""
+    spanish = CodeRequest("insuficiencia renal crónica agudizada", "DISEASE", ("icd-10-cm",), "es")
+    english = CodeRequest("insuficiencia renal crónica agudizada", "DISEASE", ("icd-10-cm",), "en")
+    service.clear_answers()
+    first = service.lookup([spanish])[0]
+    assert first and first[0].code.startswith("N")
+    searched: list[list[CodeRequest]] = []
+    original = service._lookup
+
+    def counted(requests: list[CodeRequest], encode: object) -> list[list[object]]:
+        searched.append(list(requests))
+        return original(requests, encode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service, "_lookup", counted)
+    again, other, twice = service.lookup([spanish, english, spanish])
+    assert again == first == twice and searched == [[english]]
+    again.clear()  # callers get copies
+    assert service.lookup([spanish])[0] == first and len(searched) == 1
 
 
 def test_the_two_pass_search_finds_the_float32_searchs_rows(
-    service: TerminologyService, monkeypatch: pytest.MonkeyPatch, int8_first_pass: None
+    service: TerminologyService, monkeypatch: pytest.MonkeyPatch, int8_first_pass: str
 ) -> None:
     """The int8 first pass over ICD-10-CM picks rows whose float32 cosines give the one-pass answer: the same rows
     in the same order, the same scores up to float32 rounding, and the same codes for mentions of every language."""
@@ -316,9 +348,13 @@ def test_the_two_pass_search_finds_the_float32_searchs_rows(
         # Positions agree except where two rows tie to float32 rounding.
         differ = two_pass[1] != one_pass[1]
         assert differ.sum() <= 4 and np.allclose(two_pass[2][differ], one_pass[2][differ], atol=1e-5), text
-    # The int8 rows are the matrix's within half a step of their scale.
+    # The int8 rows are the matrix's within half a step of their scale (stored + 128 as uint8 for ONNX Runtime).
     q, scale = index.coarse
-    assert q.dtype == np.int8 and scale.dtype == np.float32
+    assert index.first_pass == int8_first_pass and scale.dtype == np.float32
+    if int8_first_pass == "onnxruntime":
+        assert q.dtype == np.uint8
+        q = (q.astype(np.int16) - 128).astype(np.int8)
+    assert q.dtype == np.int8
     assert np.abs(q[:500] * scale[:500, None] - index.matrix[:500]).max() <= scale[:500].max() / 2 + 1e-6
 
 
@@ -326,16 +362,16 @@ def test_where_int8_products_are_slow_the_index_keeps_no_int8_rows_and_searches_
     service: TerminologyService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import worker.terminology as terminology
-    from worker.token_int8 import int_mm_pays
+    from worker.token_int8 import first_pass_product
 
     index = service.index("icd-10-cm")
     assert service.store is not None
     vectors = service.store.queries.encode(["insuficiencia renal crónica agudizada"])
-    index.set_int8_first_pass(True)
+    index.set_first_pass("int_mm")
     try:
         two_pass = index._best(vectors, (), False, "es", terminology.WIDE_NEIGHBOURS)
-        index.set_int8_first_pass(False)
-        assert index.coarse is None
+        index.set_first_pass(None)
+        assert index.coarse is None and index.first_pass is None
 
         def no_first_pass(*args: object) -> np.ndarray:
             raise AssertionError("an int8 first pass ran")
@@ -344,7 +380,7 @@ def test_where_int8_products_are_slow_the_index_keeps_no_int8_rows_and_searches_
         one_pass = index._best(vectors, (), False, "es", terminology.WIDE_NEIGHBOURS)
         assert index._coarse_subsets == {}
     finally:
-        index.set_int8_first_pass(int_mm_pays())
+        index.set_first_pass(first_pass_product())
     np.testing.assert_allclose(two_pass[2], one_pass[2], atol=1e-5)
     assert (two_pass[1] != one_pass[1]).sum() <= 4
 

@@ -92,9 +92,10 @@ def test_cpu_query_vectors_agree_with_the_float32_path(
         alone = cpu_encoder.encode([MULTILINGUAL[0]])[0]
         assert float(alone @ vectors[0]) > 0.99999
     else:
-        # The distilled encoder in per-token int8: near float32 (0.999-0.9996 on these; "x" 0.9990).
+        # The distilled encoder in per-token int8 with 7-bit tokens: near float32 (0.9977-0.9984 on these, "x"
+        # 0.9951; with 8-bit tokens 0.999-0.9996 and 0.9990, the same CodiEsp dev figures within 0.2 points).
         assert cpu_encoder.keep_fp32 == QUERY_KEEP_FP32 == ("embeddings",)
-        assert cosine.min() > 0.998 and cosine.mean() > 0.999, cosine
+        assert cosine.min() > 0.994 and cosine.mean() > 0.997, cosine
         # A mention's vector is exactly the one it gets alone, whatever else its note holds (dynamic int8 with one
         # scale per call moved it with its note: 2.7% of CodiEsp dev DISEASE mentions' top code changed).
         for position in (0, 4, 9):
@@ -170,8 +171,9 @@ def test_a_failed_build_leaves_no_entry_and_the_encoder_falls_back_to_pytorch(
 def test_the_query_encoder_needs_no_onnx_graph(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The distilled encoder's per-token int8 runs in PyTorch: a worker starts coding without building (or failing to
-    build) an ONNX Runtime graph, and warns about nothing."""
+    """The distilled encoder's per-token int8 runs in PyTorch: a worker starts coding without exporting (or failing to
+    export) the model to an ONNX Runtime graph, and warns about nothing (its integer products may run in ONNX
+    Runtime's one-operator MatMulInteger sessions, built from the weights in memory)."""
     import worker.terminology as terminology
 
     def failing(*args: Any, **kwargs: Any) -> Path:
@@ -183,7 +185,7 @@ def test_the_query_encoder_needs_no_onnx_graph(
         vectors = encoder.encode(MULTILINGUAL)
     assert isinstance(encoder._model, TokenInt8Encoder) and not caplog.records
     reference = LinkerQueryEncoder(runtime="torch", keep_fp32=None).encode(MULTILINGUAL)
-    assert float((vectors * reference).sum(axis=1).min()) > 0.998
+    assert float((vectors * reference).sum(axis=1).min()) > 0.994  # 7-bit tokens: see the test above
 
 
 def test_a_notes_mentions_encode_on_one_thread_however_many(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.token_int8 import TokenInt8Encoder, _int_mm_works, int_mm_pays
+from worker.token_int8 import TokenInt8Encoder, _int_mm_works, int8_product, int_mm_pays
 
 TEXTS = [
     "dolor torácico opresivo irradiado al brazo izquierdo",
@@ -68,27 +68,48 @@ def test_a_strings_vector_is_the_same_alone_and_in_any_batch(tiny: tuple[Any, An
     np.testing.assert_array_equal(shuffled[-1], together[2])
 
 
-def test_without_int_mm_the_same_integers_are_multiplied_in_float32(
-    tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_every_integer_product_gives_the_same_vectors(tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch._int_mm``, ONNX Runtime's u8 x s8 product and the float32 product of the same integers: one vector
+    to the bit, so every CPU codes a mention alike whichever kernel its probe picked."""
     model, tokenizer = tiny
     assert _int_mm_works()  # this PyTorch has the CPU operator
-    exact = TokenInt8Encoder(model)
-    exact.exact_int_mm = True  # whatever this CPU's speed: the integer products themselves
-    reference = int8_vectors(exact, tokenizer, TEXTS)
+    encoder = TokenInt8Encoder(model)
+    vectors = {}
+    for product in ("int_mm", "onnxruntime", "float32"):
+        encoder.product = product  # whatever this CPU's speed: each kernel itself
+        vectors[product] = int8_vectors(encoder, tokenizer, TEXTS)
+    np.testing.assert_array_equal(vectors["onnxruntime"], vectors["int_mm"])
+    np.testing.assert_array_equal(vectors["float32"], vectors["int_mm"])
 
     def refuses(*args: Any) -> Any:
         raise RuntimeError("_int_mm: not supported here")
 
     monkeypatch.setattr(torch, "_int_mm", refuses)
-    int_mm_pays.cache_clear()
+    int8_product.cache_clear()
     try:
         assert not _int_mm_works() and not int_mm_pays()
         fallback = TokenInt8Encoder(model)
     finally:
-        int_mm_pays.cache_clear()
-    assert not fallback.exact_int_mm
-    np.testing.assert_array_equal(int8_vectors(fallback, tokenizer, TEXTS), reference)
+        int8_product.cache_clear()
+    assert fallback.product in ("onnxruntime", "float32")
+    np.testing.assert_array_equal(int8_vectors(fallback, tokenizer, TEXTS), vectors["int_mm"])
+
+
+def test_onnx_runtimes_product_is_exact_at_the_largest_integers() -> None:
+    """The uint8 tokens (int8 + 128) x 7-bit weights: AVX2's 16-bit pair sums hold the largest pairs (255 x 63 x 2),
+    and the zero point comes off exactly; with 8-bit weights the probe refuses the kernel (pairs could overflow)."""
+    from worker.token_int8 import _OnnxIntegerProduct, _product_works, onnx_product_exact
+
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randint(-63, 64, (1536, 384), dtype=torch.int8, generator=generator)
+    weight[:, :8] = 63
+    weight[:, 8:16] = -63
+    rows = torch.randint(-127, 128, (37, 1536), generator=generator).float()
+    rows[0], rows[1] = 127.0, -127.0
+    expected = (rows.long() @ weight.long()).float()
+    assert torch.equal(_OnnxIntegerProduct(weight, 128)(rows), expected)
+    assert onnx_product_exact(63, 127) and onnx_product_exact(127, 63) and not onnx_product_exact(127, 127)
+    assert _product_works("onnxruntime", 63, 127) and not _product_works("onnxruntime", 127, 127)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -108,19 +129,23 @@ def test_the_float32_product_is_int_mms_to_the_bit_for_any_batch(threads: int) -
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        exact = linear(rows, exact_int_mm=True)
-        assert torch.equal(linear(rows, exact_int_mm=False), exact)
+        exact = linear(rows, "int_mm")
+        assert torch.equal(linear(rows, "float32"), exact)
         for size in (1, 3, 17):
-            assert torch.equal(linear(rows[:size], exact_int_mm=False), exact[:size])
-        assert torch.equal(linear(rows[-1:], exact_int_mm=False), exact[-1:])
+            assert torch.equal(linear(rows[:size], "float32"), exact[:size])
+        assert torch.equal(linear(rows[-1:], "float32"), exact[-1:])
     finally:
         torch.set_num_threads(previous)
 
 
-def test_int_mm_is_used_only_where_it_beats_float32(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a CPU without VNNI (AVX2 only) ``torch._int_mm`` ran 35-40x slower than float32: the probe times both
-    on one product and keeps the faster (here the integer product is replaced by a slow and by a fast one)."""
+def test_the_probe_keeps_the_fastest_exact_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU without VNNI (AVX2 only) ``torch._int_mm`` ran 35-40x slower than float32 and ONNX Runtime's u8 x s8
+    product 2-2.7x faster: the probe times every exact kernel on one product and keeps the fastest (here the
+    integer product is replaced by a slow and by a fast one, and ONNX Runtime by a slow one)."""
+    import worker.token_int8 as token_int8
+
     real = torch._int_mm
+    real_onnx = token_int8._OnnxIntegerProduct.__call__
     known: dict[tuple[int, ...], torch.Tensor] = {}
 
     def slow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -133,15 +158,38 @@ def test_int_mm_is_used_only_where_it_beats_float32(monkeypatch: pytest.MonkeyPa
             known[key] = real(a, b)  # the first call (a warm-up) computes it; the timed ones look it up
         return known[key]
 
+    def slow_onnx(self: Any, quantised: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.01)
+        return real_onnx(self, quantised)
+
     try:
         for fake, expected in ((slow, False), (instant, True)):
             monkeypatch.setattr(torch, "_int_mm", fake)
-            int_mm_pays.cache_clear()
+            int8_product.cache_clear()
             assert int_mm_pays() is expected
             assert int_mm_pays() is expected  # asked once per process
+        monkeypatch.setattr(torch, "_int_mm", slow)
+        monkeypatch.setattr(token_int8._OnnxIntegerProduct, "__call__", slow_onnx)
+        int8_product.cache_clear()
+        assert int8_product(63, 127) == "float32"
+        assert token_int8.first_pass_product() is None
+        onnx_known: dict[tuple[int, ...], torch.Tensor] = {}
+
+        def instant_onnx(self: Any, quantised: torch.Tensor) -> torch.Tensor:
+            key = (id(self), quantised.data_ptr(), *quantised.shape)
+            if key not in onnx_known:
+                onnx_known[key] = real_onnx(self, quantised)
+            return onnx_known[key]
+
+        monkeypatch.setattr(token_int8._OnnxIntegerProduct, "__call__", instant_onnx)
+        int8_product.cache_clear()
+        assert int8_product(63, 127) == "onnxruntime"
+        assert token_int8.first_pass_product() == "onnxruntime"
+        assert int8_product(127, 127) != "onnxruntime"  # 8-bit weights: pairs could overflow, never chosen
     finally:
         monkeypatch.setattr(torch, "_int_mm", real)
-        int_mm_pays.cache_clear()
+        monkeypatch.setattr(token_int8._OnnxIntegerProduct, "__call__", real_onnx)
+        int8_product.cache_clear()
 
 
 def test_relative_positions_are_refused(tiny: tuple[Any, Any]) -> None:
