@@ -107,29 +107,38 @@ def onnx_product_exact(weight_levels: int, activation_levels: int) -> bool:
     return (2 * activation_levels + 1) * weight_levels * 2 <= 32767
 
 
+def _matmul_integer_session(zero_point: int, weight: np.ndarray | None = None) -> Any:
+    """An ONNX Runtime session on one thread of ``MatMulInteger(A uint8 [M, K] with zero point ``zero_point``, B int8
+    [K, N])``: B an initializer (``weight``: packed once) or, without it, an input."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inner, outer = (weight.shape[0], weight.shape[1]) if weight is not None else ("K", "N")
+    left = helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", inner])
+    out = helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", outer])
+    initializers = [numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), "A_zero")]
+    inputs = [left]
+    if weight is None:
+        inputs.append(helper.make_tensor_value_info("B", TensorProto.INT8, ["K", "N"]))
+    else:
+        initializers.append(numpy_helper.from_array(weight, "B"))
+    node = helper.make_node("MatMulInteger", ["A", "B", "A_zero"], ["Y"])
+    graph = helper.make_graph([node], "int8_product", inputs, [out], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 class _OnnxIntegerProduct:
     """ONNX Runtime's ``MatMulInteger``, one thread: uint8 tokens (the int8 integers + ``zero_point``) x the int8
     weights ``[in, out]`` (an initializer, packed once), with the zero point taken off exactly in int32."""
 
     def __init__(self, weight: torch.Tensor, zero_point: int) -> None:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-
         self.zero_point = float(zero_point)
-        tokens = helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", int(weight.shape[0])])
-        out = helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", int(weight.shape[1])])
-        initializers = [
-            numpy_helper.from_array(weight.numpy(), "B"),
-            numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), "A_zero"),
-        ]
-        node = helper.make_node("MatMulInteger", ["A", "B", "A_zero"], ["Y"])
-        graph = helper.make_graph([node], "int8_product", [tokens], [out], initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.session = _matmul_integer_session(zero_point, weight.numpy())
 
     def __call__(self, quantised: torch.Tensor) -> torch.Tensor:
         tokens = (quantised + self.zero_point).to(torch.uint8).numpy()
@@ -255,22 +264,8 @@ def first_pass_product() -> str | None:
 
 @lru_cache(maxsize=1)
 def _onnx_u8s8_session() -> Any:
-    """One ONNX Runtime session, one thread: ``MatMulInteger(A uint8 [M, K] with zero point 128, B int8 [K, N])``."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    left = helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", "K"])
-    right = helper.make_tensor_value_info("B", TensorProto.INT8, ["K", "N"])
-    out = helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", "N"])
-    zero = numpy_helper.from_array(np.array(128, dtype=np.uint8), "A_zero")
-    node = helper.make_node("MatMulInteger", ["A", "B", "A_zero"], ["Y"])
-    graph = helper.make_graph([node], "u8s8", [left, right], [out], [zero])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    """The session of :func:`onnx_u8s8`: uint8 rows with zero point 128 x an int8 input."""
+    return _matmul_integer_session(128)
 
 
 def onnx_u8s8(left: np.ndarray, right: np.ndarray) -> np.ndarray:
