@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -575,11 +575,10 @@ class SourceIndex:
         self.entries = [entry for entry in entries if entry.kind not in SHARED_TEXT_ONLY or entry.term not in shared]
         self.groups = group_texts(self.entries)
         self.matrix: np.ndarray | None = None
-        # The matrix's rows in int8 (a scale per row) for the first pass of large searches, and the integer product
-        # that reads them (``first_pass``: "int_mm" int8 rows, "onnxruntime" uint8 rows); None below COARSE_MIN_ROWS
-        # rows, or where float32 alone is faster.
+        # The matrix's rows in int8 (a scale per row) for the first pass of large searches: int8 for
+        # ``torch._int_mm``, uint8 for ONNX Runtime (:attr:`first_pass`); None below COARSE_MIN_ROWS rows, or where
+        # float32 alone is faster.
         self.coarse: tuple[np.ndarray, np.ndarray] | None = None
-        self.first_pass: str | None = None
         self._codes = [entry.code for entry in self.entries]
         self._display = {entry.code: entry.display for entry in data.entries}
         self.preferred = {entry.code for entry in data.entries if entry.preferred}
@@ -618,6 +617,13 @@ class SourceIndex:
         self._term_rows = None
         return True
 
+    @property
+    def first_pass(self) -> str | None:
+        """The integer product of the first pass, read off its rows: "onnxruntime" (uint8), "int_mm" (int8), None."""
+        if self.coarse is None:
+            return None
+        return "onnxruntime" if self.coarse[0].dtype == np.uint8 else "int_mm"
+
     def set_first_pass(self, product: str | None) -> None:
         """Search large subsets in two passes, int8 rows first (:meth:`_best`) multiplied by ``product`` (see
         :func:`_coarse_scores`), or in float32 alone (None). Two passes pay where the CPU multiplies int8 faster
@@ -625,9 +631,7 @@ class SourceIndex:
         note's coding (session 12, AVX2 only: coding +275% of tagging), ONNX Runtime's u8 x s8 there runs the
         product over ICD-10-CM 2.5x faster than float32."""
         assert self.matrix is not None
-        large = product is not None and len(self.matrix) >= COARSE_MIN_ROWS
-        self.first_pass = product if large else None
-        if not large:
+        if product is None or len(self.matrix) < COARSE_MIN_ROWS:
             self.coarse = None
         else:
             self.coarse = uint8_rows(self.matrix) if product == "onnxruntime" else int8_rows(self.matrix)
@@ -706,7 +710,7 @@ class SourceIndex:
             except (AttributeError, RuntimeError) as error:  # no int8 product on this CPU after all
                 logger.warning("nearest neighbour: no int8 first pass (%s); searching in float32", error)
                 self._coarse_subsets.clear()
-                self.coarse = self.first_pass = None
+                self.coarse = None
         if approximate is None:
             scores = self._scores(vectors, blocks)
             picked = _top_positions(scores, take)
@@ -850,6 +854,13 @@ class SourceIndex:
 # --------------------------------------------------------------------------------------------------
 # The service the mappings call
 # --------------------------------------------------------------------------------------------------
+def _remember(cache: dict[Any, Any], fresh: Mapping[Any, Any], size: int) -> None:
+    """Add ``fresh`` to one of a service's memories, dropping its oldest entries past ``size`` (under its lock)."""
+    cache.update(fresh)
+    while len(cache) > size:
+        cache.pop(next(iter(cache)))
+
+
 def _request_key(request: CodeRequest) -> tuple[Any, ...]:
     """Everything a lookup's answer depends on (:attr:`TerminologyService._final`)."""
     prefixes = tuple(sorted(request.prefixes.items()))
@@ -970,9 +981,7 @@ class TerminologyService:
             fresh = dict(zip(missing, self._lookup(list(missing.values()), None), strict=True))
             known.update(fresh)
             with self._lock:
-                self._final.update(fresh)
-                while len(self._final) > FINAL_ANSWERS:
-                    self._final.pop(next(iter(self._final)))
+                _remember(self._final, fresh, FINAL_ANSWERS)
         return [list(known[key]) for key in keys]
 
     def _lookup(
@@ -1111,12 +1120,12 @@ class TerminologyService:
             else:
                 answers = [(answer, {}) for answer in index.nearest(matrix, prefixes, self.limit, categories, scope)]
             if encode is None:  # answers from a caller's vectors are not the service's to remember
+                fresh = {key: answer for (_, key, _, _), answer in zip(members, answers, strict=True)}
                 with self._lock:
-                    for (_, key, _, _), answer in zip(members, answers, strict=True):
-                        (self._wide_answers if wide else self._answers)[key] = answer
-                    for cache, size in ((self._answers, QUERY_CACHE), (self._wide_answers, WIDE_ANSWERS)):
-                        while len(cache) > size:
-                            cache.pop(next(iter(cache)))
+                    if wide:
+                        _remember(self._wide_answers, fresh, WIDE_ANSWERS)
+                    else:
+                        _remember(self._answers, fresh, QUERY_CACHE)
             for (position, _, _, _), answer in zip(members, answers, strict=True):
                 self._merge(found[position], name, answer[0], details[position], answer[1])
 
@@ -1147,9 +1156,7 @@ class TerminologyService:
             fresh = dict(zip(missing, self.store.queries.encode(missing), strict=True))
             found.update(fresh)
             with self._lock:
-                self._query_cache.update(fresh)
-                while len(self._query_cache) > QUERY_CACHE:
-                    self._query_cache.pop(next(iter(self._query_cache)))
+                _remember(self._query_cache, fresh, QUERY_CACHE)
         return found
 
     def _rank_key(self, candidate: CandidateCode) -> tuple[float, bool, int, str, str]:

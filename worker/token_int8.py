@@ -68,7 +68,6 @@ class _Int8Linear:
         self._slice = max(1, 2**24 // (int(levels) * int(activation_levels)))
         self._float_weights: list[torch.Tensor] | None = None  # those slices in float32, made on first use
         self._onnx: _OnnxIntegerProduct | None = None  # made on first use
-        self.levels = int(levels)
 
     def __call__(self, x: torch.Tensor, product: str) -> torch.Tensor:
         """``product``: which exact integer product (:data:`PRODUCTS`); every one gives the same result."""
@@ -197,30 +196,48 @@ def _product_works(product: str, weight_levels: int, activation_levels: int) -> 
 def int8_product(weight_levels: int = WEIGHT_LEVELS, activation_levels: int = ACTIVATION_LEVELS) -> str:
     """The fastest exact integer product on this CPU for these levels (:data:`PRODUCTS`).
 
-    Asked once per process and per levels, on one product of a note's size (a few milliseconds; the answer changes
-    only the speed, never a result): every kernel that gives the exact integers here is timed and the fastest
-    kept. With VNNI that is ``torch._int_mm``; on an AMD EPYC with AVX2 only, ONNX Runtime's u8 x s8 product
-    (7-bit tokens) ran 1.7-2.7x faster than float32 and ``torch._int_mm`` 35-40x slower (sessions 12 and 13).
+    Every kernel is timed once per process (:func:`_kernel_seconds`); for each levels, the fastest of those that
+    give the exact integers at these levels is kept (the answer changes only the speed, never a result). With VNNI
+    that is ``torch._int_mm``; on an AMD EPYC with AVX2 only, ONNX Runtime's u8 x s8 product (7-bit tokens) ran
+    1.7-2.7x faster than float32 and ``torch._int_mm`` 35-40x slower (sessions 12 and 13).
     """
     return _probed_product(int(weight_levels), int(activation_levels))
 
 
 @lru_cache(maxsize=4)
-def _probed_product(weight_levels: int, activation_levels: int, repeats: int = 8) -> str:
+def _probed_product(weight_levels: int, activation_levels: int) -> str:
     """:func:`int8_product`, remembered by its levels alone (however the caller passed them)."""
+    timings = {
+        product: seconds
+        for product, seconds in _kernel_seconds().items()
+        if _product_works(product, weight_levels, activation_levels)
+    }
+    chosen = min(timings, key=lambda name: timings[name])
+    logger.info(
+        "int8 products: %s (%s)",
+        chosen,
+        ", ".join(f"{name} {seconds * 1000:.2f} ms" for name, seconds in timings.items()),
+    )
+    return chosen
+
+
+@lru_cache(maxsize=1)
+def _kernel_seconds(repeats: int = 8) -> dict[str, float]:
+    """Each working kernel's best time on one note-sized product (a kernel's speed does not depend on the integers,
+    so one timing serves every levels). Kernels that fail here (a missing operator or runtime) are left out."""
     generator = torch.Generator().manual_seed(0)
     # A note's mention tokens against a feed-forward projection: at this size ONNX Runtime's lead over float32 on AVX2
     # (about 2x) stands clear of a busy worker's noise; at 128 x 384 x 384 it was within it.
-    left = torch.randint(-activation_levels, activation_levels + 1, (256, 384), generator=generator).float()
-    right = torch.randint(-weight_levels, weight_levels + 1, (384, 1536), dtype=torch.int8, generator=generator)
+    left = torch.randint(-ACTIVATION_LEVELS, ACTIVATION_LEVELS + 1, (256, 384), generator=generator).float()
+    right = torch.randint(-WEIGHT_LEVELS, WEIGHT_LEVELS + 1, (384, 1536), dtype=torch.int8, generator=generator)
     runs: dict[str, Callable[[], object]] = {}
     for product in PRODUCTS:
-        if not _product_works(product, weight_levels, activation_levels):
+        if not _product_works(product, WEIGHT_LEVELS, ACTIVATION_LEVELS):
             continue
         if product == "int_mm":
             runs[product] = functools.partial(torch._int_mm, left.to(torch.int8), right)
         elif product == "onnxruntime":
-            runs[product] = functools.partial(_OnnxIntegerProduct(right, activation_levels + 1), left)
+            runs[product] = functools.partial(_OnnxIntegerProduct(right, ACTIVATION_LEVELS + 1), left)
         else:
             runs[product] = functools.partial(torch.matmul, left, right.float())
     # Each kernel's best of a few runs, taken in turns so that a busy moment of a shared machine slows them alike;
@@ -237,13 +254,7 @@ def _probed_product(weight_levels: int, activation_levels: int, repeats: int = 8
                 timings[product] = min(timings[product], best_seconds(run, 1))
     finally:
         torch.set_num_threads(threads)
-    chosen = min(timings, key=lambda name: timings[name])
-    logger.info(
-        "int8 products: %s (%s)",
-        chosen,
-        ", ".join(f"{name} {seconds * 1000:.2f} ms" for name, seconds in timings.items()),
-    )
-    return chosen
+    return timings
 
 
 def int_mm_pays() -> bool:

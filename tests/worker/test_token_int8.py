@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from worker.token_int8 import TokenInt8Encoder, _int_mm_works, _probed_product, int8_product, int_mm_pays
+from worker.token_int8 import (
+    TokenInt8Encoder,
+    _int_mm_works,
+    _kernel_seconds,
+    _probed_product,
+    int8_product,
+    int_mm_pays,
+)
 
 TEXTS = [
     "dolor torácico opresivo irradiado al brazo izquierdo",
@@ -28,6 +35,12 @@ def tiny(tiny_encoder: Path) -> tuple[Any, Any]:
 
     model = AutoModel.from_pretrained(str(tiny_encoder), add_pooling_layer=False).eval()
     return model, AutoTokenizer.from_pretrained(str(tiny_encoder))
+
+
+def forget_probe() -> None:
+    """The kernel timings and the choices made from them, forgotten: the next question probes again."""
+    _kernel_seconds.cache_clear()
+    _probed_product.cache_clear()
 
 
 def float32_vectors(model: Any, tokenizer: Any, texts: list[str]) -> np.ndarray:
@@ -85,12 +98,12 @@ def test_every_integer_product_gives_the_same_vectors(tiny: tuple[Any, Any], mon
         raise RuntimeError("_int_mm: not supported here")
 
     monkeypatch.setattr(torch, "_int_mm", refuses)
-    _probed_product.cache_clear()
+    forget_probe()
     try:
         assert not _int_mm_works() and not int_mm_pays()
         fallback = TokenInt8Encoder(model)
     finally:
-        _probed_product.cache_clear()
+        forget_probe()
     assert fallback.product in ("onnxruntime", "float32")
     np.testing.assert_array_equal(int8_vectors(fallback, tokenizer, TEXTS), vectors["int_mm"])
 
@@ -165,12 +178,12 @@ def test_the_probe_keeps_the_fastest_exact_product(monkeypatch: pytest.MonkeyPat
     try:
         for fake, expected in ((slow, False), (instant, True)):
             monkeypatch.setattr(torch, "_int_mm", fake)
-            _probed_product.cache_clear()
+            forget_probe()
             assert int_mm_pays() is expected
             assert int_mm_pays() is expected  # asked once per process
         monkeypatch.setattr(torch, "_int_mm", slow)
         monkeypatch.setattr(token_int8._OnnxIntegerProduct, "__call__", slow_onnx)
-        _probed_product.cache_clear()
+        forget_probe()
         assert int8_product(63, 127) == "float32"
         assert token_int8.first_pass_product() is None
         onnx_known: dict[tuple[int, ...], torch.Tensor] = {}
@@ -182,14 +195,14 @@ def test_the_probe_keeps_the_fastest_exact_product(monkeypatch: pytest.MonkeyPat
             return onnx_known[key]
 
         monkeypatch.setattr(token_int8._OnnxIntegerProduct, "__call__", instant_onnx)
-        _probed_product.cache_clear()
+        forget_probe()
         assert int8_product(63, 127) == "onnxruntime"
         assert token_int8.first_pass_product() == "onnxruntime"
         assert int8_product(127, 127) != "onnxruntime"  # 8-bit weights: pairs could overflow, never chosen
     finally:
         monkeypatch.setattr(torch, "_int_mm", real)
         monkeypatch.setattr(token_int8._OnnxIntegerProduct, "__call__", real_onnx)
-        _probed_product.cache_clear()
+        forget_probe()
 
 
 def test_relative_positions_are_refused(tiny: tuple[Any, Any]) -> None:
