@@ -56,7 +56,14 @@ def test_waiting_notes_are_tagged_in_one_batch_and_both_pools_report_metrics(
                 0.1,
                 "the notes were not read",
             )
-            assert 'fhir_ner_queue_depth{queue="inference"} 6.0' in client.get("/metrics").text
+            # The stage is recorded just before the message is queued (worker.tasks._hand_on), so the last
+            # message may land a moment after its note reads "waiting for the model".
+            wait_until(
+                lambda: 'fhir_ner_queue_depth{queue="inference"} 6.0' in client.get("/metrics").text,
+                10,
+                0.05,
+                "the six waiting notes were not counted on the inference queue",
+            )
             model_worker.start()
             wait_until(
                 lambda: all(statuses(client, d["id"])["1"]["status"] == "done" for d in documents),
