@@ -8,7 +8,9 @@ the worker's own encoder (:class:`worker.terminology.LinkerEncoder`, the shipped
 About 46,000 strings: ~8 minutes on one busy CPU core. Vectors are cached by text in ``--work`` (float16), so a
 rerun after a synonym change embeds only the new strings. ``--reuse-shipped`` takes every group whose strings are
 unchanged from the index already in ``--out`` (int8 rows re-quantise to the same bytes) and embeds only the groups
-that changed, e.g. after ``translations.tsv`` changed: seconds instead of minutes.
+that changed, e.g. after ``translations.tsv`` changed: seconds instead of minutes. ``--previous-table FILE``
+(an ``icd10cm.json.gz`` the current index was built from) reuses that index's vector of every string it already
+holds, group by group, when the ICD-10-CM table changed: only the new strings are embedded.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/fhir-ner-linker"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reuse-shipped", action="store_true", help="keep the unchanged groups of the current index")
+    parser.add_argument(
+        "--previous-table",
+        type=Path,
+        default=None,
+        help="the icd10cm.json.gz the current index in --out was built from: reuse its strings' vectors",
+    )
     args = parser.parse_args()
     import torch
 
@@ -61,6 +69,15 @@ def main() -> int:
             if matrix is not None:
                 reused[group] = matrix
         print(f"reused from the shipped index: {sorted(reused)}", file=sys.stderr)
+    if args.previous_table is not None:
+        from worker.terminology import read_icd10cm_table
+
+        shipped = ShippedIndex(args.out / "index.npz")
+        before = icd10cm_with(read_icd10cm_table(args.previous_table), args.out)
+        for kind, texts in SourceIndex(before).groups.items():
+            matrix = shipped.get(f"{before.name}-{kind}", texts, revision)
+            if matrix is not None:
+                known.update(zip(texts, matrix, strict=True))
     wanted = {text for group, texts in strings.items() if group not in reused for text in texts}
     todo = sorted(wanted - set(known))
     print(f"{len(wanted)} strings, {len(todo)} to embed", file=sys.stderr)

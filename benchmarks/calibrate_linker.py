@@ -79,7 +79,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from mappings.profile import load_profile
-    from worker.coding import code_mentions
+    from worker.coding import code_mentions, same_code
     from worker.terminology import terminology_for
 
     rows = gold_rows(args.data)
@@ -101,9 +101,9 @@ def main() -> int:
         top1 = top5 = 0
         for row in items:
             ranked = coded[row["mention"]].candidates
-            ok = bool(ranked) and ranked[0][1] == row["code"]
+            ok = bool(ranked) and same_code(row["code"], ranked[0][1])
             top1 += ok
-            top5 += row["code"] in [c[1] for c in ranked[:5]]
+            top5 += any(same_code(row["code"], c[1]) for c in ranked[:5])
             score = ranked[0][3] if ranked else 0.0
             points.append((score, ok))
             by_doc.append(row["document"])

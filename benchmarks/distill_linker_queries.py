@@ -110,8 +110,9 @@ def main() -> int:
     for name in ("icd-10-cm", "icd-10-pcs"):
         index = service.index(name)
         assert index.matrix is not None
-        matrices.append(index.matrix)
-        for entry, vector in zip(index.entries, index.matrix, strict=True):
+        dense = np.asarray(index.matrix, dtype=np.float32)  # float32 rows (the shipped index keeps them int8)
+        matrices.append(dense)
+        for entry, vector in zip(index.entries, dense, strict=True):
             rows.setdefault(entry.term, vector)
     bank = torch.from_numpy(np.concatenate(matrices)).float()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -67,8 +67,6 @@ def read_x(path: Path) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-
-
 def translated_pairs(split: str = "train", folder: Path = TRANSLATED) -> list[tuple[str, str, str, str]]:
     """(language, label, translated mention, Spanish mention) from the project's translated excerpts
     (``worker/nlp/data/translated``): each excerpt has the same mentions of each label in every language, so the
@@ -126,11 +124,16 @@ _CODES: dict[int, set[str]] = {}
 
 def target_code(system: str, code: str, icd: CodeSystemData, pcs: dict[str, str]) -> str | None:
     """The code a mention is trained towards: a billable ICD-10-CM leaf; an ICD-10-PCS code, complete or (as
-    CodiEsp's experts code when the text does not say more) cut after its fourth to sixth character."""
+    CodiEsp's experts code when the text does not say more) cut after its fourth to sixth character.
+
+    CodiEsp writes ICD-10-CM codes without their 7th character, with or without the placeholder X ("S06.0X0",
+    "S31.40X", "T68.XXX"): the code they extend ("S31.40", "T68") gives its default extension ("S31.40XA")."""
     if system == "icd-10-cm":
         if id(icd) not in _CODES:
             _CODES[id(icd)] = icd.codes()
         known = _CODES[id(icd)]
+        if code not in known:
+            code = code.rstrip("X").rstrip(".")
         return icd.billable(code) if code in known else None
     if code in pcs:
         return code

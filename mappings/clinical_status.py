@@ -47,6 +47,7 @@ EPISODIC_ICD10CM: tuple[tuple[str, str, str], ...] = (
     ("P00", "P96", "perinatal condition"),
     ("R00", "R99", "symptom or abnormal finding"),
     ("S00", "T88", "injury, poisoning, complication of care"),
+    ("V00", "Y99", "external cause: an accident, a fall, an assault"),
 )
 _ACUTE = re.compile(r"\bacute\b", re.IGNORECASE)
 _CHRONIC = re.compile(r"\bchronic\b", re.IGNORECASE)

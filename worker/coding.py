@@ -119,10 +119,24 @@ def read_code_tsv(path: Path) -> dict[str, CodedMention]:
     return found
 
 
+def same_code(gold: str, predicted: str) -> bool:
+    """Whether ``predicted`` is the gold code, counting a gold code written without its 7th character as the
+    code it extends: CodiEsp (and coders who leave the encounter out) write "S72.001" or "T68.XXX" for the
+    billable "S72.001A" or "T68.XXXA" that the worker returns. ICD-10-CM's only 7-character codes are such
+    extensions, so nothing else can match this way (ICD-10-PCS codes, 7 characters without a dot, never do)."""
+    if predicted == gold:
+        return True
+    if "." not in predicted:
+        return False
+    compact = predicted.replace(".", "")
+    return len(compact) == 7 and compact[:6].rstrip("X") == gold.replace(".", "").rstrip("X")
+
+
 def score_codes(
     gold: Sequence[dict[str, str]], coded: dict[str, CodedMention], by_language: bool = False
 ) -> dict[str, dict[str, float]]:
-    """Per label (and ``all``): n, top1, top5, category_top1, coverage, precision (of written codes).
+    """Per label (and ``all``): n, top1, top5, category_top1, coverage, precision (of written codes); a code
+    matches its gold as :func:`same_code` says.
 
     With ``by_language`` also per label and language (``DISEASE/it``), from the gold's ``language`` column.
     """
@@ -137,11 +151,11 @@ def score_codes(
     report: dict[str, dict[str, float]] = {}
     for label, items in sorted(by_label.items()):
         n = len(items)
-        top1 = sum(bool(r.ranked_codes()) and r.ranked_codes()[0] == g for g, r in items)
-        top5 = sum(g in r.ranked_codes()[:5] for g, r in items)
+        top1 = sum(bool(r.ranked_codes()) and same_code(g, r.ranked_codes()[0]) for g, r in items)
+        top5 = sum(any(same_code(g, code) for code in r.ranked_codes()[:5]) for g, r in items)
         category = sum(bool(r.ranked_codes()) and r.ranked_codes()[0][:3] == g[:3] for g, r in items)
-        written = [(g, r.written()) for g, r in items if r.written() is not None]
-        right = sum(g == w for g, w in written)
+        written = [(g, w) for g, r in items if (w := r.written()) is not None]
+        right = sum(same_code(g, w) for g, w in written)
         report[label] = {
             "n": n,
             "top1": round(top1 / n, 4) if n else 0.0,

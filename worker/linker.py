@@ -323,15 +323,20 @@ class ShippedIndex:
             self.meta = json.loads(bytes(self._data["meta"]).decode("utf-8"))
 
     def get(self, group: str, texts: Sequence[str], revision: str) -> np.ndarray | None:
+        found = self.get_int8(group, texts, revision)
+        if found is None:
+            return None
+        q, scale = found
+        return q.astype(np.float32) * scale[:, None]
+
+    def get_int8(self, group: str, texts: Sequence[str], revision: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The group's int8 rows and float32 scales (``get`` is their product), when built from these strings."""
         info = self.meta.get("groups", {}).get(group)
         if self._data is None or info is None or self.meta.get("revision") != revision:
             return None
         if info["count"] != len(texts) or info["digest"] != texts_digest(texts):
             return None
-        q = self._data[f"{group}.q"]
-        scale = self._data[f"{group}.scale"]
-        matrix = q.astype(np.float32) * scale[:, None]
-        return matrix
+        return self._data[f"{group}.q"], self._data[f"{group}.scale"]
 
 
 @lru_cache(maxsize=4)

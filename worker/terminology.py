@@ -90,6 +90,9 @@ COARSE_MARGIN = 64
 # Term kinds embedded only where the term names one code: a title cut before its qualifiers ("Migraine" for both
 # G43.901 and G43.909) would give siblings the same vector and settle their order by a tie-break.
 SHARED_TEXT_ONLY = frozenset({"core"})
+# The kind of an ICD-10-CM 7th-character extension's entry: the billable code a mention of the code it extends
+# gets ("S72.001" -> "S72.001A"); matched by its full title, never a row of the nearest-neighbour index.
+EXTENSION_KIND = "extension"
 
 
 def _shared_terms(entries: Sequence[TermEntry], data: CodeSystemData) -> set[str]:
@@ -141,12 +144,15 @@ def _default_leaf(icd: Any, code: str) -> str | None:
 
     At each level: the child ending in 9 that says "unspecified" or "without" ("R31.9 Hematuria,
     unspecified", "E11.9 Type 2 diabetes mellitus without complications"), else one that says "unspecified",
-    else the one ending in 9, else one that says "without"; None when no child is a default.
+    else the one ending in 9, else one that says "without"; None when no child is a default. A code whose
+    children are all 7th-character extensions (injuries, poisonings, external causes, some fractures and
+    obstetric codes) gets the extension a note's mention most often means (:func:`_default_extension`).
     """
     while not icd.is_leaf(code):
+        extensions = [c for c in icd.get_children(code) if icd.is_extended_subcategory(c)]
         children = [c for c in icd.get_children(code) if not icd.is_extended_subcategory(c)]
         if not children:
-            return None
+            return _default_extension(icd, extensions)
 
         def says(word: str, child: str) -> bool:
             return word in icd.get_description(child).lower()
@@ -162,6 +168,22 @@ def _default_leaf(icd: Any, code: str) -> str | None:
             return None
         code = ranked[0]
     return str(code)
+
+
+def _default_extension(icd: Any, extensions: Sequence[str]) -> str | None:
+    """Of a code's 7th-character extensions, the one for a mention that names only the code: the initial
+    encounter ("S72.001A ..., initial encounter for closed fracture", "T68.XXXA Hypothermia, initial encounter";
+    never an open fracture's), else the unspecified one ("O60.10X0 ..., not applicable or unspecified",
+    "R40.2430 ..., unspecified time"); None when neither is there."""
+
+    def says(child: str, *words: str) -> bool:
+        text = icd.get_description(child).lower()
+        return all(word in text for word in words)
+
+    ranked = [c for c in extensions if says(c, "initial encounter") and not says(c, "open fracture")] or [
+        c for c in extensions if c.endswith("0") and (says(c, "unspecified") or says(c, "not applicable"))
+    ]
+    return str(ranked[0]) if ranked else None
 
 
 ICD10CM_TABLE = Path(__file__).resolve().parent / "linker" / "icd10cm.json.gz"
@@ -202,8 +224,7 @@ def read_icd10cm_table(path: Path) -> CodeSystemData:
         for code, display, term, kind, preferred in body["entries"]
     )
     unbillable: dict[str, str | None] = body["unbillable"]
-    unembedded = frozenset(code for code, leaf in unbillable.items() if leaf is None)
-    return CodeSystemData("icd-10-cm", ICD10CM_URL, entries, body["version"], unbillable, unembedded)
+    return CodeSystemData("icd-10-cm", ICD10CM_URL, entries, body["version"], unbillable, _unembedded(unbillable))
 
 
 def build_icd10cm() -> CodeSystemData:
@@ -227,7 +248,12 @@ def build_icd10cm() -> CodeSystemData:
         display = icd.get_description(code)
         leaf = icd.is_leaf(code)
         if not leaf:
-            unbillable[code] = _default_leaf(icd, code)
+            unbillable[code] = target = _default_leaf(icd, code)
+            if target is not None and icd.is_extended_subcategory(target) and target not in seen:
+                # Named for its display and matched by its full title; searched through its code's names.
+                seen.add(target)
+                title = icd.get_description(target)
+                entries.append(TermEntry(target, title, title, EXTENSION_KIND, None, True))
         entries.append(TermEntry(code, display, display, "display", None, leaf))
         core = core_term(display)
         if core and normalise(core) != normalise(display):
@@ -236,8 +262,12 @@ def build_icd10cm() -> CodeSystemData:
             entries.append(TermEntry(code, display, term, "inclusion", None, leaf))
         for term in icd.get_includes(code):
             entries.append(TermEntry(code, display, term, "includes", None, leaf))
-    unembedded = frozenset(code for code, leaf in unbillable.items() if leaf is None)
-    return CodeSystemData("icd-10-cm", ICD10CM_URL, tuple(entries), "2026", unbillable, unembedded)
+    return CodeSystemData("icd-10-cm", ICD10CM_URL, tuple(entries), "2026", unbillable, _unembedded(unbillable))
+
+
+def _unembedded(unbillable: Mapping[str, str | None]) -> frozenset[str]:
+    """The codes searched by text only: categories without a default leaf."""
+    return frozenset(code for code, leaf in unbillable.items() if leaf is None)
 
 
 def load_code_system_file(profile: MappingProfile, name: str) -> CodeSystemData:
@@ -369,7 +399,7 @@ class TextEncoder:
         self, texts: Sequence[str], prefixed: list[str], lengths: list[int], order: list[int], bar: Any
     ) -> np.ndarray:
         chunks: list[np.ndarray] = []
-        for members in length_batches([lengths[i] for i in order], self.batch_size):
+        for members in self._batches([lengths[i] for i in order]):
             batch = [prefixed[order[i]] for i in members]
             chunks.append(self._embed(batch))
             if bar is not None:
@@ -381,6 +411,10 @@ class TextEncoder:
         out = np.empty_like(sorted_vectors)
         out[np.asarray(order)] = sorted_vectors
         return out
+
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        """The calls ``_encode_sorted`` makes: positions in ``lengths`` (ascending), batched to waste little padding."""
+        return length_batches(lengths, self.batch_size)
 
     def _embed(self, batch: list[str]) -> np.ndarray:
         """L2-normalised mean-pooled vectors of one batch of (prefixed) strings, padded together."""
@@ -430,6 +464,14 @@ class EmbeddingStore:
         if meta.get("revision") != self.encoder.revision or matrix.shape[0] != count:
             return None  # another revision of the encoder under the same name: embed again
         return np.asarray(matrix, dtype=np.float32)
+
+    def get_int8(self, group: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The shipped index's int8 rows and scales of ``texts`` (:meth:`get`'s matrix is their product), if it
+        holds the group; None otherwise."""
+        if self.shipped is None or not texts:
+            return None
+        found = self.shipped.get_int8(group, texts, self.encoder.revision)
+        return None if found is None else (np.asarray(found[0]), np.asarray(found[1]))
 
     def get(self, group: str, texts: Sequence[str], build: bool = True) -> np.ndarray | None:
         """The embeddings of ``texts`` (distinct strings, fixed order); None when absent and not built."""
@@ -563,6 +605,63 @@ def _coarse_scores(
     return found
 
 
+def _anonymous(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An array in its own anonymous mapping when large (see :func:`int8_rows`: on the heap, temporaries freed under
+    a large table stayed resident)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size < 2**20:
+        return np.empty(shape, dtype=dtype)
+    import mmap
+
+    return np.frombuffer(mmap.mmap(-1, size), dtype=dtype).reshape(shape)
+
+
+class Int8Rows:
+    """Embedding rows kept as int8 with a float32 scale each and read as float32 (``q * scale``) where used: the
+    shipped index's own form (``index.npz``), so a row read is bit for bit the float32 row it stands for, at a
+    quarter of the memory (ICD-10-CM with its 7th-character extensions: 86,000 rows, 33 MB instead of 132).
+
+    Indexing (``rows[i]``, ``rows[array]``, ``rows[a:b]``) gives float32; :meth:`part` gives the int8 rows
+    themselves (a view for a slice); :meth:`dense` all rows in float32, made once, for a search in float32 alone.
+    """
+
+    def __init__(self, q: np.ndarray, scale: np.ndarray) -> None:
+        self.q = q
+        self.scale = scale
+        self._dense: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.q.nbytes + self.scale.nbytes)
+
+    def __len__(self) -> int:
+        return len(self.q)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        rows = self.q[index].astype(np.float32)
+        rows *= self.scale[index][..., None]  # in place: one float32 temporary, not two
+        return rows
+
+    def part(self, index: Any) -> Int8Rows:
+        return Int8Rows(self.q[index], self.scale[index])
+
+    def dense(self) -> np.ndarray:
+        if self._dense is None:
+            self._dense = self[:]
+        return self._dense
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.dense() if dtype is None else self.dense().astype(dtype)
+
+
+def _dense(block: np.ndarray | Int8Rows) -> np.ndarray:
+    return block.dense() if isinstance(block, Int8Rows) else block
+
+
 class SourceIndex:
     """A code system's text index and, once attached, its embedding matrix (one row per term entry)."""
 
@@ -570,11 +669,14 @@ class SourceIndex:
         self.data = data
         self.lexical = LexicalIndex(data)
         # The entries searched by nearest neighbour: one matrix row each.
-        entries = [entry for entry in data.entries if entry.code not in data.unembedded]
+        # (A 7th-character extension's own title is not a row: a mention finds it through the names of the code it
+        # extends, whose default leaf it is, or through a synonym of its own.)
+        entries = [e for e in data.entries if e.code not in data.unembedded and e.kind != EXTENSION_KIND]
         shared = _shared_terms(entries, data)
         self.entries = [entry for entry in entries if entry.kind not in SHARED_TEXT_ONLY or entry.term not in shared]
         self.groups = group_texts(self.entries)
-        self.matrix: np.ndarray | None = None
+        # The rows: float32, or the shipped index's int8 rows read as float32 (:class:`Int8Rows`).
+        self.matrix: np.ndarray | Int8Rows | None = None
         # The matrix's rows in int8 (a scale per row) for the first pass of large searches: int8 for
         # ``torch._int_mm``, uint8 for ONNX Runtime (:attr:`first_pass`); None below COARSE_MIN_ROWS rows, or where
         # float32 alone is faster.
@@ -584,7 +686,7 @@ class SourceIndex:
         self.preferred = {entry.code for entry in data.entries if entry.preferred}
         self._masks: dict[tuple[str, ...], np.ndarray] = {}
         # Per kind of request: its rows (None: all) and the matrix blocks that hold them, in row order.
-        self._subsets: dict[tuple[str, ...], tuple[np.ndarray | None, tuple[np.ndarray, ...]]] = {}
+        self._subsets: dict[tuple[str, ...], tuple[np.ndarray | None, tuple[np.ndarray | Int8Rows, ...]]] = {}
         # The same blocks of the int8 rows and of their scales.
         self._coarse_subsets: dict[tuple[str, ...], tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]] = {}
         # Per row, the language of a translated name ("" for every other kind); None when there are none.
@@ -602,14 +704,32 @@ class SourceIndex:
     def attach(self, store: EmbeddingStore, build: bool) -> bool:
         """Load (or build) the embeddings of every group; False when some group is missing and not built."""
         rows: dict[str, dict[str, int]] = {}
-        matrices: dict[str, np.ndarray] = {}
+        shipped: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for kind, texts in self.groups.items():
-            matrix = store.get(f"{self.data.name}-{kind}", texts, build=build)
-            if matrix is None:
-                return False
-            matrices[kind] = matrix
             rows[kind] = {text: row for row, text in enumerate(texts)}
-        self.matrix = np.stack([matrices[e.kind][rows[e.kind][e.term]] for e in self.entries]).astype(np.float32)
+            pair = store.get_int8(f"{self.data.name}-{kind}", texts)
+            if pair is not None:
+                shipped[kind] = pair
+        where = [(e.kind, rows[e.kind][e.term]) for e in self.entries]
+        if len(shipped) == len(self.groups) and self.entries:
+            # Every group prebuilt: keep its int8 rows, as they were shipped.
+            dimension = next(iter(shipped.values()))[0].shape[1]
+            q = _anonymous((len(where), dimension), np.int8)
+            scale = np.empty(len(where), dtype=np.float32)
+            for kind in shipped:
+                mine = np.array([i for i, (k, _) in enumerate(where) if k == kind], dtype=np.int64)
+                theirs = np.array([row for k, row in where if k == kind], dtype=np.int64)
+                q[mine] = shipped[kind][0][theirs]
+                scale[mine] = shipped[kind][1][theirs]
+            self.matrix = Int8Rows(q, scale)
+        else:
+            matrices: dict[str, np.ndarray] = {}
+            for kind, texts in self.groups.items():
+                matrix = store.get(f"{self.data.name}-{kind}", texts, build=build)
+                if matrix is None:
+                    return False
+                matrices[kind] = matrix
+            self.matrix = np.stack([matrices[kind][row] for kind, row in where]).astype(np.float32)
         from worker.token_int8 import first_pass_product
 
         self.set_first_pass(first_pass_product())  # clears the subsets and their int8 blocks too
@@ -633,6 +753,13 @@ class SourceIndex:
         assert self.matrix is not None
         if product is None or len(self.matrix) < COARSE_MIN_ROWS:
             self.coarse = None
+        elif isinstance(self.matrix, Int8Rows):  # the rows are int8 already: no second copy for int_mm
+            q, scale = self.matrix.q, self.matrix.scale
+            if product == "onnxruntime":
+                shifted = _anonymous(q.shape, np.uint8)
+                np.bitwise_xor(q.view(np.uint8), np.uint8(0x80), out=shifted)
+                q = shifted
+            self.coarse = (q, scale)
         else:
             self.coarse = uint8_rows(self.matrix) if product == "onnxruntime" else int8_rows(self.matrix)
         self._subsets.clear()
@@ -677,10 +804,13 @@ class SourceIndex:
                 breaks = np.flatnonzero(np.diff(rows) != 1) + 1
                 runs = np.split(rows, breaks) if rows.size else []
 
-                def cut(matrix: np.ndarray) -> tuple[np.ndarray, ...]:
+                def cut(matrix: Any) -> tuple[Any, ...]:
+                    def piece(index: Any) -> Any:
+                        return matrix.part(index) if isinstance(matrix, Int8Rows) else matrix[index]
+
                     if 0 < len(runs) <= 2:
-                        return tuple(matrix[int(run[0]) : int(run[-1]) + 1] for run in runs)  # views
-                    return (matrix[rows],)
+                        return tuple(piece(slice(int(run[0]), int(run[-1]) + 1)) for run in runs)  # views
+                    return (piece(rows),)
 
                 self._subsets[key] = (rows, cut(self.matrix))
                 if self.coarse is not None and rows.size >= COARSE_MIN_ROWS:
@@ -719,7 +849,12 @@ class SourceIndex:
             picked = _top_positions(approximate, wide)
             assert self.matrix is not None
             matrix_rows = rows[picked] if rows is not None else picked
-            values = np.einsum("qd,qkd->qk", vectors.astype(np.float32), self.matrix[matrix_rows])
+            # One query's rows at a time: a note's 40 queries x 300 rows x 384 in float32 at once (18 MB, and the
+            # int8 rows' dequantised copy beside it) left the heap that much larger after every note.
+            queries = vectors.astype(np.float32)
+            values = np.empty(matrix_rows.shape, dtype=np.float32)
+            for position, (query, where) in enumerate(zip(queries, matrix_rows, strict=True)):
+                values[position] = np.einsum("d,kd->k", query, self.matrix[where])
         order = np.lexsort((picked, -values), axis=-1)[:, :take]
         return rows, np.take_along_axis(picked, order, axis=1), np.take_along_axis(values, order, axis=1)
 
@@ -729,7 +864,7 @@ class SourceIndex:
         return NgramIdf(normalise(entry.term) for entry in self.entries if entry.kind != "translation")
 
     @staticmethod
-    def _scores(vectors: np.ndarray, blocks: tuple[np.ndarray, ...]) -> np.ndarray:
+    def _scores(vectors: np.ndarray, blocks: tuple[np.ndarray | Int8Rows, ...]) -> np.ndarray:
         """Cosines of the query vectors with the rows of ``blocks``, side by side. PyTorch on one thread: a note's
         mentions against the index is a thin product, where PyTorch's kernel took half the CPU of NumPy's OpenBLAS
         and a second thread mostly spins (README, "Cost")."""
@@ -737,7 +872,7 @@ class SourceIndex:
 
         with one_torch_thread():
             queries = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-            parts = [(queries @ torch.from_numpy(block).T).numpy() for block in blocks]
+            parts = [(queries @ torch.from_numpy(_dense(block)).T).numpy() for block in blocks]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def _mask(self, prefixes: tuple[str, ...], categories: bool = False) -> np.ndarray:
@@ -1375,6 +1510,17 @@ class LinkerEncoder(TextEncoder):
 
     def _revision_suffix(self) -> str:
         return ""
+
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        """Per-token int8 packs a call's real tokens (no padding reaches a linear layer or attention), so a note's
+        mentions run as one call, ``batch_size`` strings at most: a call's fixed costs (a few hundred small
+        operators) once, not once per length group (about 3 calls a CodiEsp note; the vectors are the same)."""
+        from worker.token_int8 import TokenInt8Encoder
+
+        if not isinstance(self._model, TokenInt8Encoder):
+            return super()._batches(lengths)
+        size = self.batch_size
+        return [list(range(start, min(start + size, len(lengths)))) for start in range(0, len(lengths), size)]
 
     def _embed(self, batch: list[str]) -> np.ndarray:
         from worker.token_int8 import TokenInt8Encoder

@@ -72,8 +72,9 @@ class _Int8Linear:
     def __call__(self, x: torch.Tensor, product: str) -> torch.Tensor:
         """``product``: which exact integer product (:data:`PRODUCTS`); every one gives the same result."""
         levels = self.activation_levels
-        row_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / levels
-        quantised = torch.round(x / row_scale).clamp_(-levels, levels)  # integers, still in float32
+        row_scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(levels)
+        # |x| <= levels x row_scale up to one rounding, so every integer is within -levels..levels: no clamp.
+        quantised = torch.round(x / row_scale)  # integers, still in float32
         if product == "int_mm":
             products = torch._int_mm(quantised.to(torch.int8), self.weight).float()
         elif product == "onnxruntime":

@@ -35,6 +35,8 @@ def _mention(assertion: str = "present", resolution: str | None = None) -> Menti
         ("historical", None, None, "active"),  # no code: nature unknown, keep it
         # past conditions that are over by nature
         ("historical", None, "S72.001", "resolved"),  # hip fracture
+        ("historical", None, "S72.001A", "resolved"),  # the same with its 7th character, as the linker codes it
+        ("historical", None, "W19.XXXA", "resolved"),  # a fall
         ("historical", None, "J18.9", "resolved"),  # pneumonia
         ("historical", None, "A15.0", "resolved"),  # tuberculosis
         ("historical", None, "I21.9", "resolved"),  # myocardial infarction (the event)

@@ -16,6 +16,7 @@ from worker.coding import (
     code_mentions,
     evaluate_codes,
     read_code_tsv,
+    same_code,
     score_codes,
     write_code_tsv,
 )
@@ -122,6 +123,30 @@ def test_scores_top1_top5_category_coverage_and_precision(tmp_path: Path) -> Non
     bad.write_text("mention\tcode\nx\tA00\n")
     result = CliRunner().invoke(evaluate_codes, ["--gold", str(bad), "--pred", str(pred)])
     assert result.exit_code == 1 and "lacks label" in result.output
+
+
+def test_a_gold_code_without_its_7th_character_is_matched_by_its_extensions_only() -> None:
+    """CodiEsp writes S72.001 or T68.XXX for the billable S72.001A or T68.XXXA the worker returns; nothing else
+    matches loosely (another 7th character, another code, a category, an ICD-10-PCS code)."""
+    assert same_code("S72.001", "S72.001A") and same_code("S72.001", "S72.001D")
+    assert same_code("T68.XXX", "T68.XXXA") and same_code("T68", "T68.XXXA")  # placeholder X written or not
+    assert same_code("S31.40X", "S31.40XA") and same_code("T14.90", "T14.90XA")
+    assert same_code("R40.243", "R40.2430") and same_code("E11.9", "E11.9")
+    assert not same_code("S72.001D", "S72.001A")  # a gold with its 7th character must match it
+    assert not same_code("S72.00", "S72.001A")  # another code below the category
+    assert not same_code("T14.9", "T14.90XA")
+    assert not same_code("R51", "R51.9")  # a category's unspecified leaf is not the category
+    assert not same_code("BT41ZZ", "BT41ZZZ")  # ICD-10-PCS: 7 characters, no dot, no extensions
+    gold = [
+        {"mention": "caída", "label": "DISEASE", "code": "W19.XXX"},
+        {"mention": "fractura", "label": "DISEASE", "code": "S72.001"},
+    ]
+    predictions = {
+        "caída": CodedMention("caída", [("s", "W19.XXXA", "", 1.0, True)]),
+        "fractura": CodedMention("fractura", [("s", "S72.002A", "", 0.9, True), ("s", "S72.001A", "", 0.8, False)]),
+    }
+    report = score_codes(gold, predictions)["DISEASE"]
+    assert (report["top1"], report["top5"], report["precision"]) == (0.5, 1.0, 0.5)
 
 
 def test_the_code_verb_reads_one_mention_per_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

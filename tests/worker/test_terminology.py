@@ -13,8 +13,10 @@ from mappings.profile import load_profile
 from mappings.terminology import CodeRequest, CodeSystemData, TerminologyError, parse_code_csv
 from worker.terminology import (
     AUTO_EMBED_LIMIT,
+    EXTENSION_KIND,
     ICD10CM_TABLE,
     EmbeddingStore,
+    SourceIndex,
     TerminologyService,
     TextEncoder,
     build_icd10cm,
@@ -53,9 +55,40 @@ def test_the_icd10cm_tables_are_the_april_2026_release(icd: CodeSystemData) -> N
     codes = icd.codes()
     assert len(codes) > 45_000
     assert {"J18.9", "R50.9", "I10", "E11.9", "U07.1"} <= codes
-    assert "S72.001" in codes and "S72.001A" not in codes  # no 7th-character extensions
     kinds = {entry.kind for entry in icd.entries}
-    assert kinds == {"display", "core", "inclusion", "includes"}
+    assert kinds == {"display", "core", "inclusion", "includes", EXTENSION_KIND}
+
+
+def test_codes_that_need_a_7th_character_get_their_initial_encounter_or_unspecified_extension(
+    icd: CodeSystemData,
+) -> None:
+    """Injuries, poisonings, external causes and some fractures and obstetric codes are billable only with a 7th
+    character: a mention naming the code gets the extension a note most often means, with its own title."""
+    defaults = {
+        "S72.001": "S72.001A",  # closed fracture, initial encounter (never an open fracture's B or C)
+        "S72.00": "S72.009A",  # through the unspecified child, then its extension
+        "T68": "T68.XXXA",  # hypothermia: placeholder X
+        "T14.90": "T14.90XA",
+        "W19": "W19.XXXA",
+        "M84.30": "M84.30XA",  # stress fracture: "initial encounter for fracture"
+        "O60.10": "O60.10X0",  # no encounter: "not applicable or unspecified" fetus
+        "R40.243": "R40.2430",  # Glasgow coma scale: unspecified time
+    }
+    for code, leaf in defaults.items():
+        assert icd.billable(code) == leaf, code
+        assert code not in icd.unembedded  # searched by nearest neighbour through its own names
+    extensions = {entry.code: entry for entry in icd.entries if entry.kind == EXTENSION_KIND}
+    assert set(defaults.values()) <= set(extensions)
+    assert extensions["S72.001A"].display.endswith("initial encounter for closed fracture")
+    assert len(extensions) > 12_000 and all(len(code.replace(".", "")) == 7 for code in extensions)
+    assert icd.billable("S72.001A") == "S72.001A"  # the extension itself is billable
+    # Its title is matched as text, but is no row of the nearest-neighbour index (its code's names are).
+    service = TerminologyService.from_sources([icd], mode="lexical")
+    assert best(service, extensions["T68.XXXA"].term) == "T68.XXXA"
+    assert best(service, "Hypothermia") == "T68.XXXA"
+    index = SourceIndex(icd)
+    assert not any(entry.kind == EXTENSION_KIND for entry in index.entries)
+    assert any(entry.code == "T68" for entry in index.entries)
 
 
 def test_text_matching_on_the_full_tables(icd_text: TerminologyService) -> None:
