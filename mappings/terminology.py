@@ -32,6 +32,40 @@ _BRACKETED = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")
 _NON_WORD = re.compile(r"[^\w]+")
 
 
+# Words that say which side, in the seven languages, normalised (lower case, no accents): a mention without one
+# names no side, and its code should not either (:func:`names_a_side`).
+_SIDE_WORDS_BY_LANGUAGE: dict[str, tuple[str, ...]] = {
+    "es": (
+        "derecho", "derecha", "derechos", "derechas", "izquierdo", "izquierda", "izquierdos", "izquierdas",
+        "dcho", "dcha", "dch", "drcho", "drcha", "izdo", "izda", "izq", "bilateral", "bilaterales", "ambos",
+        "ambas", "od", "oi", "ao", "contralateral", "ipsilateral", "homolateral",
+    ),
+    "en": ("right", "left", "both", "rt", "lt", "bilateral"),
+    "it": (
+        "destro", "destra", "destri", "destre", "sinistro", "sinistra", "sinistri", "sinistre", "bilaterale",
+        "bilaterali", "entrambi", "entrambe", "dx", "sx",
+    ),
+    "nl": ("rechter", "rechts", "linker", "links", "bilateraal", "beiderzijds", "beide"),
+    "ro": (
+        "drept", "dreapta", "drepte", "drepti", "stang", "stanga", "stangi", "stange", "bilateral", "bilaterala",
+        "ambele", "ambii",
+    ),
+    "sv": ("hoger", "hogra", "vanster", "vanstra", "bilateral", "bilaterala", "bada", "dubbelsidig"),
+    "cs": (
+        "pravy", "prava", "prave", "levy", "leva", "leve", "oboustranny", "oboustranna", "oboustranne",
+        "bilateralni",
+    ),
+}  # fmt: skip
+_SIDE_WORDS = frozenset(word for words in _SIDE_WORDS_BY_LANGUAGE.values() for word in words)
+# Compounds that start with a side ("linkerknie", "pravostranná", "vänstersidig").
+_SIDE_PREFIXES = ("rechter", "linker", "pravostrann", "levostrann", "hogersid", "vanstersid")
+
+
+def names_a_side(text: str) -> bool:
+    """Whether a mention says which side (right, left, both) in any of the seven languages."""
+    return any(word in _SIDE_WORDS or word.startswith(_SIDE_PREFIXES) for word in normalise(text).split())
+
+
 class TerminologyError(ValueError):
     """A code system file that cannot be used; the message names the source and the line or field."""
 

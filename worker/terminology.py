@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -53,6 +54,7 @@ from mappings.terminology import (
     code_allowed,
     code_request,
     core_term,
+    names_a_side,
     normalise,
     parse_code_csv,
     parse_code_system,
@@ -90,6 +92,8 @@ COARSE_MARGIN = 64
 # Term kinds embedded only where the term names one code: a title cut before its qualifiers ("Migraine" for both
 # G43.901 and G43.909) would give siblings the same vector and settle their order by a tie-break.
 SHARED_TEXT_ONLY = frozenset({"core"})
+# "right" or "left" in an ICD-10-CM title (:meth:`SourceIndex.unspecified_side`).
+_SIDE_IN_TITLE = re.compile(r"\b(right|left)\b")
 # The kind of an ICD-10-CM 7th-character extension's entry: the billable code a mention of the code it extends
 # gets ("S72.001" -> "S72.001A"); matched by its full title, never a row of the nearest-neighbour index.
 EXTENSION_KIND = "extension"
@@ -693,6 +697,7 @@ class SourceIndex:
         translated = [entry.language or "" if entry.kind == "translation" else "" for entry in self.entries]
         self._translated: np.ndarray | None = np.array(translated) if any(translated) else None
         self._term_rows: dict[str, int] | None = None
+        self._sides: dict[str, str] | None = None  # code for one side -> its "unspecified side" twin
         self._normal: list[str] | None = None  # normalised text of each row (re-ranking features)
         self._codes_of_rows: dict[tuple[str, ...], tuple[np.ndarray, list[str], dict[str, int]]] = {}
         self.reranker: Reranker | None = None
@@ -764,6 +769,25 @@ class SourceIndex:
             self.coarse = uint8_rows(self.matrix) if product == "onnxruntime" else int8_rows(self.matrix)
         self._subsets.clear()
         self._coarse_subsets.clear()
+
+    def unspecified_side(self, code: str) -> str | None:
+        """The billable code whose title is ``code``'s with "right" or "left" made "unspecified" (S93.402A "Sprain
+        of unspecified ligament of left ankle, initial encounter" -> S93.409A "... of unspecified ankle, ..."), or
+        None. The titles must match word for word, so a title where "right" names no side ("right bundle-branch
+        block", "right heart failure") has no twin."""
+        if self._sides is None:
+            billable = {code: title for code, title in self._display.items() if code not in self.data.unbillable}
+            by_title: dict[str, str] = {}
+            for known, title in billable.items():
+                by_title.setdefault(title, known)
+            sides: dict[str, str] = {}
+            for known, title in billable.items():
+                if _SIDE_IN_TITLE.search(title):
+                    twin = by_title.get(_SIDE_IN_TITLE.sub("unspecified", title))
+                    if twin is not None and twin != known:
+                        sides[known] = twin
+            self._sides = sides
+        return self._sides.get(code)
 
     def term_vector(self, text: str) -> np.ndarray | None:
         """The embedding of an indexed term whose normalised form is ``text``'s (None: no such term).
@@ -1145,15 +1169,42 @@ class TerminologyService:
         if (pending or known) and self.store is not None:
             self._search(requests, found, pending, known, encode, details)
         return [
-            self._unspecified_behaviour_first(
+            self._no_side_guessed(
                 request,
-                self._reranked(
-                    request, sorted(found[position].values(), key=self._rank_key), details[position], texts[position]
+                self._unspecified_behaviour_first(
+                    request,
+                    self._reranked(
+                        request,
+                        sorted(found[position].values(), key=self._rank_key),
+                        details[position],
+                        texts[position],
+                    ),
+                    texts[position],
                 ),
-                texts[position],
             )
             for position, request in enumerate(requests)
         ]
+
+    def _no_side_guessed(self, request: CodeRequest, ranked: list[CandidateCode]) -> list[CandidateCode]:
+        """A mention that names no side gets no side: each ICD-10-CM candidate for the right or the left side is
+        answered with its "unspecified side" twin, with the same score (``esguince de tobillo``: S93.402A "..., left
+        ankle" -> S93.409A "..., unspecified ankle"; the issue's "prefer the unspecified leaf when the mention has no
+        specifics"). Codes without such a twin stay (I45.10 "right bundle-branch block" names no side of a body)."""
+        if names_a_side(request.text):
+            return ranked
+        answer: list[CandidateCode] = []
+        seen: set[tuple[str, str]] = set()
+        for candidate in ranked:
+            index = self._indexes.get(candidate.source or "")
+            if index is not None and index.data.url == ICD10CM_URL:
+                twin = index.unspecified_side(candidate.code)
+                if twin is not None and code_allowed(twin, request.prefixes.get(candidate.source or "", ())):
+                    display = index.lexical.display(twin)
+                    candidate = CandidateCode(candidate.system, twin, display, candidate.score, candidate.source)
+            if (candidate.source or "", candidate.code) not in seen:
+                seen.add((candidate.source or "", candidate.code))
+                answer.append(candidate)
+        return answer
 
     def _unspecified_behaviour_first(
         self, request: CodeRequest, ranked: list[CandidateCode], texts: set[tuple[str, str]]

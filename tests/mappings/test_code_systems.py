@@ -16,6 +16,7 @@ from mappings.terminology import (
     TerminologyError,
     core_term,
     lexical_keys,
+    names_a_side,
     normalise,
     parse_code_csv,
     parse_code_system,
@@ -29,6 +30,35 @@ def test_normalise_ignores_case_accents_and_punctuation() -> None:
     assert normalise("  Neumonía,  NOS ") == "neumonia nos"
     assert normalise("Dolor torácico (opresivo)") == "dolor toracico opresivo"
     assert normalise("") == ""
+
+
+@pytest.mark.parametrize(
+    ("mention", "side"),
+    [
+        ("esguince de tobillo izquierdo", True),
+        ("fractura de cadera dcha.", True),
+        ("artrosis de ambas rodillas", True),
+        ("esguince de tobillo", False),
+        ("fracture of the right hip", True),
+        ("ankle sprain", False),
+        ("frattura del femore sinistro", True),
+        ("distorsione della caviglia", False),
+        ("verstuiking van de linkerenkel", True),  # a compound that starts with the side
+        ("heupfractuur rechts", True),
+        ("enkelverstuiking", False),
+        ("fractură de șold stângă", True),  # accents and cedillas folded
+        ("entorsă de gleznă", False),
+        ("höger höftfraktur", True),
+        ("vänstersidig pneumoni", True),
+        ("stukad fotled", False),
+        ("zlomenina levé kyčle", True),
+        ("pravostranná pneumonie", True),
+        ("podvrtnutý kotník", False),
+        ("bloqueo de rama", False),
+    ],
+)
+def test_a_mention_names_a_side_in_any_of_the_seven_languages(mention: str, side: bool) -> None:
+    assert names_a_side(mention) is side
 
 
 def test_lexical_keys_drop_fillers_and_bracketed_modifiers() -> None:

@@ -266,6 +266,32 @@ def test_a_translated_name_is_matched_as_text_only_in_its_language(
         index.set_first_pass(first_pass_product())
 
 
+def test_injuries_get_billable_7th_character_codes_and_no_side_the_mention_does_not_name(
+    service: TerminologyService,
+) -> None:
+    """Injury, poisoning and external-cause codes are billable only with a 7th character: they are coded with one
+    (before, none could be, and "caída" got R29.6 "Repeated falls"); a mention that names no side gets the
+    "unspecified side" code, one that names it keeps it."""
+    profile = load_profile()
+    fall, head, plain, left = code_mentions(
+        ["caída", "traumatismo craneoencefálico", "esguince de tobillo", "esguince de tobillo izquierdo"],
+        "DISEASE",
+        "es",
+        5,
+        profile,
+        service,
+    )
+    assert fall.written() == "W19.XXXA" and head.written() == "S06.9X9A"
+    assert plain.ranked_codes()[0] == "S93.409A"  # "... of unspecified ankle", not the left one
+    assert not {"S93.401A", "S93.402A"} & set(plain.ranked_codes())
+    assert left.ranked_codes()[0] == "S93.402A"
+    index = service.index("icd-10-cm")
+    assert index.unspecified_side("S93.402A") == "S93.409A" and index.unspecified_side("H35.61") == "H35.60"
+    assert index.unspecified_side("S72.001A") == "S72.009A"
+    assert index.unspecified_side("I45.10") is None  # "right bundle-branch block": no side of the body
+    assert index.unspecified_side("S93.409A") is None
+
+
 def _shares_rows(block: object, matrix: object) -> bool:
     """Whether ``block`` is a view of ``matrix``'s rows (float32 arrays, or the shipped index's int8 rows)."""
     if isinstance(matrix, Int8Rows):
