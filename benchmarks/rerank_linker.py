@@ -10,6 +10,8 @@ its int8 query encoder, the default profile's requests, labels in calibrate_link
 re-ranker would receive are kept, before re-ranking, with the re-ranker's top raised to ``--top``: each candidate's
 code, score, whether a text match found it, and the scores and text of its strings among the nearest neighbours.
 
+A candidate is right as ``calibrate_linker.py`` counts it (:func:`worker.coding.same_code`).
+
 ``analyse``: re-ranks each mention's candidates with a linear score over the features of :mod:`worker.rerank`,
 weights fitted (listwise softmax) on one half of dev's documents (split by a hash of their name, as
 ``calibrate_linker.py``'s two-fold check) and scored on the other half, both ways. An exact text match stays first.
@@ -37,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 warnings.simplefilter("ignore", DeprecationWarning)
 
 from benchmarks.calibrate_linker import LABELS, gold_rows, hash_doc  # noqa: E402
+from worker.coding import same_code  # noqa: E402  (a gold code without its 7th character: its extensions)
 
 Found = dict[str, tuple[np.ndarray, list[str], bool]]  # mention -> (feature rows, codes, exact match)
 
@@ -163,8 +166,9 @@ def training(part: list[dict[str, str]], found: Found) -> list[tuple[np.ndarray,
     out = []
     for r in part:
         x, codes, exact = found[r["mention"]]
-        if r["code"] in codes and len(codes) > 1 and not (exact and codes[0] == r["code"]):
-            out.append((x, codes.index(r["code"])))
+        right = next((i for i, code in enumerate(codes) if same_code(r["code"], code)), None)
+        if right is not None and len(codes) > 1 and not (exact and right == 0):
+            out.append((x, right))
     return out
 
 
@@ -173,8 +177,8 @@ def score(part: list[dict[str, str]], found: Found, use: list[int], w: np.ndarra
     for r in part:
         x, codes, exact = found[r["mention"]]
         ranked = rerank_codes(x, codes, exact, use, w)
-        t1 += bool(ranked) and ranked[0] == r["code"]
-        t5 += r["code"] in ranked[:5]
+        t1 += bool(ranked) and same_code(r["code"], ranked[0])
+        t5 += any(same_code(r["code"], code) for code in ranked[:5])
     return t1 / len(part), t5 / len(part)
 
 
