@@ -26,6 +26,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,6 +42,21 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+SYSTEMS = ("icd-10-cm", "icd-10-pcs")  # the built-in code systems whose indexes a worker loads
+
+
+def terminology_before_indexes(profile: Any) -> Any:
+    """The worker's terminology service for ``profile`` (the shipped linker; an empty cache folder, so only what
+    ships is read) with its query encoder loaded and its indexes not yet: what the indexes' memory is measured
+    against (``bench_index_memory.py`` too)."""
+    from worker.terminology import terminology_for
+
+    service = terminology_for(profile, "auto", cache_root=Path("/tmp/fhir-ner-bench-empty-cache"))
+    assert service is not None and service.store is not None
+    service.store.queries.encode(["warm-up"])
+    return service
 
 
 def main() -> int:
@@ -75,20 +91,17 @@ def main() -> int:
     from mappings.profile import load_profile
     from worker.nlp.assertion import default_detector
     from worker.predict import load_pipeline
-    from worker.terminology import terminology_for
 
     pipeline = load_pipeline(None, 8, args.threads, args.precision)
     detector = default_detector()
     model = ModelInfo(*pipeline.tagger.model_info())
     profile = load_profile()
-    service = terminology_for(profile, "auto", cache_root=Path("/tmp/fhir-ner-bench-empty-cache"))
-    assert service is not None and service.store is not None
-    service.store.queries.encode(["warm-up"])
+    service = terminology_before_indexes(profile)
     before = rss_mb()
-    for name in ("icd-10-cm", "icd-10-pcs"):
+    for name in SYSTEMS:
         service.index(name)
     index_mb = rss_mb() - before
-    matrices_mb = sum(service.index(n).matrix.nbytes for n in ("icd-10-cm", "icd-10-pcs")) / 2**20  # type: ignore[union-attr]
+    matrices_mb = sum(service.index(n).matrix.nbytes for n in SYSTEMS) / 2**20
 
     tag_cpu = assert_cpu = map_cpu = code_cpu = 0.0
     mentions = notes = 0

@@ -54,16 +54,15 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(2)
+    from bench_coding import SYSTEMS, terminology_before_indexes
+
     from mappings.profile import load_profile
     from mappings.terminology import code_request
-    from worker.terminology import terminology_for
 
     profile = load_profile()
-    service = terminology_for(profile, "auto", cache_root=Path("/tmp/fhir-ner-bench-empty-cache"))
-    assert service is not None and service.store is not None
-    service.store.queries.encode(["warm-up"])
+    service = terminology_before_indexes(profile)
     before = resident_mb()
-    for name in ("icd-10-cm", "icd-10-pcs"):
+    for name in SYSTEMS:
         service.index(name)
     loaded = resident_mb()
     for document in chosen:

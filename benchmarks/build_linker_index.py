@@ -62,8 +62,8 @@ def main() -> int:
     # Every group's strings, named "<system>-<kind>" as in index.npz (one SourceIndex per system: they are slow).
     strings = {f"{data.name}-{kind}": texts for data in systems for kind, texts in SourceIndex(data).groups.items()}
     reused: dict[str, np.ndarray] = {}
+    shipped = ShippedIndex(args.out / "index.npz")
     if args.reuse_shipped:
-        shipped = ShippedIndex(args.out / "index.npz")
         for group, texts in strings.items():
             matrix = shipped.get(group, texts, revision)
             if matrix is not None:
@@ -72,7 +72,6 @@ def main() -> int:
     if args.previous_table is not None:
         from worker.terminology import read_icd10cm_table
 
-        shipped = ShippedIndex(args.out / "index.npz")
         before = icd10cm_with(read_icd10cm_table(args.previous_table), args.out)
         for kind, texts in SourceIndex(before).groups.items():
             matrix = shipped.get(f"{before.name}-{kind}", texts, revision)

@@ -153,10 +153,10 @@ def _default_leaf(icd: Any, code: str) -> str | None:
     obstetric codes) gets the extension a note's mention most often means (:func:`_default_extension`).
     """
     while not icd.is_leaf(code):
-        extensions = [c for c in icd.get_children(code) if icd.is_extended_subcategory(c)]
-        children = [c for c in icd.get_children(code) if not icd.is_extended_subcategory(c)]
+        below = icd.get_children(code)
+        children = [c for c in below if not icd.is_extended_subcategory(c)]
         if not children:
-            return _default_extension(icd, extensions)
+            return _default_extension(icd, [c for c in below if icd.is_extended_subcategory(c)])
 
         def says(word: str, child: str) -> bool:
             return word in icd.get_description(child).lower()
@@ -474,8 +474,8 @@ class EmbeddingStore:
         holds the group; None otherwise."""
         if self.shipped is None or not texts:
             return None
-        found = self.shipped.get_int8(group, texts, self.encoder.revision)
-        return None if found is None else (np.asarray(found[0]), np.asarray(found[1]))
+        found: tuple[np.ndarray, np.ndarray] | None = self.shipped.get_int8(group, texts, self.encoder.revision)
+        return found
 
     def get(self, group: str, texts: Sequence[str], build: bool = True) -> np.ndarray | None:
         """The embeddings of ``texts`` (distinct strings, fixed order); None when absent and not built."""
@@ -545,18 +545,22 @@ def _subset_key(prefixes: tuple[str, ...], categories: bool, scope: str | None) 
     return (*prefixes, f"categories={categories}", f"scope={scope}")
 
 
+def _anonymous(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array, in its own anonymous mapping when large: on the heap, the temporaries freed under a
+    large table stayed resident (measured: +77 MB for a 24 MB int8 table)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size < 2**20:
+        return np.empty(shape, dtype=dtype)
+    import mmap
+
+    return np.frombuffer(mmap.mmap(-1, size), dtype=dtype).reshape(shape)
+
+
 def int8_rows(matrix: np.ndarray, chunk: int = 1024, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """``matrix``'s rows in int8 (within -``levels``..``levels``) with a float32 scale per row (row ~= int8 row *
     scale); ``chunk`` rows at a time, so that no float32 temporary the size of the matrix is made. A large result
-    gets its own anonymous mapping: on the heap it kept the temporaries freed under it resident (measured: +77 MB
-    for a 24 MB table)."""
-    size = int(np.prod(matrix.shape))
-    if size >= 2**20:
-        import mmap
-
-        rows = np.frombuffer(mmap.mmap(-1, size), dtype=np.int8).reshape(matrix.shape)
-    else:
-        rows = np.empty(matrix.shape, dtype=np.int8)
+    gets its own anonymous mapping (:func:`_anonymous`)."""
+    rows = _anonymous(matrix.shape, np.int8)
     scale = np.empty(len(matrix), dtype=np.float32)
     for start in range(0, len(matrix), chunk):
         part = matrix[start : start + chunk]
@@ -570,9 +574,13 @@ def uint8_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:func:`int8_rows` stored as uint8 (each int8 + 128, in place: XOR 0x80), the left side of ONNX Runtime's
     u8 x s8 product (:func:`worker.token_int8.onnx_u8s8`)."""
     rows, scale = int8_rows(matrix)
-    shifted = rows.view(np.uint8)
-    np.bitwise_xor(shifted, np.uint8(0x80), out=shifted)
-    return shifted, scale
+    return _plus_128(rows, rows.view(np.uint8)), scale
+
+
+def _plus_128(rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """int8 ``rows`` + 128 as uint8 into ``out`` (XOR 0x80; ``out`` may be ``rows.view(np.uint8)``)."""
+    np.bitwise_xor(rows.view(np.uint8), np.uint8(0x80), out=out)
+    return out
 
 
 def _top_positions(scores: np.ndarray, take: int) -> np.ndarray:
@@ -607,17 +615,6 @@ def _coarse_scores(
     found *= scales[0][None, :] if len(scales) == 1 else np.concatenate(scales)[None, :]
     found *= query_scale[:, None]
     return found
-
-
-def _anonymous(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An array in its own anonymous mapping when large (see :func:`int8_rows`: on the heap, temporaries freed under
-    a large table stayed resident)."""
-    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if size < 2**20:
-        return np.empty(shape, dtype=dtype)
-    import mmap
-
-    return np.frombuffer(mmap.mmap(-1, size), dtype=dtype).reshape(shape)
 
 
 class Int8Rows:
@@ -761,9 +758,7 @@ class SourceIndex:
         elif isinstance(self.matrix, Int8Rows):  # the rows are int8 already: no second copy for int_mm
             q, scale = self.matrix.q, self.matrix.scale
             if product == "onnxruntime":
-                shifted = _anonymous(q.shape, np.uint8)
-                np.bitwise_xor(q.view(np.uint8), np.uint8(0x80), out=shifted)
-                q = shifted
+                q = _plus_128(q, _anonymous(q.shape, np.uint8))
             self.coarse = (q, scale)
         else:
             self.coarse = uint8_rows(self.matrix) if product == "onnxruntime" else int8_rows(self.matrix)
