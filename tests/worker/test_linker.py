@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mappings.profile import load_profile
 from mappings.terminology import CodeRequest, TerminologyError, normalise
@@ -101,6 +102,39 @@ def test_mentions_are_encoded_by_the_distilled_query_encoder(service: Terminolog
     # Its nearest names are the full encoder's: the first code of each, without text matching or re-ranking.
     index = service.index("icd-10-cm")
     assert [c[0].code for c in index.nearest(distilled, limit=1)] == [c[0].code for c in index.nearest(full, limit=1)]
+
+
+def test_a_notes_mentions_of_every_length_encode_in_one_per_token_int8_call(
+    service: TerminologyService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-token int8 packs the real tokens of a call, so length groups would save no padding: a note's mentions,
+    short and long, run as one call (they ran as about three), each with the vector it gets alone."""
+    from worker.token_int8 import TokenInt8Encoder
+
+    store = service.store
+    assert store is not None
+    queries = store.queries
+    queries.encode(["x"])  # loaded
+    assert isinstance(queries._model, TokenInt8Encoder)
+    texts = [
+        "HTA",
+        "fiebre",
+        "dolor abdominal",
+        "neumonía adquirida en la comunidad",
+        "insuficiencia cardiaca congestiva con fracción de eyección reducida y fibrilación auricular paroxística",
+    ]
+    calls: list[int] = []
+    forward = TokenInt8Encoder.forward
+
+    def counted(self: TokenInt8Encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        calls.append(int(ids.shape[0]))
+        return forward(self, ids, mask)
+
+    monkeypatch.setattr(TokenInt8Encoder, "forward", counted)
+    together = queries.encode(texts)
+    assert calls == [len(texts)]
+    alone = np.concatenate([queries.encode([text]) for text in texts])
+    assert np.array_equal(together, alone)
 
 
 def test_the_queries_setting_picks_the_encoder_and_its_thresholds(tmp_path: Path) -> None:
