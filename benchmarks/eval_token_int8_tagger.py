@@ -96,7 +96,9 @@ def accuracy(checkpoint: Path, keep: set[str], weight_levels: int = 127, activat
     training.ClinicalTagger.from_pretrained = classmethod(with_int8)  # type: ignore[method-assign, assignment]
     config = json.loads((checkpoint / "tagger_config.json").read_text(encoding="utf-8"))
     reference = config["extra"]["bf16"]["by_language"]  # fp32's scores, recorded beside bf16's
-    scores = validation(checkpoint, float(config["min_span_score"]))
+    from worker.nlp.tagger import TaggerConfig
+
+    scores = validation(checkpoint, TaggerConfig.from_json(config))
     worst = 0.0
     for name, result in scores.items():
         if not isinstance(result, dict) or "threshold" not in result:

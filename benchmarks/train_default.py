@@ -39,6 +39,7 @@ MISSING_DATA = (
 )
 CORPORA = ("spaccc-train", "cardioccc-train")
 TRANSLATED = ROOT / "worker" / "nlp" / "data" / "translated"
+GENRES = ROOT / "worker" / "nlp" / "data" / "genres"
 LANGUAGES = ("en", "it", "nl", "ro", "sv", "cs")
 
 
@@ -89,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         help="translated training folders per language: train, or train,train2 (the excerpts of `translated_corpus.py "
         "extend`)",
     )
+    parser.add_argument(
+        "--genres",
+        action="store_true",
+        help="also train on worker/nlp/data/genres/<lang>/train (leaflets, labels, textbooks, health pages, "
+        "abstracts; mix group <lang>-genres-train) and validate on <lang>/val as well",
+    )
     parser.add_argument("--crops", type=int, default=0, help="sentence-start crops per training note")
     parser.add_argument(
         "--mix", default="", help="per-epoch share of each group's windows, e.g. spaccc-train=0.15,crops=0.5"
@@ -122,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.frozen_embeddings and args.frozen_layers != 0:
         raise SystemExit("--frozen-embeddings is for full fine-tuning (--frozen-layers 0)")
     languages = [lang for lang in args.languages.split(",") if lang] if args.translated else []
-    config.model_revision = _revision(config, "mul" if languages else "es")
+    genre_languages = [lang for lang in args.languages.split(",") if lang] if args.genres else []
+    config.model_revision = _revision(config, "mul" if languages or genre_languages else "es")
     work = args.work / ("smoke" if args.smoke else args.stage)
     result = train(
         [args.data / name for name in CORPORA],
@@ -131,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=work,
         curve=args.curve,
         max_train_windows=40 if args.smoke else None,
-        train_dirs=[TRANSLATED / lang / split for lang in languages for split in args.translated_splits.split(",")],
-        val_dirs=[TRANSLATED / lang / "val" for lang in languages],
+        train_dirs=[TRANSLATED / lang / split for lang in languages for split in args.translated_splits.split(",")]
+        + [GENRES / lang / "train" for lang in genre_languages],
+        val_dirs=[TRANSLATED / lang / "val" for lang in languages]
+        + [GENRES / lang / "val" for lang in genre_languages],
         cache_dir=args.cache,
         calibrate=not args.no_calibrate,
     )

@@ -492,7 +492,9 @@ RECIPE_VERSION = 3  # bump when the exported graph changes: it is part of the ca
 WEIGHTS_DATA_SUFFIX = ".data"
 RECORD_KEY = "int8"  # tagger_config.json: extra.int8 = what was chosen and how it scored
 # Config fields the exported graph does not depend on, left out of its cache key.
-GRAPH_INDEPENDENT_CONFIG = frozenset({"extra", "min_span_score", "window_leads", "model_revision"})
+GRAPH_INDEPENDENT_CONFIG = frozenset(
+    {"extra", "min_span_score", "min_span_score_by_language", "window_leads", "model_revision"}
+)
 ACCURACY_BAR = 0.005  # strict and overlap F1 within half a point of fp32 on the validation notes
 
 

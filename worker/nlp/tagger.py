@@ -58,6 +58,10 @@ class TaggerConfig:
     # Spans whose confidence (mean inside-probability) is lower are dropped. `fhir-ner train` calibrates it
     # on the validation notes: the tagger over-predicts, and this trades recall for precision where F1 gains.
     min_span_score: float = 0.0
+    # Per-language thresholds that replace ``min_span_score`` for notes in that language (BCP 47 primary subtag):
+    # Spanish, the language most of the training notes are in, scores its spans higher than the other six
+    # (issue 15), so one threshold for all either drops the others' mentions or lets Spanish over-predict.
+    min_span_score_by_language: dict[str, float] = field(default_factory=dict)
     # Text read before a note's first token, per language ("*": any other), and dropped from the output: the
     # model is unsure of mentions in a window's first words, which a one-sentence note is made of (issue 15).
     window_leads: dict[str, str] = field(default_factory=dict)
@@ -67,6 +71,15 @@ class TaggerConfig:
     def from_json(cls, data: dict[str, Any]) -> TaggerConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+    def span_threshold(self, language: str | None) -> float:
+        """The span-score threshold for a note in ``language`` (its own, else ``min_span_score``)."""
+        return self.min_span_score_by_language.get(language or "", self.min_span_score)
+
+    def set_span_threshold(self, threshold: float) -> None:
+        """One threshold for every language (the per-language ones dropped): scoring paths that tag with none."""
+        self.min_span_score = threshold
+        self.min_span_score_by_language = {}
 
 
 class CnnTaggingHead(nn.Module):
@@ -324,7 +337,7 @@ class TaggerPipeline:
             window_probs = probs_by_window[cursor : cursor + len(plan)]
             cursor += len(plan)
             merged = merge_windows(len(ids), plan, window_probs)
-            min_score = self.tagger.config.min_span_score
+            min_score = self.tagger.config.span_threshold(resolved[doc])
             if self.edge_rules:
                 # Rules first, threshold after: a joined span is judged by its joined score, and scoring paths that
                 # tag once with no threshold and filter later (calibration, eval_languages) see the same spans.

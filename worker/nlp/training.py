@@ -162,8 +162,13 @@ class _Note:
 
 def _folder_key(folder: Path) -> str:
     """A folder's name in document ids: ``train``/``train2``/``val`` folders are named with their parent (``en/val``
-    is ``en-val``), so that the same excerpt in two languages gets two ids."""
-    return f"{folder.parent.name}-{folder.name}" if folder.name in ("train", "train2", "val") else folder.name
+    is ``en-val``), so that the same excerpt in two languages gets two ids; the genre passages' folders
+    (``genres/en/train``) are ``en-genres-train``, apart from the translated excerpts' ``en-train``."""
+    if folder.name not in ("train", "train2", "val"):
+        return folder.name
+    if folder.parent.parent.name == "genres":
+        return f"{folder.parent.name}-genres-{folder.name}"
+    return f"{folder.parent.name}-{folder.name}"
 
 
 def load_corpora(
@@ -535,7 +540,7 @@ def predict_checkpoint(
     them (worker/nlp/span_edges.py)."""
     tagger = ClinicalTagger.from_pretrained(checkpoint)
     if min_span_score is not None:
-        tagger.config.min_span_score = min_span_score
+        tagger.config.set_span_threshold(min_span_score)
     precision = precision or ("auto" if torch.cuda.is_available() else "fp32")
     pipeline = TaggerPipeline(tagger, batch_size=batch_size, precision=precision, edge_rules=edge_rules)
     predicted = pipeline.predict([d.text for d in docs], [language] * len(docs))
@@ -571,8 +576,17 @@ def save_window_leads(checkpoint: Path, leads: dict[str, str], revision_suffix: 
 
 
 def save_min_span_score(checkpoint: Path, threshold: float, revision_suffix: str | None = None) -> dict[str, Any]:
-    """Write the span-score threshold (and optionally a revision suffix: outputs change) into the config."""
-    return _update_config(checkpoint, {"min_span_score": threshold}, revision_suffix)
+    """Write the span-score threshold, for every language (per-language ones are dropped), and optionally a
+    revision suffix (outputs change) into the config."""
+    return _update_config(checkpoint, {"min_span_score": threshold, "min_span_score_by_language": {}}, revision_suffix)
+
+
+def save_span_thresholds(
+    checkpoint: Path, default: float, by_language: dict[str, float], revision_suffix: str | None = None
+) -> dict[str, Any]:
+    """Write the span-score threshold for every language and the per-language ones that replace it."""
+    values = {"min_span_score": default, "min_span_score_by_language": dict(by_language)}
+    return _update_config(checkpoint, values, revision_suffix)
 
 
 def calibrate_checkpoint(

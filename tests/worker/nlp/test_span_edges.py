@@ -193,3 +193,22 @@ def test_the_pipeline_applies_the_rules_of_the_given_language_before_its_thresho
     assert found == expected
     with pytest.raises(ValueError, match="one language"):
         TaggerPipeline(tagger).predict(SAMPLE_NOTES, ["es"])
+
+
+def test_a_languages_own_threshold_replaces_the_default_for_its_notes_only(tiny_tagger_path: Path) -> None:
+    tagger = ClinicalTagger.from_pretrained(tiny_tagger_path)
+    tagger.config.set_span_threshold(0.0)
+    raw = TaggerPipeline(tagger).predict(SAMPLE_NOTES, ["es"] * len(SAMPLE_NOTES))
+    scores = sorted(s.score for spans in raw for s in spans)
+    assert scores[0] < scores[-1]
+    high = scores[len(scores) // 2]
+    tagger.config.min_span_score, tagger.config.min_span_score_by_language = 0.0, {"es": high}
+    assert tagger.config.span_threshold("es") == high and tagger.config.span_threshold("sv") == 0.0
+    spanish = TaggerPipeline(tagger).predict(SAMPLE_NOTES, ["es"] * len(SAMPLE_NOTES))
+    assert spanish == [[s for s in spans if s.score >= high] for spans in raw]
+    assert sum(map(len, spanish)) < sum(map(len, raw))
+    # The same notes read as Swedish keep the default threshold (their edge rules are Swedish's).
+    swedish_raw = TaggerPipeline(tagger).predict(SAMPLE_NOTES, ["sv"] * len(SAMPLE_NOTES))
+    tagger.config.set_span_threshold(0.0)
+    assert tagger.config.min_span_score_by_language == {}
+    assert TaggerPipeline(tagger).predict(SAMPLE_NOTES, ["sv"] * len(SAMPLE_NOTES)) == swedish_raw
