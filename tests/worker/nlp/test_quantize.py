@@ -160,6 +160,7 @@ def test_the_int8_graph_is_built_once_and_keyed_by_recipe(tiny_tagger_path: Path
     # What only decoding reads does not rebuild the graph: a new threshold, window lead or revision suffix.
     decoding = ClinicalTagger.from_pretrained(tiny_tagger_path)
     decoding.config.min_span_score, decoding.config.window_leads = 0.7, {"*": "Paciente."}
+    decoding.config.min_span_score_by_language = {"es": 0.75}
     decoding.config.model_revision += "-lead"
     assert quantize.int8_model_path(decoding, cache) == first and first.stat().st_mtime_ns == built
     meta = json.loads((first.parent / "meta.json").read_text())
@@ -303,9 +304,11 @@ def test_the_default_checkpoint_records_bf16_within_the_bar_in_every_language() 
     tagger = ClinicalTagger.from_pretrained(checkpoint)
     record = tagger.config.extra[quantize.BF16_RECORD_KEY]
     assert set(record["by_language"]) >= {"en", "it", "nl", "ro", "sv", "cs"}
-    # Measured on native bf16 (AMX or AVX512-BF16, whose kernels round a little differently: each kept its own).
+    # Measured with bf16 kernels: native (AMX or AVX512-BF16) or PyTorch's emulation on other CPUs (session 15's
+    # record: bf16-rounded inputs and outputs, float32 sums, as the native kernels; they round a little differently
+    # from each other, so each kind keeps its own measurement and all must meet the bar).
     measurements = [record, *record.get("other_cpus", [])]
-    assert {entry["measured_on"]["bf16_isa"] for entry in measurements} <= {"amx", "avx512_bf16"}
+    assert {entry["measured_on"]["bf16_isa"] for entry in measurements} <= {"amx", "avx512_bf16", "emulated"}
     for entry in measurements:
         assert set(entry["by_language"]) >= {"es", "en", "it", "nl", "ro", "sv", "cs"} and entry["meets_bar"]
         for scores in entry["by_language"].values():
