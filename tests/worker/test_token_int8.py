@@ -159,7 +159,10 @@ def test_the_probe_keeps_the_fastest_exact_product(monkeypatch: pytest.MonkeyPat
 
     real = torch._int_mm
     real_onnx = token_int8._OnnxIntegerProduct.__call__
-    known: dict[tuple[int, ...], torch.Tensor] = {}
+    # The fast fakes remember each answer by the identity of its operands, and keep the operands alive with it: a
+    # freed operand's address or id could be reused by a new one with other integers (the exactness check's fresh
+    # 5 x 96 rows), which would then get a stale answer and the kernel be judged inexact.
+    known: dict[tuple[int, ...], tuple[object, ...]] = {}
 
     def slow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         time.sleep(0.01)
@@ -168,8 +171,8 @@ def test_the_probe_keeps_the_fastest_exact_product(monkeypatch: pytest.MonkeyPat
     def instant(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         key = (a.data_ptr(), b.data_ptr(), *a.shape, *b.shape)
         if key not in known:
-            known[key] = real(a, b)  # the first call (a warm-up) computes it; the timed ones look it up
-        return known[key]
+            known[key] = (a, b, real(a, b))  # the first call (a warm-up) computes it; the timed ones look it up
+        return known[key][-1]  # type: ignore[return-value]
 
     def slow_onnx(self: Any, quantised: torch.Tensor) -> torch.Tensor:
         time.sleep(0.01)
@@ -186,13 +189,13 @@ def test_the_probe_keeps_the_fastest_exact_product(monkeypatch: pytest.MonkeyPat
         forget_probe()
         assert int8_product(63, 127) == "float32"
         assert token_int8.first_pass_product() is None
-        onnx_known: dict[tuple[int, ...], torch.Tensor] = {}
+        onnx_known: dict[tuple[int, ...], tuple[object, ...]] = {}
 
         def instant_onnx(self: Any, quantised: torch.Tensor) -> torch.Tensor:
             key = (id(self), quantised.data_ptr(), *quantised.shape)
             if key not in onnx_known:
-                onnx_known[key] = real_onnx(self, quantised)
-            return onnx_known[key]
+                onnx_known[key] = (self, quantised, real_onnx(self, quantised))
+            return onnx_known[key][-1]  # type: ignore[return-value]
 
         monkeypatch.setattr(token_int8._OnnxIntegerProduct, "__call__", instant_onnx)
         forget_probe()
