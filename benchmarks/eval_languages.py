@@ -15,7 +15,8 @@
   ignored).
 * **genres**: the genre validation passages (``worker/nlp/data/genres/<lang>/val``: patient leaflets, drug labels,
   textbook prose, patient health pages and journal abstracts written for this project, not case reports) per
-  language, scored like **val**, plus ``touched`` per genre. They are not used by ``--calibrate``.
+  language, scored like **val**, plus ``touched`` per genre. ``--calibrate`` chooses the other languages'
+  threshold on them too.
 
 The checkpoint's own span-score threshold applies unless ``--min-span-score`` is given. Spans go through the
 span-edge rules of each set's language (``worker/nlp/span_edges.py``) unless ``--no-edge-rules`` is given.
@@ -85,6 +86,19 @@ def _touched(gold: list[Any], pred: list[Any]) -> float:
     return hit / max(1, len(gold))
 
 
+def _set_scores(gold: list[Any], scored: list[Any], labels: list[str], threshold: float) -> dict[str, float]:
+    """Strict and overlap F1 and the share of gold mentions touched, of the spans scoring at least ``threshold``."""
+    from worker.nlp.metrics import evaluate
+
+    pred = [s for s in scored if (s.score or 0.0) >= threshold]
+    overall = evaluate(gold, pred, labels).overall
+    return {
+        "strict_f1": round(overall.strict_f1, 4),
+        "overlap_f1": round(overall.overlap_f1, 4),
+        "touched": round(_touched(gold, pred), 4),
+    }
+
+
 def validation_sets() -> dict[str, list[Any]]:
     """The translated validation excerpts per language, then the 108 Spanish validation notes (when the Spanish
     corpora are beside the checkout) as ``"es (108 notes)"``; a set's language is its name's first two letters."""
@@ -112,7 +126,6 @@ def genres(checkpoint: Path, thresholds: Any, edge_rules: bool = True, precision
     """Per language: strict and overlap F1 and the share touched on the genre passages at the language's threshold
     (``thresholds``: the checkpoint's ``TaggerConfig``); and touched per genre (a passage's genre is its file
     name's first part, ``leaflet__metformin_1``)."""
-    from worker.nlp.metrics import evaluate
     from worker.nlp.training import predict_checkpoint
 
     out: dict[str, Any] = {}
@@ -122,7 +135,6 @@ def genres(checkpoint: Path, thresholds: Any, edge_rules: bool = True, precision
         )
         threshold = thresholds.span_threshold(name[:2])
         pred = [s for s in scored if (s.score or 0.0) >= threshold]
-        overall = evaluate(gold, pred, labels).overall
         by_genre: dict[str, Any] = {}
         for genre in sorted({g.doc_id.split("__", 1)[0] for g in gold}):
             mine = [g for g in gold if g.doc_id.split("__", 1)[0] == genre]
@@ -131,9 +143,7 @@ def genres(checkpoint: Path, thresholds: Any, edge_rules: bool = True, precision
             "notes": len(docs),
             "gold": len(gold),
             "min_span_score": threshold,
-            "strict_f1": round(overall.strict_f1, 4),
-            "overlap_f1": round(overall.overlap_f1, 4),
-            "touched": round(_touched(gold, pred), 4),
+            **_set_scores(gold, scored, labels, threshold),
             "touched_by_genre": by_genre,
         }
         print(name, out[name], file=sys.stderr, flush=True)
@@ -186,7 +196,6 @@ def validation(
     ``calibrate``: first choose the thresholds (:func:`calibrate_thresholds`, also on the genre validation
     passages) and save them in the checkpoint's config, and in ``thresholds``; the scores are then with them.
     """
-    from worker.nlp.metrics import evaluate
     from worker.nlp.training import predict_checkpoint, save_span_thresholds
 
     sets = validation_sets()
@@ -201,8 +210,7 @@ def validation(
     if calibrate:
         default, by_language, table = calibrate_thresholds(tagged)
         save_span_thresholds(checkpoint, default, by_language, "-cal")
-        thresholds.set_span_threshold(default)
-        thresholds.min_span_score_by_language = dict(by_language)
+        thresholds.set_span_threshold(default, by_language)
         out["calibrated_min_span_score"] = default
         out["calibrated_min_span_score_by_language"] = by_language
         out["mean_f1_sum_by_threshold"] = table
@@ -210,13 +218,7 @@ def validation(
         gold, scored, labels = tagged[name]
         out[name] = {"notes": len(docs), "gold": len(gold), "min_span_score": thresholds.span_threshold(name[:2])}
         for setting, threshold in (("threshold", thresholds.span_threshold(name[:2])), ("no_threshold", 0.0)):
-            pred = [s for s in scored if (s.score or 0.0) >= threshold]
-            overall = evaluate(gold, pred, labels).overall
-            out[name][setting] = {
-                "strict_f1": round(overall.strict_f1, 4),
-                "overlap_f1": round(overall.overlap_f1, 4),
-                "touched": round(_touched(gold, pred), 4),
-            }
+            out[name][setting] = _set_scores(gold, scored, labels, threshold)
         print(name, out[name], file=sys.stderr, flush=True)
     return out
 

@@ -19,11 +19,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from translated_corpus import parse_markup, read_markup  # noqa: E402
-
-from worker.nlp.corpus import read_brat_folder  # noqa: E402
+from benchmarks.translated_corpus import (  # noqa: E402
+    brat_annotation,
+    parse_markup,
+    read_back_problems,
+    read_markup,
+    report,
+)
 
 OUT = ROOT / "worker" / "nlp" / "data" / "genres"
 MARKUP = OUT / "markup"
@@ -74,21 +77,14 @@ def check(lang: str, write: bool) -> tuple[list[str], dict[str, Counter[str]]]:
                 continue
             counts[split]["passages"] += 1
             counts[split].update(label for *_, label in spans)
-            ann = []
-            for number, (start, end, label) in enumerate(spans, start=1):
-                covered = text[start:end]
-                if covered != covered.strip() or "\n" in covered:
-                    problems.append(f"{where}: mention {covered!r} has edge whitespace or a line break")
-                ann.append(f"T{number}\t{label} {start} {end}\t{covered}\n")
+            ann, found = brat_annotation(text, spans, where)
+            problems += found
             if write:
                 name = _file_name(passage_id)
                 (folder / f"{name}.txt").write_text(text, encoding="utf-8")
-                (folder / f"{name}.ann").write_text("".join(ann), encoding="utf-8")
+                (folder / f"{name}.ann").write_text(ann, encoding="utf-8")
         if write:
-            for doc in read_brat_folder(folder):
-                for span in doc.spans:
-                    if doc.text[span.start : span.end] != span.text:
-                        problems.append(f"{lang}/{split}/{doc.doc_id}: span text differs at {span.start}")
+            problems += read_back_problems(folder, f"{lang}/{split}")
     shared = sorted(topics.get("train", set()) & topics.get("val", set()))
     if shared:
         problems.append(f"{lang}: topics in both train and val: {', '.join(shared)}")
@@ -108,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         problems += found
         for split, counted in counts.items():
             print(f"{lang}-{split}: " + ", ".join(f"{k} {v}" for k, v in sorted(counted.items())))
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    print(f"{len(problems)} problems")
-    return 1 if problems else 0
+    return report(problems)
 
 
 if __name__ == "__main__":

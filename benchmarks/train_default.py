@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.frozen_embeddings and args.frozen_layers != 0:
         raise SystemExit("--frozen-embeddings is for full fine-tuning (--frozen-layers 0)")
-    languages = [lang for lang in args.languages.split(",") if lang] if args.translated else []
-    genre_languages = [lang for lang in args.languages.split(",") if lang] if args.genres else []
+    chosen = [lang for lang in args.languages.split(",") if lang]
+    languages = chosen if args.translated else []
+    genre_languages = chosen if args.genres else []
     config.model_revision = _revision(config, "mul" if languages or genre_languages else "es")
     work = args.work / ("smoke" if args.smoke else args.stage)
     result = train(

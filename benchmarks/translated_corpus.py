@@ -221,6 +221,36 @@ def _file_name(excerpt_id: str) -> str:
     return f"{corpus.split('-')[0]}__{rest.replace(':', '__').replace('-', '_')}"
 
 
+def brat_annotation(text: str, spans: list[tuple[int, int, str]], where: str) -> tuple[str, list[str]]:
+    """The ``.ann`` text of one excerpt's spans, and its problems: a mention with edge whitespace or a line break."""
+    problems: list[str] = []
+    ann = []
+    for number, (start, end, label) in enumerate(spans, start=1):
+        covered = text[start:end]
+        if covered != covered.strip() or "\n" in covered:
+            problems.append(f"{where}: mention {covered!r} has edge whitespace or a line break")
+        ann.append(f"T{number}\t{label} {start} {end}\t{covered}\n")
+    return "".join(ann), problems
+
+
+def read_back_problems(folder: Path, where: str) -> list[str]:
+    """Read a written BRAT folder back with the tagger's own reader: each span's text must be at its offsets."""
+    return [
+        f"{where}/{doc.doc_id}: span text differs at {span.start}"
+        for doc in read_brat_folder(folder)
+        for span in doc.spans
+        if doc.text[span.start : span.end] != span.text
+    ]
+
+
+def report(problems: list[str]) -> int:
+    """Print the problems (standard error) and their count; the exit status: 1 when there are any."""
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{len(problems)} problems")
+    return 1 if problems else 0
+
+
 def build(languages: tuple[str, ...]) -> list[str]:
     """Write BRAT for every markup file present and return the problems found (empty: all good)."""
     problems: list[str] = []
@@ -258,19 +288,11 @@ def build(languages: tuple[str, ...]) -> list[str]:
                     problems.append(f"{where}: mentions {dict(labels)} but the Spanish has "
                                     f"{dict(source_labels[excerpt_id])}")
                 name = _file_name(excerpt_id)
+                ann, found = brat_annotation(text, spans, where)
+                problems += found
                 (folder / f"{name}.txt").write_text(text, encoding="utf-8")
-                ann = []
-                for number, (start, end, label) in enumerate(spans, start=1):
-                    covered = text[start:end]
-                    if covered != covered.strip() or "\n" in covered:
-                        problems.append(f"{where}: mention {covered!r} has edge whitespace or a line break")
-                    ann.append(f"T{number}\t{label} {start} {end}\t{covered}\n")
-                (folder / f"{name}.ann").write_text("".join(ann), encoding="utf-8")
-            # Read back with the tagger's own reader: each span's text must be at its offsets.
-            for doc in read_brat_folder(folder):
-                for span in doc.spans:
-                    if doc.text[span.start : span.end] != span.text:
-                        problems.append(f"{lang}/{split}/{doc.doc_id}: span text differs at {span.start}")
+                (folder / f"{name}.ann").write_text(ann, encoding="utf-8")
+            problems += read_back_problems(folder, f"{lang}/{split}")
     return problems
 
 
@@ -306,11 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"es-train2.md: {len(more)} excerpts, {sum(len(e.spans) for e in more)} mentions, "
               f"{sum(len(e.text) for e in more)} characters")
         return 0
-    problems = build(tuple(args.lang or LANGUAGES))
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    print(f"{len(problems)} problems")
-    return 1 if problems else 0
+    return report(build(tuple(args.lang or LANGUAGES)))
 
 
 if __name__ == "__main__":

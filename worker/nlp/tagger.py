@@ -76,10 +76,11 @@ class TaggerConfig:
         """The span-score threshold for a note in ``language`` (its own, else ``min_span_score``)."""
         return self.min_span_score_by_language.get(language or "", self.min_span_score)
 
-    def set_span_threshold(self, threshold: float) -> None:
-        """One threshold for every language (the per-language ones dropped): scoring paths that tag with none."""
+    def set_span_threshold(self, threshold: float, by_language: dict[str, float] | None = None) -> None:
+        """``threshold`` for every language but those of ``by_language`` (none: one threshold for all, as scoring
+        paths that tag with none need)."""
         self.min_span_score = threshold
-        self.min_span_score_by_language = {}
+        self.min_span_score_by_language = dict(by_language or {})
 
 
 class CnnTaggingHead(nn.Module):

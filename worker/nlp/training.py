@@ -578,7 +578,7 @@ def save_window_leads(checkpoint: Path, leads: dict[str, str], revision_suffix: 
 def save_min_span_score(checkpoint: Path, threshold: float, revision_suffix: str | None = None) -> dict[str, Any]:
     """Write the span-score threshold, for every language (per-language ones are dropped), and optionally a
     revision suffix (outputs change) into the config."""
-    return _update_config(checkpoint, {"min_span_score": threshold, "min_span_score_by_language": {}}, revision_suffix)
+    return save_span_thresholds(checkpoint, threshold, {}, revision_suffix)
 
 
 def save_span_thresholds(
