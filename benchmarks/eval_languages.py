@@ -14,8 +14,8 @@
   strict and character-overlap F1, and the share of gold mentions touched by any prediction (labels
   ignored).
 * **genres**: the genre validation passages (``worker/nlp/data/genres/<lang>/val``: patient leaflets, drug labels,
-  textbook prose, patient health pages and journal abstracts written for this project, not case reports) per
-  language, scored like **val**, plus ``touched`` per genre. ``--calibrate`` chooses the other languages'
+  textbook prose, patient health pages, journal abstracts and clinical notes written natively for this project)
+  per language, scored like **val**, plus ``touched`` per genre. ``--calibrate`` chooses the other languages'
   threshold on them too.
 
 The checkpoint's own span-score threshold applies unless ``--min-span-score`` is given. Spans go through the
@@ -122,17 +122,27 @@ def genre_sets() -> dict[str, list[Any]]:
     }
 
 
-def genres(checkpoint: Path, thresholds: Any, edge_rules: bool = True, precision: str | None = None) -> dict:
+def genres(
+    checkpoint: Path,
+    thresholds: Any,
+    edge_rules: bool = True,
+    precision: str | None = None,
+    tagged: dict[str, Any] | None = None,
+) -> dict:
     """Per language: strict and overlap F1 and the share touched on the genre passages at the language's threshold
     (``thresholds``: the checkpoint's ``TaggerConfig``); and touched per genre (a passage's genre is its file
-    name's first part, ``leaflet__metformin_1``)."""
+    name's first part, ``leaflet__metformin_1``). ``tagged``: sets :func:`validation` already tagged (calibration
+    tags the genre sets), reused instead of tagging them again."""
     from worker.nlp.training import predict_checkpoint
 
     out: dict[str, Any] = {}
     for name, docs in genre_sets().items():
-        gold, scored, labels = predict_checkpoint(
-            checkpoint, docs, min_span_score=0.0, language=name[:2], edge_rules=edge_rules, precision=precision
-        )
+        if tagged is not None and name in tagged:
+            gold, scored, labels = tagged[name]
+        else:
+            gold, scored, labels = predict_checkpoint(
+                checkpoint, docs, min_span_score=0.0, language=name[:2], edge_rules=edge_rules, precision=precision
+            )
         threshold = thresholds.span_threshold(name[:2])
         pred = [s for s in scored if (s.score or 0.0) >= threshold]
         by_genre: dict[str, Any] = {}
@@ -189,12 +199,14 @@ def validation(
     calibrate: bool = False,
     edge_rules: bool = True,
     precision: str | None = None,
+    tagged_out: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per set: scores at its language's threshold (``thresholds``: the checkpoint's ``TaggerConfig``) and with
     none (the notes are tagged once).
 
     ``calibrate``: first choose the thresholds (:func:`calibrate_thresholds`, also on the genre validation
     passages) and save them in the checkpoint's config, and in ``thresholds``; the scores are then with them.
+    ``tagged_out`` receives every set tagged here (gold, scored spans, labels), for :func:`genres` to reuse.
     """
     from worker.nlp.training import predict_checkpoint, save_span_thresholds
 
@@ -207,6 +219,8 @@ def validation(
         )
         for name, docs in chosen_on.items()
     }
+    if tagged_out is not None:
+        tagged_out.update(tagged)
     if calibrate:
         default, by_language, table = calibrate_thresholds(tagged)
         save_span_thresholds(checkpoint, default, by_language, "-cal")
@@ -345,15 +359,21 @@ def main() -> None:
         config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         print(json.dumps(record, indent=1))
         return
+    tagged: dict[str, Any] = {}
     if args.only in (None, "val"):
         result["validation"] = validation(
-            args.checkpoint, tagger.config, args.calibrate, edge_rules=not args.no_edge_rules, precision=args.precision
+            args.checkpoint,
+            tagger.config,
+            args.calibrate,
+            edge_rules=not args.no_edge_rules,
+            precision=args.precision,
+            tagged_out=tagged,
         )
         result["min_span_score"] = tagger.config.min_span_score
         result["min_span_score_by_language"] = tagger.config.min_span_score_by_language
     if args.only in (None, "genres"):
         result["genres"] = genres(
-            args.checkpoint, tagger.config, edge_rules=not args.no_edge_rules, precision=args.precision
+            args.checkpoint, tagger.config, edge_rules=not args.no_edge_rules, precision=args.precision, tagged=tagged
         )
     if args.only in (None, "short"):
         result["short_notes"] = short_notes(

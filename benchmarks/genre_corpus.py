@@ -1,5 +1,6 @@
-"""The tagger's genre data (worker/nlp/data/genres/): texts written for this project in the genres that are not
-clinical case reports (patient leaflets, drug labels, textbooks, patient health pages, journal abstracts).
+"""The tagger's genre data (worker/nlp/data/genres/): texts written natively for this project in six languages, in
+the genres that are not clinical case reports (patient leaflets, drug labels, textbooks, patient health pages,
+journal abstracts) and as clinical notes (``case``: admission, discharge and clinic notes, referral letters).
 
     python benchmarks/genre_corpus.py check --lang sv     # one language's markup: parse and report, write nothing
     python benchmarks/genre_corpus.py build               # markup/{lang}-{split}.md -> BRAT {lang}/{split}/
@@ -32,7 +33,7 @@ OUT = ROOT / "worker" / "nlp" / "data" / "genres"
 MARKUP = OUT / "markup"
 LANGUAGES = ("en", "it", "nl", "ro", "sv", "cs")
 SPLITS = ("train", "val")
-GENRES = ("leaflet", "label", "textbook", "health", "abstract")
+GENRES = ("leaflet", "label", "textbook", "health", "abstract", "case")
 
 
 def topic(passage_id: str) -> str:

@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--genres",
         action="store_true",
-        help="also train on worker/nlp/data/genres/<lang>/train (leaflets, labels, textbooks, health pages, "
-        "abstracts; mix group <lang>-genres-train) and validate on <lang>/val as well",
+        help="also train on worker/nlp/data/genres/<lang>/train (leaflets, labels, textbooks, health pages, abstracts, "
+        "clinical notes; mix group <lang>-genres-train) and validate on <lang>/val as well",
     )
     parser.add_argument("--crops", type=int, default=0, help="sentence-start crops per training note")
     parser.add_argument(
