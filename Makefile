@@ -66,8 +66,8 @@ test: lint typecheck dockerlint unit
 # for the other languages). Reruns resume from $(TRAIN_WORK).
 TRAIN_WORK ?= /tmp/fhir-ner-train-default
 MULTI_MIX = spaccc-train=0.08,cardioccc-train=0.08,crops=0.6,en-train=0.4,it-train=0.4,nl-train=0.4,ro-train=0.4,sv-train=0.4,cs-train=0.4
-# Session 15's last stage: one epoch more on the same mix with the translated excerpts of train2 and the genre
-# passages (worker/nlp/data/genres: leaflets, drug labels, textbooks, health pages, abstracts; each whole).
+# The last stage (sessions 15-16): two epochs more on the same mix with the translated excerpts of train2 and the genre
+# passages (worker/nlp/data/genres: leaflets, drug labels, textbooks, health pages, abstracts, clinical notes; each whole).
 GENRES_MIX = $(MULTI_MIX),en-train2=0.4,it-train2=0.4,nl-train2=0.4,ro-train2=0.4,sv-train2=0.4,cs-train2=0.4
 TRANSLATED_ARGS = --frozen-layers 6 --batch-tokens 4096 --epochs 1 --translated --crops 1 --cache $(TRAIN_WORK)/cache --no-calibrate
 train-default: install
@@ -83,7 +83,7 @@ train-default: install
 		--batch-tokens 4096 --epochs 3 --patience 3 --translated --crops 1 --no-calibrate \
 		--init-from $(TRAIN_WORK)/multi2/best --encoder-lr 5e-5 --head-lr 5e-4 --mix $(MULTI_MIX) --no-export
 	$(BIN)/python benchmarks/train_default.py --work $(TRAIN_WORK) --stage genres --frozen-layers 0 --frozen-embeddings \
-		--batch-tokens 4096 --epochs 1 --patience 3 --translated --translated-splits train,train2 --genres --crops 1 \
+		--batch-tokens 4096 --epochs 2 --patience 3 --translated --translated-splits train,train2 --genres --crops 1 \
 		--no-calibrate --init-from $(TRAIN_WORK)/multi3/best --encoder-lr 2e-5 --head-lr 2e-4 --mix $(GENRES_MIX)
 	$(BIN)/python benchmarks/eval_languages.py --checkpoint worker/models/default --calibrate
 
