@@ -7,11 +7,12 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 from tiny_models import SAMPLE_NOTES, char_spans
 
 from worker.nlp.corpus import Document, Span
 from worker.nlp.metrics import SCORE_THRESHOLDS
-from worker.nlp.tagger import ClinicalTagger
+from worker.nlp.tagger import ClinicalTagger, TaggerConfig
 from worker.nlp.training import calibrate_checkpoint, evaluate_checkpoint, predict_checkpoint, save_span_thresholds
 
 
@@ -82,3 +83,31 @@ def test_spanish_gets_its_own_threshold_and_the_other_languages_share_one() -> N
     # Without Spanish notes there is one threshold, and no per-language one.
     default, by_language, _ = calibrate_thresholds({k: v for k, v in sets.items() if not k.startswith("es")})
     assert (default, by_language) == (0.5, {})
+
+
+def test_the_genre_scores_reuse_the_sets_calibration_tagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``eval_languages.py --calibrate`` tags the genre passages to choose the thresholds; scoring them afterwards
+    reuses those spans instead of tagging the passages a second time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    import eval_languages
+
+    import worker.nlp.training
+
+    docs = [Document("case__stroke_1", "x" * 40, []), Document("health__gout_1", "x" * 40, [])]
+    monkeypatch.setattr(eval_languages, "genre_sets", lambda: {"sv genres": docs})
+
+    def no_tagging(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the genre passages were tagged again")
+
+    monkeypatch.setattr(worker.nlp.training, "predict_checkpoint", no_tagging)
+    gold = [Span("case__stroke_1", "DISEASE", 0, 5), Span("health__gout_1", "SYMPTOM", 10, 15)]
+    scored = [Span("case__stroke_1", "DISEASE", 0, 5, score=0.9), Span("health__gout_1", "SYMPTOM", 10, 15, score=0.4)]
+    thresholds = TaggerConfig(encoder="unused", min_span_score=0.5)
+    out = eval_languages.genres(
+        Path("unused"), thresholds, tagged={"sv genres": (gold, scored, ["DISEASE", "SYMPTOM"])}
+    )
+    assert out["sv genres"]["touched_by_genre"] == {"case": 1.0, "health": 0.0}
+    assert out["sv genres"]["touched"] == 0.5 and out["sv genres"]["min_span_score"] == 0.5
+    # Without them, the passages are tagged (here: the fake refuses).
+    with pytest.raises(AssertionError, match="tagged again"):
+        eval_languages.genres(Path("unused"), thresholds)

@@ -345,24 +345,20 @@ def test_shipped_default_model_tags_one_sentence_notes_nearly_as_inside_a_longer
     assert total["after_lead"] - total["alone"] <= 4, total
     without_lead = short_notes(TaggerPipeline(tagger, leads=False))["total"]
     assert without_lead["alone"] < total["alone"], (without_lead, total)
-    # Two of the issue's sentences that the previous default tagged only after a lead sentence (Spanish: nothing
-    # at all alone; Dutch: spans under its threshold).
-    for text, word in [
-        ("Ingresa por neumonía adquirida en la comunidad.", "neumonía"),
-        ("Zij klaagt over hevige hoofdpijn sinds gisteren.", "hoofdpijn"),
-        # Found only after a lead sentence before the window lead (README), now whole.
-        ("He was admitted with community-acquired pneumonia.", "community-acquired pneumonia"),
-    ]:
-        spans = TaggerPipeline(tagger).predict([text])[0]
-        assert any(word in text[s.start : s.end] for s in spans), (text, spans)
+    pipeline = TaggerPipeline(tagger)
+    # One of the issue's sentences that the previous default tagged only after a lead sentence (spans under its
+    # threshold); its Spanish one (nothing at all alone then) is checked whole below.
+    text = "Zij klaagt over hevige hoofdpijn sinds gisteren."
+    spans = pipeline.predict([text])[0]
+    assert any("hoofdpijn" in text[s.start : s.end] for s in spans), (text, spans)
     # The issue's example of a multi-word term cut short: session 11's default found "neumonía adquirida en la
     # comunidad" whole when alone (cut short after a lead sentence); session 15's cut it short alone too
     # ("neumonía adquirida"); session 16's, trained also on clinical notes written in the six other languages,
     # finds it whole again (checked after the model was chosen on the validation sets, not used to choose it).
-    # The English one stays whole.
+    # The English one, found only after a lead sentence before the window lead (README), stays whole.
     for text, term in [
         ("He was admitted with community-acquired pneumonia.", "community-acquired pneumonia"),
         ("Ingresa por neumonía adquirida en la comunidad.", "neumonía adquirida en la comunidad"),
     ]:
-        spans = TaggerPipeline(tagger).predict([text])[0]
+        spans = pipeline.predict([text])[0]
         assert ("DISEASE", term) in {(s.label, text[s.start : s.end]) for s in spans}, (text, spans)
