@@ -121,8 +121,8 @@ def demo(output: Path, model_path: Path | None) -> None:
     "--precision",
     default=None,
     type=click.Choice(["auto", "fp32", "int8", "bf16"]),
-    help="auto: bf16 on a GPU; on a CPU int8 when the checkpoint validated it, else fp32 [default: FHIR_NER_PRECISION "
-    "or auto].",
+    help="auto: bf16 on a GPU; on a CPU int8 when the checkpoint validated it, else bf16 on CPUs with AMX or "
+    "AVX512-BF16 when the checkpoint validated it, else fp32 [default: FHIR_NER_PRECISION or auto].",
 )
 def predict(
     input_dir: Path, output: Path, model: Path | None, batch_size: int, threads: int | None, precision: str | None

@@ -494,3 +494,38 @@ def test_the_shipped_index_holds_the_translated_names(service: TerminologyServic
     assert first(service, "förmaksflimmer", "DISEASE", "sv") == "I48.91"
     assert first(service, "srdeční selhání", "DISEASE", "cs") == "I50.9"
     assert service.store.queries.encoded == encoded  # text matches: their neighbours come from the shipped vectors
+
+
+def test_findings_the_tagger_finds_get_no_wrong_code_written(service: TerminologyService) -> None:
+    # Codes written before session 17's thresholds (chosen on the tagger's own mentions too): each is wrong.
+    profile = load_profile()
+    wrong = {
+        ("función renal normal", "es"): "R94.4",  # Abnormal results of kidney function studies
+        ("glucemia en valores normales", "es"): "R73.09",  # Other abnormal glucose
+        ("crepitantes en base", "es"): "R19.00",  # Intra-abdominal and pelvic swelling
+        ("chest pain radiating to the left arm", "en"): "R10.32",  # Left lower quadrant pain
+        ("Troponin elevated", "en"): "R79.82",  # Elevated C-reactive protein
+        ("frazione di eiezione ridotta", "it"): "R60.0",  # Localized edema
+    }
+    for (mention, language), code in wrong.items():
+        (result,) = code_mentions([mention], "SYMPTOM", language, 5, profile, service)
+        assert result.written() is None, (mention, result.written())
+        assert result.candidates and result.candidates[0][1] == code  # still the first candidate, not written
+    for mention, language, code in (
+        ("fiebre", "es", "R50.9"),
+        ("dolor abdominal", "es", "R10.9"),
+        ("nausea", "en", "R11.0"),
+    ):
+        (result,) = code_mentions([mention], "SYMPTOM", language, 5, profile, service)
+        assert result.written() == code
+
+
+def test_the_shipped_thresholds_are_the_higher_of_the_coded_and_the_tagged_mentions_thresholds() -> None:
+    data = json.loads((LINKER_DIR / "thresholds.json").read_text(encoding="utf-8"))
+    for scores, report in (("min_score", "report"), ("min_score_full", "report_full")):
+        for system, labels in data[scores].items():
+            for label, threshold in labels.items():
+                coded = data[report][label]["threshold_coded_mentions"]
+                tagged = data[f"{report}_tagged"][label]["threshold"]
+                assert threshold == max(coded, tagged), (scores, system, label)
+    assert data["min_score"]["icd-10-cm"]["SYMPTOM"] > 0.7  # was 0.455: every chapter R code was written
