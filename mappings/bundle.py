@@ -39,7 +39,15 @@ from mappings.mentions import CandidateCode, Mention
 from mappings.profile import LabelMapping, MappingProfile
 from mappings.registry import get_mapper, mapper_resource_type
 from mappings.revisions import DerivedResource, parse_existing, reconcile, retired_copy
-from mappings.terminology import DEFAULT_MIN_SCORE, CodeRequest, Terminology, code_request, normalise, written_codes
+from mappings.terminology import (
+    DEFAULT_MIN_SCORE,
+    CodeRequest,
+    Terminology,
+    code_request,
+    min_scores,
+    normalise,
+    written_codes,
+)
 
 __all__ = [
     "DERIVATION_REFERENCE",
@@ -195,7 +203,9 @@ def _choose_codes(
         options = item.mapping.codes
         if options is None or item.text_only or item.mention.codes or terminology is None:
             continue
-        requests.append(code_request(item.mention.text, item.mention.label, options, language))
+        # Only the written codes matter here: the terminology may leave unranked what cannot be written.
+        floors = min_scores(terminology, options.systems, item.mention.label, options.min_score)
+        requests.append(code_request(item.mention.text, item.mention.label, options, language, floors))
         asked.append(index)
     answers = terminology.lookup(requests) if (terminology is not None and requests) else []
     found = dict(zip(asked, answers, strict=True))

@@ -172,6 +172,10 @@ class CodeRequest:
     language: str | None = None
     prefixes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # system name → allowed code prefixes
     categories: bool = False  # non-billable categories may be returned (else their default billable leaf)
+    # Per system, the score under which the caller writes none of its codes (:func:`written_codes`'s minimum). Where
+    # no candidate of a system reaches it, a terminology may skip what only orders them (the re-ranker): nothing of
+    # that system is written whatever their order. Empty: every answer fully ranked (``fhir-ner code``).
+    floors: tuple[tuple[str, float], ...] = ()
 
 
 class Terminology(Protocol):
@@ -270,10 +274,14 @@ def min_scores(
     return found
 
 
-def code_request(text: str, label: str, options: Any, language: str | None) -> CodeRequest:
-    """The request a label's ``codes`` options (:class:`mappings.profile.CodeOptions`) make for a mention."""
+def code_request(
+    text: str, label: str, options: Any, language: str | None, floors: Mapping[str, float] | None = None
+) -> CodeRequest:
+    """The request a label's ``codes`` options (:class:`mappings.profile.CodeOptions`) make for a mention;
+    ``floors``: the minimum scores it will be written with (:func:`min_scores`), when only written codes matter."""
     prefixes = {name: tuple(values) for name, values in options.prefixes.items()}
-    return CodeRequest(text, label, tuple(options.systems), language, prefixes, options.categories)
+    floor = tuple(sorted(floors.items())) if floors else ()
+    return CodeRequest(text, label, tuple(options.systems), language, prefixes, options.categories, floor)
 
 
 def written_codes(

@@ -943,9 +943,13 @@ class SourceIndex:
         top: int = 30,
         categories: bool = False,
         scope: str | None = None,
+        floors: Sequence[float | None] | None = None,
     ) -> list[list[tuple[CandidateCode, Detail]]]:
         """Per query vector, the best ``top`` codes as :meth:`nearest` ranks them, each with what the re-ranker
-        reads: the scores of its strings among the :data:`WIDE_NEIGHBOURS` nearest and its best strings' text."""
+        reads: the scores of its strings among the :data:`WIDE_NEIGHBOURS` nearest and its best strings' text.
+
+        ``floors`` (per query, None: none): a query whose best string scores under its floor gets only the code of
+        that string, with no detail: none of its codes can be written, so none is worth ranking."""
         rows, blocks = self._rows(prefixes, categories, scope)
         if sum(block.shape[0] for block in blocks) == 0:
             return [[] for _ in range(len(vectors))]
@@ -954,8 +958,18 @@ class SourceIndex:
         row_code, names, number = self._row_codes(prefixes, categories, scope)
         rows, best, values = self._best(vectors, prefixes, categories, scope, WIDE_NEIGHBOURS)
         results = []
-        for found, row in zip(best, values, strict=True):
+        for query, (found, row) in enumerate(zip(best, values, strict=True)):
             # found: the best strings' positions, best first; row: their cosines
+            floor = floors[query] if floors is not None else None
+            if floor is not None and max(0.0, min(1.0, float(row[0]))) < floor:
+                code = names[int(row_code[found[0]])]
+                where = int(found[0]) if rows is None else int(rows[found[0]])
+                candidate = CandidateCode(
+                    self.data.url, code, self._display[code], max(0.0, min(1.0, float(row[0]))), self.data.name
+                )
+                detail = Detail((float(row[0]),), (self._normal[where],), self.entries[where].kind)
+                results.append([(candidate, detail)])
+                continue
             ids = row_code[found]  # each string's code, best string first
             # Each code's strings, best first: a stable sort by code keeps the search's order within a code.
             order = np.argsort(ids, kind="stable")
@@ -1018,7 +1032,15 @@ def _remember(cache: dict[Any, Any], fresh: Mapping[Any, Any], size: int) -> Non
 def _request_key(request: CodeRequest) -> tuple[Any, ...]:
     """Everything a lookup's answer depends on (:attr:`TerminologyService._final`)."""
     prefixes = tuple(sorted(request.prefixes.items()))
-    return (request.text, request.label, request.systems, request.language, prefixes, request.categories)
+    return (
+        request.text,
+        request.label,
+        request.systems,
+        request.language,
+        prefixes,
+        request.categories,
+        request.floors,
+    )
 
 
 def _constant(data: CodeSystemData) -> Callable[[], CodeSystemData]:
@@ -1241,11 +1263,14 @@ class TerminologyService:
     ) -> list[CandidateCode]:
         """``ranked`` with each re-ranked system's candidates reordered (:mod:`worker.rerank`; scores unchanged), its
         first ``limit`` kept, ahead of other systems' candidates; an exact text match stays first."""
+        floors = dict(request.floors)
         for name in request.systems:
             reranker = self._reranker(name, request)
             mine = [c for c in ranked if c.source == name]
             if reranker is None or len(mine) < 2:
                 continue
+            if name in floors and max(c.score for c in mine) < floors[name]:
+                continue  # none of them is written in any order
             scored = [
                 Scored(c.code, c.score, (name, c.code) in texts, c.display or "", details.get((name, c.code)))
                 for c in mine
@@ -1283,31 +1308,43 @@ class TerminologyService:
             if answer is not None and encode is None:
                 self._merge(found[position], name, answer[0], details[position], answer[1])
             else:
+                # Under the request's floor for this system nothing is written, unless text matching found more.
+                floor = dict(request.floors).get(name)
+                by_text = max((c.score for (system, _), c in found[position].items() if system == name), default=0.0)
+                skip = floor if wide and floor is not None and by_text < floor else None
                 todo.setdefault((name, prefixes, request.categories, wide, scope), []).append(
-                    (position, key, kind, vector)
+                    (position, key, kind, vector, skip)
                 )
-        texts = sorted({requests[p].text for members in todo.values() for p, _, kind, _ in members if kind == "query"})
+        texts = sorted(
+            {requests[p].text for members in todo.values() for p, _, kind, _, _ in members if kind == "query"}
+        )
         vectors = self._vectors(texts, encode) if texts else {}
         for (name, prefixes, categories, wide, scope), members in todo.items():
-            matrix = np.stack([vectors[requests[p].text] if v is None else v for p, _, _, v in members])
+            matrix = np.stack([vectors[requests[p].text] if v is None else v for p, _, _, v, _ in members])
             index = self._indexes[name]
             answers: list[tuple[list[CandidateCode], dict[str, Detail]]]
+            floors = [skip for _, _, _, _, skip in members]
             if wide:
                 assert index.reranker is not None
                 answers = [
                     ([c for c, _ in answer], {c.code: d for c, d in answer})
-                    for answer in index.nearest_detail(matrix, prefixes, index.reranker.top, categories, scope)
+                    for answer in index.nearest_detail(matrix, prefixes, index.reranker.top, categories, scope, floors)
                 ]
             else:
                 answers = [(answer, {}) for answer in index.nearest(matrix, prefixes, self.limit, categories, scope)]
             if encode is None:  # answers from a caller's vectors are not the service's to remember
-                fresh = {key: answer for (_, key, _, _), answer in zip(members, answers, strict=True)}
+                # An answer cut at its floor (one code, unranked) is not remembered for requests without one.
+                fresh = {
+                    key: answer
+                    for (_, key, _, _, _), answer, floor in zip(members, answers, floors, strict=True)
+                    if floor is None or len(answer[0]) != 1 or answer[0][0].score >= floor
+                }
                 with self._lock:
                     if wide:
                         _remember(self._wide_answers, fresh, WIDE_ANSWERS)
                     else:
                         _remember(self._answers, fresh, QUERY_CACHE)
-            for (position, _, _, _), answer in zip(members, answers, strict=True):
+            for (position, _, _, _, _), answer in zip(members, answers, strict=True):
                 self._merge(found[position], name, answer[0], details[position], answer[1])
 
     @staticmethod

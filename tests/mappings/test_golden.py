@@ -23,7 +23,7 @@ from mappings.bundle import ModelInfo, build_transaction, validate_r4
 from mappings.context import context_from_document_reference
 from mappings.mentions import CandidateCode, Mention
 from mappings.profile import MappingProfile, load_profile
-from mappings.terminology import CodeRequest
+from mappings.terminology import DEFAULT_MIN_SCORE, CodeRequest
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(GOLDEN.glob("*.json"))
@@ -157,3 +157,11 @@ def test_the_terminology_is_asked_with_the_profile_systems_prefixes_and_note_lan
     assert asked["Dolor torácico"].prefixes == {"icd-10-cm": ("R",)}
     assert asked["Hipertensión arterial"].systems == ("icd-10-cm", "local-snomed")
     assert {r.language for r in terminology.requests} == {"es"}
+    # Only written codes matter to a transaction: each request says under which score nothing is written (the
+    # profile's min_score, else the default, as written_codes applies it; this stub calibrates none).
+    profile = case_profile(case)
+    for request in terminology.requests:
+        options = profile.labels[request.label].codes
+        assert options is not None
+        expected = DEFAULT_MIN_SCORE if options.min_score is None else options.min_score
+        assert dict(request.floors) == dict.fromkeys(options.systems, expected)

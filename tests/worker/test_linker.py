@@ -529,3 +529,36 @@ def test_the_shipped_thresholds_are_the_higher_of_the_coded_and_the_tagged_menti
                 tagged = data[f"{report}_tagged"][label]["threshold"]
                 assert threshold == max(coded, tagged), (scores, system, label)
     assert data["min_score"]["icd-10-cm"]["SYMPTOM"] > 0.7  # was 0.455: every chapter R code was written
+
+
+def test_a_request_with_floors_writes_the_same_codes_and_leaves_unranked_only_what_cannot_be_written(
+    service: TerminologyService,
+) -> None:
+    from dataclasses import replace
+
+    from mappings.terminology import code_request, min_scores, written_codes
+
+    profile = load_profile()
+    mentions = [
+        ("función renal normal", "SYMPTOM"),  # under SYMPTOM's floor: one unranked candidate
+        ("crepitantes en base derecha", "SYMPTOM"),
+        ("fiebre", "SYMPTOM"),  # exact text match: written
+        ("neumonía adquirida en la comunidad", "DISEASE"),
+        ("insuficiencia cardiaca congestiva descompensada", "DISEASE"),
+        ("hipernefroma derecha", "DISEASE"),
+    ]
+    service.clear_answers()
+    for text, label in mentions:
+        options = profile.labels[label].codes
+        assert options is not None
+        plain = code_request(text, label, options, "es")
+        floors = min_scores(service, options.systems, label, options.min_score)
+        floored = replace(plain, floors=tuple(sorted(floors.items())))
+        (cut,) = service.lookup([floored])
+        (full,) = service.lookup([plain])  # asked after: a cut answer must not be remembered for it
+        assert written_codes(cut, options, label, service) == written_codes(full, options, label, service)
+        if max(c.score for c in full) < floors["icd-10-cm"]:
+            assert len(cut) == 1 and cut[0].score == max(c.score for c in full)  # the nearest string's code
+            assert len(full) > 1  # the full answer is whole, re-ranked
+        else:
+            assert cut == full  # a code that may be written is ranked as always
