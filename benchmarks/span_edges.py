@@ -6,7 +6,7 @@ Tags the validation sets once (the translated ``worker/nlp/data/translated/<lang
 108 Spanish validation notes of the tagger's own split, as ``benchmarks/eval_languages.py`` does; fp32,
 the production decoding) and caches each note's token offsets and probabilities in ``--cache``; later runs
 decode from the cache (seconds). Then, per language, every combination of steps is scored (strict /
-character-overlap F1, the checkpoint's threshold) on two halves of the notes, split by a hash of the
+character-overlap F1, the checkpoint's threshold for the language) on two halves of the notes, split by a hash of the
 note's name: choose a language's steps on half A (``--choose-on``), check them on half B. ``--diagnose``
 prints the edge errors (gold spans a same-label prediction overlaps without matching) by kind.
 """
@@ -58,7 +58,7 @@ def build_cache(checkpoint: Path, path: Path) -> dict[str, Any]:
         out: dict[str, list[Cached]] = {}
         for name, docs in sets.items():
             captured.clear()
-            pipeline.predict([d.text for d in docs])
+            pipeline.predict([d.text for d in docs], [name] * len(docs))  # each set's language: its lead
             out[name] = [
                 (d.doc_id, d.text, [(s.label, s.start, s.end) for s in d.spans], off, probs)
                 for d, (off, probs) in zip(docs, captured, strict=True)
@@ -66,7 +66,13 @@ def build_cache(checkpoint: Path, path: Path) -> dict[str, Any]:
             print(f"tagged {name}: {len(docs)} notes", file=sys.stderr, flush=True)
     finally:
         setattr(tagger_module, "decode_spans", original)  # noqa: B010
-    data = {"labels": tagger.labels, "min_span_score": tagger.config.min_span_score, "sets": out}
+    thresholds = {lang: tagger.config.span_threshold(lang) for lang in LANGUAGES}
+    data = {
+        "labels": tagger.labels,
+        "min_span_score": tagger.config.min_span_score,
+        "thresholds": thresholds,
+        "sets": out,
+    }
     path.write_bytes(pickle.dumps(data))
     return data
 
@@ -152,14 +158,16 @@ def main() -> None:
     from worker.nlp.span_edges import STEPS, default_edge_rules
 
     data = pickle.loads(args.cache.read_bytes()) if args.cache.is_file() else build_cache(args.checkpoint, args.cache)
-    labels, threshold = data["labels"], data["min_span_score"]
+    labels = data["labels"]
+    thresholds = data.get("thresholds") or dict.fromkeys(LANGUAGES, data["min_span_score"])  # an older cache: one
     # every subset of the steps (they always run in the order of STEPS); ties go to the fewer steps
     combos = [c for n in range(len(STEPS) + 1) for c in itertools.combinations(STEPS, n)]
-    result: dict[str, Any] = {"min_span_score": threshold, "choose_on": args.choose_on, "languages": {}}
+    result: dict[str, Any] = {"min_span_score": thresholds, "choose_on": args.choose_on, "languages": {}}
     for lang in LANGUAGES:
         docs = data["sets"].get(lang)
         if not docs:
             continue
+        threshold = thresholds[lang]
         scores = {"+".join(c) or "none": score(docs, labels, threshold, c, lang) for c in combos}
         best = max(scores, key=lambda k: sum(scores[k][args.choose_on]))  # the first best: fewest steps
         shipped = "+".join(default_edge_rules()[lang].steps) or "none"

@@ -562,3 +562,24 @@ def test_a_request_with_floors_writes_the_same_codes_and_leaves_unranked_only_wh
             assert len(full) > 1  # the full answer is whole, re-ranked
         else:
             assert cut == full  # a code that may be written is ranked as always
+
+
+def test_the_check_sets_name_the_same_billable_codes_in_seven_languages() -> None:
+    import csv
+
+    from worker.terminology import load_icd10cm
+
+    table = load_icd10cm()
+    billable = set(table.codes()) - set(table.unbillable)
+    folder = Path(__file__).resolve().parents[2] / "benchmarks" / "code_check_set"
+    for name, label, per_language in (("conditions.tsv", "DISEASE", 39), ("symptoms.tsv", "SYMPTOM", 40)):
+        with (folder / name).open(encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        by_language: dict[str, list[str]] = {}
+        for row in rows:
+            assert row["label"] == label and row["code"] in billable, row
+            by_language.setdefault(row["language"], []).append(row["code"])
+        assert set(by_language) == {"es", "en", "it", "nl", "ro", "sv", "cs"}
+        assert all(codes == by_language["es"] and len(codes) == per_language for codes in by_language.values())
+        if label == "SYMPTOM":
+            assert all(code.startswith("R") for code in by_language["es"])  # the default profile's SYMPTOM prefix
