@@ -13,7 +13,15 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from core.settings import Settings
-from worker.ehr_auth import ClientCredentials, EhrAuthError, NoAuth, SmartBackendServices, StaticBearer, TokenProvider
+from worker.ehr_auth import (
+    ClientCredentials,
+    EhrAuthError,
+    NoAuth,
+    SmartBackendServices,
+    StaticBearer,
+    TokenProvider,
+    shared_tls_context,
+)
 from worker.resilience import CircuitBreaker, CircuitOpenError, RetryPolicy
 
 FHIR_JSON = "application/fhir+json"
@@ -172,7 +180,9 @@ class EhrClient:
     ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.max_transaction_entries = max_transaction_entries
-        self._client = httpx.Client(headers={"Accept": FHIR_JSON, "Content-Type": FHIR_JSON}, timeout=timeout)
+        self._client = httpx.Client(
+            headers={"Accept": FHIR_JSON, "Content-Type": FHIR_JSON}, timeout=timeout, verify=shared_tls_context()
+        )
         self.auth: TokenProvider = auth or (StaticBearer(token) if token else NoAuth())
         self.retry = retry or RetryPolicy(attempts=1)
         self.breaker = breaker

@@ -31,6 +31,7 @@ from core.notifications import Notification, NotificationError, parse_notificati
 from core.origin import EhrBase, OutsideEhrError, parse_reference
 from core.settings import Settings
 from core.subscriptions import subscription_key
+from worker.ehr_auth import shared_tls_context
 
 logger = logging.getLogger("fhir_ner.recovery")
 
@@ -58,7 +59,7 @@ class EhrReader:
     ) -> None:
         self.ehr = EhrBase(base_url)
         self.token = token
-        self._client = client or httpx.Client(timeout=timeout)
+        self._client = client or httpx.Client(timeout=timeout, verify=shared_tls_context())
         self._owns_client = client is None
 
     @classmethod
