@@ -268,10 +268,12 @@ def run_action(action_id: str) -> dict[str, Any] | None:
     changes: dict[str, Any] = {"state": "done", "provenance": provenance, "message": None}
     if created:
         changes["created_resource"] = next(iter(created.values()))
-    done = store.update_action(action_id, **changes)
+    # The note's record first, then the action marked done: a page that shows the action done must show the
+    # resource's new state too (the other order let a reload between the two show "done" beside "unconfirmed").
     record = store.records(document_id).get(version_id) or record
     _patch_record(record, action, write, created)
     store.put_record(document_id, version_id, record)
+    done = store.update_action(action_id, **changes)
     store.put_feedback(document_id, feedback_document(record, store.actions(document_id)))
     logger.info("review action applied", extra={"review_action": action_id, "kind": action["kind"]})
     return done

@@ -269,3 +269,27 @@ def test_a_launched_practitioners_action_names_them_in_the_provenance(review_ehr
     (provenance,) = _provenances(ehr, mention["resource"])
     assert provenance["agent"][0]["who"] == {"reference": reference, "display": "Dr Eva Launch"}
     assert read(ehr, reference)["resourceType"] == "Practitioner"
+
+
+def test_an_action_is_marked_done_only_after_the_notes_record_shows_its_result(
+    review_ehr: FhirTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A review page reloaded between the two writes must never show the action done beside the old state.
+    from core.review import ReviewStore
+    from worker.tasks import process_document
+
+    document = note_document(review_ehr, TEXT)
+    doc_id = document["id"]
+    process_document(document, "1")
+    seen: list[str] = []
+    original = ReviewStore.update_action
+
+    def update_action(self: ReviewStore, action_id: str, **changes: Any) -> Any:
+        if changes.get("state") == "done":
+            mention = next(m for m in self.records(doc_id)["1"]["mentions"] if m["text"] == "neumonía")
+            seen.append(str(mention.get("reviewed")))
+        return original(self, action_id, **changes)
+
+    monkeypatch.setattr(ReviewStore, "update_action", update_action)
+    assert _act(doc_id, "1", "confirm", "neumonía")["state"] == "done"
+    assert seen == ["confirmed"]
