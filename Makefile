@@ -70,6 +70,7 @@ MULTI_MIX = spaccc-train=0.08,cardioccc-train=0.08,crops=0.6,en-train=0.4,it-tra
 # passages (worker/nlp/data/genres: leaflets, drug labels, textbooks, health pages, abstracts, clinical notes; each whole).
 GENRES_MIX = $(MULTI_MIX),en-train2=0.4,it-train2=0.4,nl-train2=0.4,ro-train2=0.4,sv-train2=0.4,cs-train2=0.4
 TRANSLATED_ARGS = --frozen-layers 6 --batch-tokens 4096 --epochs 1 --translated --crops 1 --cache $(TRAIN_WORK)/cache --no-calibrate
+# Last, the linker's thresholds: chosen on the shipped tagger's own mentions too (session 17), they follow the new tagger.
 train-default: install
 	$(BIN)/python benchmarks/train_default.py --work $(TRAIN_WORK) --stage layers6 --frozen-layers 6 --encoder-lr 2e-4 --head-lr 2e-3 \
 		--batch-tokens 4096 --patience 3 --epochs 12 --no-export
@@ -86,6 +87,8 @@ train-default: install
 		--batch-tokens 4096 --epochs 2 --patience 3 --translated --translated-splits train,train2 --genres --crops 1 \
 		--no-calibrate --init-from $(TRAIN_WORK)/multi3/best --encoder-lr 2e-5 --head-lr 2e-4 --mix $(GENRES_MIX)
 	$(BIN)/python benchmarks/eval_languages.py --checkpoint worker/models/default --calibrate
+	$(BIN)/python benchmarks/calibrate_linker.py --write
+	$(BIN)/python benchmarks/calibrate_linker.py --queries full --write
 
 # The earlier CPU-only recipe (two stages, ~2.5 hours on 2 cores): layers 10-11 + head on cached layers 0-9, then
 # a warm start from it training layers 8-11 + head on cached layers 0-7.
