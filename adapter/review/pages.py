@@ -216,7 +216,12 @@ def _note_page(
 ) -> Response:
     statuses = get_note_state().get_status(document_id) if _valid_id(document_id) else {}
     store = review_store()
+    # Actions before records: the worker writes an action's result into the record before it marks the action
+    # done, so an action read as done always comes with its result in the record read after it.
+    actions = store.actions(document_id) if _valid_id(document_id) else []
     records = store.records(document_id) if _valid_id(document_id) else {}
+    if not records:
+        actions = []
     if not statuses and not records:
         return page("missing.html", request, reviewer, status_code=404, what=f"DocumentReference/{document_id}")
     refused = outside_launch(request, reviewer, {str(r.get("subject")) for r in records.values()})
@@ -238,7 +243,6 @@ def _note_page(
         }
         for v in versions
     ]
-    actions = store.actions(document_id) if records else []
     # Actions are taken on the latest recorded version (what the EHR holds now), on its text.
     reviewable = bool(record and chosen == latest and record.get("text") is not None)
     return page(

@@ -436,8 +436,8 @@ def test_the_patient_view_groups_conditions_by_code_hides_refuted_ones_and_links
     assert page.count("<strong>J18.9 Pneumonia</strong>") == 1
     assert 'href="/review/notes/note-1?version=1#m-2"' in page
     assert 'href="/review/notes/note-2?version=1#m-0"' in page
-    assert "Persiste <mark class=\"said\">neumonía</mark> basal." in page
-    assert "Diagnóstico de <mark class=\"said\">neumonía</mark>." in page
+    assert 'Persiste <mark class="said">neumonía</mark> basal.' in page
+    assert 'Diagnóstico de <mark class="said">neumonía</mark>.' in page
     # Refuted asthma is hidden unless asked for.
     assert "J45.909" not in page and "1 refuted condition(s) hidden" in page
     shown = client.get("/review/patients/p-1", params={"refuted": "true"}).text
@@ -622,3 +622,27 @@ def test_the_patient_view_marks_what_a_reviewer_confirmed_and_leaves_out_what_th
     page = client.get("/review/patients/p-1").text
     assert "confirmed by a reviewer" in page
     assert "Observation/o1" not in page and "Observation/o2" in page
+
+
+def test_the_note_view_reads_the_actions_before_the_record(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worker writes an action's result into the record, then marks the action done: read in this order, a page
+    # that shows an action done also shows its result (the other order showed "reject: done" beside "preliminary").
+    from core.review import ReviewStore
+
+    seed_note()
+    login(client)
+    reads: list[str] = []
+    records, actions = ReviewStore.records, ReviewStore.actions
+
+    def read_records(self: ReviewStore, document_id: str) -> Any:
+        reads.append("records")
+        return records(self, document_id)
+
+    def read_actions(self: ReviewStore, document_id: str) -> Any:
+        reads.append("actions")
+        return actions(self, document_id)
+
+    monkeypatch.setattr(ReviewStore, "records", read_records)
+    monkeypatch.setattr(ReviewStore, "actions", read_actions)
+    assert client.get("/review/notes/note-1").status_code == 200
+    assert reads[:2] == ["actions", "records"]
