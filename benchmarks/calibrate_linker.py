@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 warnings.simplefilter("ignore", DeprecationWarning)
 
 LABELS = {"DISEASE": "icd-10-cm", "SYMPTOM": "icd-10-cm", "PROCEDURE": "icd-10-pcs"}
+# The kind of CodiEsp mention (and document code) that each label is judged by.
+CODIESP_KIND = {"DISEASE": "DIAGNOSTICO", "SYMPTOM": "DIAGNOSTICO", "PROCEDURE": "PROCEDIMIENTO"}
 
 
 def gold_rows(data: Path) -> list[dict[str, str]]:
@@ -90,7 +92,7 @@ def tagged_truth(
 ) -> tuple[set[str], bool]:
     """The codes a tagged mention's top-1 code may be to count as right, and whether they come from a coded mention
     its span overlaps (else: the document's codes of the label's kind)."""
-    kind = "PROCEDIMIENTO" if label == "PROCEDURE" else "DIAGNOSTICO"
+    kind = CODIESP_KIND[label]
     overlapping = {code for s, e, k, code in spans if k == kind and s < end and start < e}
     return (overlapping, True) if overlapping else (codes, False)
 
@@ -119,8 +121,8 @@ def tagged_points(
         coded = {r.mention: r for r in code_mentions(sorted({f[4] for f in mine}), label, "es", 1, profile, service)}
         overlapping = answered = 0
         for doc, _, start, end, text in mine:
-            kind = "PROCEDIMIENTO" if label == "PROCEDURE" else "DIAGNOSTICO"
-            truth, overlaps = tagged_truth(label, start, end, spans.get(doc, []), codes.get((doc, kind), set()))
+            note_codes = codes.get((doc, CODIESP_KIND[label]), set())
+            truth, overlaps = tagged_truth(label, start, end, spans.get(doc, []), note_codes)
             overlapping += overlaps
             ranked = coded[text].candidates
             answered += bool(ranked)

@@ -67,12 +67,7 @@ def build_cache(checkpoint: Path, path: Path) -> dict[str, Any]:
     finally:
         setattr(tagger_module, "decode_spans", original)  # noqa: B010
     thresholds = {lang: tagger.config.span_threshold(lang) for lang in LANGUAGES}
-    data = {
-        "labels": tagger.labels,
-        "min_span_score": tagger.config.min_span_score,
-        "thresholds": thresholds,
-        "sets": out,
-    }
+    data = {"labels": tagger.labels, "thresholds": thresholds, "sets": out}
     path.write_bytes(pickle.dumps(data))
     return data
 
@@ -157,9 +152,10 @@ def main() -> None:
     args = parser.parse_args()
     from worker.nlp.span_edges import STEPS, default_edge_rules
 
-    data = pickle.loads(args.cache.read_bytes()) if args.cache.is_file() else build_cache(args.checkpoint, args.cache)
-    labels = data["labels"]
-    thresholds = data.get("thresholds") or dict.fromkeys(LANGUAGES, data["min_span_score"])  # an older cache: one
+    data = pickle.loads(args.cache.read_bytes()) if args.cache.is_file() else None
+    if data is None or "thresholds" not in data:  # none yet, or an older cache with one threshold for all languages
+        data = build_cache(args.checkpoint, args.cache)
+    labels, thresholds = data["labels"], data["thresholds"]
     # every subset of the steps (they always run in the order of STEPS); ties go to the fewer steps
     combos = [c for n in range(len(STEPS) + 1) for c in itertools.combinations(STEPS, n)]
     result: dict[str, Any] = {"min_span_score": thresholds, "choose_on": args.choose_on, "languages": {}}

@@ -961,12 +961,11 @@ class SourceIndex:
         for query, (found, row) in enumerate(zip(best, values, strict=True)):
             # found: the best strings' positions, best first; row: their cosines
             floor = floors[query] if floors is not None else None
-            if floor is not None and max(0.0, min(1.0, float(row[0]))) < floor:
+            best_score = max(0.0, min(1.0, float(row[0])))
+            if floor is not None and best_score < floor:
                 code = names[int(row_code[found[0]])]
                 where = int(found[0]) if rows is None else int(rows[found[0]])
-                candidate = CandidateCode(
-                    self.data.url, code, self._display[code], max(0.0, min(1.0, float(row[0]))), self.data.name
-                )
+                candidate = CandidateCode(self.data.url, code, self._display[code], best_score, self.data.name)
                 detail = Detail((float(row[0]),), (self._normal[where],), self.entries[where].kind)
                 results.append([(candidate, detail)])
                 continue
