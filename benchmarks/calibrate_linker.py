@@ -193,6 +193,9 @@ def main() -> int:
         help="also calibrate on the shipped tagger's mentions of the dev notes and keep the higher threshold",
     )
     parser.add_argument("--threads", type=int, default=2, help="the tagger's CPU threads (--tagged)")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="a mapping profile YAML instead of the built-in default (its codes)"
+    )
     args = parser.parse_args()
 
     from mappings.profile import load_profile
@@ -205,7 +208,7 @@ def main() -> int:
             handle.write("mention\tlabel\tcode\tlanguage\n")
             for row in rows:
                 handle.write(f"{row['mention']}\t{row['label']}\t{row['code']}\t{row['language']}\n")
-    profile = load_profile()
+    profile = load_profile(args.profile)
     service = terminology_for(profile, "auto", queries=args.queries)
     assert service is not None
     report: dict[str, dict[str, object]] = {}

@@ -89,6 +89,8 @@ FINAL_ANSWERS = 5000
 # float32 cosines of the COARSE_MARGIN rows more than asked for that it found best, which rank them.
 COARSE_MIN_ROWS = 16_384
 COARSE_MARGIN = 64
+# The top rows of a wide search are looked for among the best blocks of this many rows (:func:`_top_positions`).
+TOP_BLOCK = 8
 # Term kinds embedded only where the term names one code: a title cut before its qualifiers ("Migraine" for both
 # G43.901 and G43.909) would give siblings the same vector and settle their order by a tie-break.
 SHARED_TEXT_ONLY = frozenset({"core"})
@@ -584,11 +586,37 @@ def _plus_128(rows: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 def _top_positions(scores: np.ndarray, take: int) -> np.ndarray:
-    """Per row of ``scores``, the positions of its ``take`` highest values (in no particular order)."""
+    """Per row of ``scores``, the positions of its ``take`` highest values (in no particular order).
+
+    A wide row is narrowed first (:data:`TOP_BLOCK`): the row's blocks of ``TOP_BLOCK`` values, the ``take`` blocks
+    with the highest maximum, and the ``take`` highest values among theirs. At least ``take`` values reach the
+    ``take``-th highest block maximum, so every value of the row's top ``take`` does, and its block is kept: the
+    values found are the row's top ``take`` (which of several equal values at the last place is taken may differ, as
+    it may between two ``argpartition`` calls). A note's queries against ICD-10-CM's 86,000 rows: a third of a plain
+    ``argpartition``'s CPU."""
     count = scores.shape[1]
     if take >= count:
         return np.broadcast_to(np.arange(count), scores.shape).copy()
-    return np.argpartition(scores, count - take, axis=1)[:, count - take :]  # half torch.topk's CPU here
+    blocks = count // TOP_BLOCK
+    if blocks <= 2 * take:  # too few blocks to narrow the row much
+        return _top_unordered(scores, take)
+    import torch
+
+    whole = blocks * TOP_BLOCK
+    queries = scores.shape[0]
+    with one_torch_thread():
+        maxima = torch.from_numpy(scores)[:, :whole].reshape(queries, blocks, TOP_BLOCK).amax(dim=2).numpy()
+    chosen = _top_unordered(maxima, take)
+    rows = (chosen[:, :, None] * TOP_BLOCK + np.arange(TOP_BLOCK)).reshape(queries, take * TOP_BLOCK)
+    if whole < count:  # the last, partial block is always looked at
+        rows = np.concatenate([rows, np.broadcast_to(np.arange(whole, count), (queries, count - whole))], axis=1)
+    return np.take_along_axis(rows, _top_unordered(np.take_along_axis(scores, rows, axis=1), take), axis=1)
+
+
+def _top_unordered(scores: np.ndarray, take: int) -> np.ndarray:
+    """Per row, the positions of its ``take`` highest values: ``argpartition`` (half torch.topk's CPU here)."""
+    count = scores.shape[1]
+    return np.argpartition(scores, count - take, axis=1)[:, count - take :]
 
 
 def _coarse_scores(

@@ -247,3 +247,30 @@ def test_the_shipped_icd10cm_table_is_the_installed_release_and_spares_its_memor
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("count", [50, 7_999, 8_000, 86_003])
+def test_the_top_positions_of_a_wide_row_are_its_top_values(count: int) -> None:
+    """The narrowed search (best blocks first) finds the same top values as a plain argpartition, ties and a
+    partial last block included; positions are distinct and inside the row."""
+    import numpy as np
+
+    from worker import terminology
+
+    generator = np.random.default_rng(count)
+    scores = np.round(generator.standard_normal((9, count)).astype(np.float32), 2)  # many equal values
+    scores[0, -1] = 99.0  # the best value in the partial last block
+    scores[1, :] = 0.5  # one row all ties
+    for take in (1, 64, 320):
+        if take > count:
+            continue
+        found = terminology._top_positions(scores, take)
+        plain = np.argpartition(scores, count - take, axis=1)[:, count - take :]
+        assert found.shape == (9, take)
+        assert all(len(set(row.tolist())) == take for row in found)
+        assert found.min() >= 0 and found.max() < count
+        assert np.array_equal(
+            np.sort(np.take_along_axis(scores, found, axis=1), axis=1),
+            np.sort(np.take_along_axis(scores, plain, axis=1), axis=1),
+        )
+        assert count - 1 in found[0]  # the row's best value, in its partial last block
