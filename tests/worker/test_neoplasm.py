@@ -131,6 +131,10 @@ def test_the_rule_leaves_named_tumours_exact_matches_and_symptoms_alone(service:
     # A shipped Spanish synonym that matches exactly keeps its CodiEsp code, whatever the rule would say.
     (testis,) = code_mentions(["tumoración testicular"], "DISEASE", "es", 5, profile, service)
     assert testis.candidates[0][3] == 1.0 and testis.ranked_codes()[0] == "N50.9"
-    # SYMPTOM searches chapter R only: D49 is never proposed there.
-    (symptom,) = code_mentions(["tumoración lengua"], "SYMPTOM", "es", 5, profile, service)
-    assert all(code.startswith("R") for code in symptom.ranked_codes())
+    # A profile whose prefixes exclude D49 (SYMPTOM in chapter R only) is never offered it.
+    chapter_r = profile.model_copy(deep=True)
+    options = chapter_r.labels["SYMPTOM"].codes
+    assert options is not None
+    chapter_r.labels["SYMPTOM"].codes = options.model_copy(update={"prefixes": {"icd-10-cm": ["R"]}})
+    (symptom,) = code_mentions(["tumoración lengua"], "SYMPTOM", "es", 5, chapter_r, service)
+    assert symptom.ranked_codes() and all(code.startswith("R") for code in symptom.ranked_codes())
