@@ -622,27 +622,31 @@ def _top_unordered(scores: np.ndarray, take: int) -> np.ndarray:
 def _coarse_scores(
     vectors: np.ndarray, blocks: tuple[np.ndarray, ...], scales: tuple[np.ndarray, ...], product: str = "int_mm"
 ) -> np.ndarray:
-    """Approximate cosines of the query vectors with the int8 rows (:func:`int8_rows`), one integer product per
-    block on one thread, rescaled to float32. ``product``: ``int_mm`` (int8 rows x int8 queries, ``torch._int_mm``)
-    or ``onnxruntime`` (uint8 rows, :func:`uint8_rows`, x queries in 7 bits, which AVX2's pair sums hold)."""
+    """Per query vector, its approximate cosines with the int8 rows (:func:`int8_rows`) times a positive number of
+    its own (the query's int8 scale is left out: it orders the query's rows alike, and only that order is used), one
+    integer product per block on one thread, rescaled by the rows' scales in float32. ``product``: ``int_mm`` (int8
+    rows x int8 queries, ``torch._int_mm``) or ``onnxruntime`` (uint8 rows, :func:`uint8_rows`, x queries in 7 bits,
+    which AVX2's pair sums hold)."""
     import torch
 
     if product == "onnxruntime":
         from worker.token_int8 import onnx_u8s8
 
-        queries, query_scale = int8_rows(np.asarray(vectors, dtype=np.float32), levels=63)
+        queries, _ = int8_rows(np.asarray(vectors, dtype=np.float32), levels=63)
         right = np.ascontiguousarray(queries.T)
         parts = [onnx_u8s8(block, right) for block in blocks]
         found = (parts[0] if len(parts) == 1 else np.concatenate(parts)).T.astype(np.float32)
-    else:
-        queries, query_scale = int8_rows(np.asarray(vectors, dtype=np.float32))
-        with one_torch_thread():
-            left = torch.from_numpy(queries)
-            products = [torch._int_mm(left, torch.from_numpy(block).T) for block in blocks]
-        found = (products[0] if len(products) == 1 else torch.cat(products, dim=1)).numpy().astype(np.float32)
-    found *= scales[0][None, :] if len(scales) == 1 else np.concatenate(scales)[None, :]
-    found *= query_scale[:, None]
-    return found
+        found *= scales[0][None, :] if len(scales) == 1 else np.concatenate(scales)[None, :]
+        return found
+    queries, _ = int8_rows(np.asarray(vectors, dtype=np.float32))
+    with one_torch_thread():
+        left = torch.from_numpy(queries)
+        # Each block's integers to float32 and times its rows' scales in place: one pass, no int32 copy of the whole.
+        products = [
+            torch._int_mm(left, torch.from_numpy(block).T).float().mul_(torch.from_numpy(scale))
+            for block, scale in zip(blocks, scales, strict=True)
+        ]
+        return (products[0] if len(products) == 1 else torch.cat(products, dim=1)).numpy()
 
 
 class Int8Rows:
