@@ -177,7 +177,7 @@ def measure(points: list[tuple[float, bool]], threshold: float, n: int) -> dict[
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     from worker.linker import LINKER_DIR, QUERY_ENCODERS, threshold_keys, thresholds
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -194,9 +194,15 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=2, help="the tagger's CPU threads (--tagged)")
     parser.add_argument(
-        "--profile", type=Path, default=None, help="a mapping profile YAML instead of the built-in default (its codes)"
+        "--profile",
+        type=Path,
+        default=None,
+        help="a mapping profile YAML instead of the built-in default (its codes); not with --write",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.profile is not None and args.write:
+        # thresholds.json is what every profile without min_score uses: only the default profile may choose it.
+        parser.error("--write stores the built-in profile's thresholds; with --profile, put min_score in the profile")
 
     from mappings.profile import load_profile
     from worker.coding import code_mentions, same_code

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -23,6 +24,9 @@ for entry in (str(REPO_ROOT), str(TESTS_DIR)):
 from ehr.harness import FhirTestServer  # noqa: E402
 from repo_guard import GUARD, check_reads  # noqa: E402
 from tiny_models import build_tiny_encoder, train_tiny_tagger  # noqa: E402
+
+if TYPE_CHECKING:
+    from mappings.profile import MappingProfile
 
 TEST_REDIS_URL = os.environ.get("FHIR_NER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -189,3 +193,15 @@ def e5_encoder_dir() -> Path:
     from worker.nlp.e5_convert import default_encoder_dir
 
     return default_encoder_dir()
+
+
+@pytest.fixture()
+def chapter_r_profile() -> MappingProfile:
+    """The default mapping profile with SYMPTOM limited to ICD-10-CM chapter R (the default before session 18)."""
+    from mappings.profile import load_profile
+
+    profile = load_profile().model_copy(deep=True)
+    options = profile.labels["SYMPTOM"].codes
+    assert options is not None
+    profile.labels["SYMPTOM"].codes = options.model_copy(update={"prefixes": {"icd-10-cm": ["R"]}})
+    return profile

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks.calibrate_linker import (
     choose,
     document_codes,
     exact_match_precision,
     gold_spans,
+    main,
     measure,
     tagged_truth,
     two_fold,
@@ -58,3 +61,18 @@ def test_the_tagged_threshold_is_relative_to_how_often_exact_matches_are_right()
     assert choose(points, 0.9) == 1.01
     folds = two_fold(points, [f"doc{k}" for k in range(len(points))], 0.9, relative=True)
     assert len(folds) == 2 and all({"threshold", "coverage", "precision"} <= set(fold) for fold in folds)
+
+
+def test_another_profile_cannot_overwrite_the_shipped_thresholds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.linker import LINKER_DIR
+
+    shipped = (LINKER_DIR / "thresholds.json").read_bytes()
+    profile = tmp_path / "chapter-r.yaml"
+    profile.write_text("name: mine\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--profile", str(profile), "--write", "--data", str(tmp_path / "no-codiesp")])
+    assert exit_info.value.code == 2
+    assert "--write stores the built-in profile's thresholds" in capsys.readouterr().err
+    assert (LINKER_DIR / "thresholds.json").read_bytes() == shipped

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mappings.profile import load_profile
+from mappings.profile import MappingProfile, load_profile
 from mappings.terminology import normalise
 from worker.coding import code_mentions
 from worker.linker import shipped_linker_available
@@ -122,7 +122,9 @@ def test_the_worker_codes_an_unspecified_tumour_with_its_sites_d49(
     assert len(coded.ranked_codes()) == len(set(coded.ranked_codes())) == 5  # the site's code is not repeated
 
 
-def test_the_rule_leaves_named_tumours_exact_matches_and_symptoms_alone(service: TerminologyService) -> None:
+def test_the_rule_leaves_named_tumours_exact_matches_and_symptoms_alone(
+    service: TerminologyService, chapter_r_profile: MappingProfile
+) -> None:
     profile = load_profile()
     carcinoma, history = code_mentions(
         ["carcinoma de lengua", "antecedentes de neoplasia de mama"], "DISEASE", "es", 5, profile, service
@@ -132,9 +134,5 @@ def test_the_rule_leaves_named_tumours_exact_matches_and_symptoms_alone(service:
     (testis,) = code_mentions(["tumoración testicular"], "DISEASE", "es", 5, profile, service)
     assert testis.candidates[0][3] == 1.0 and testis.ranked_codes()[0] == "N50.9"
     # A profile whose prefixes exclude D49 (SYMPTOM in chapter R only) is never offered it.
-    chapter_r = profile.model_copy(deep=True)
-    options = chapter_r.labels["SYMPTOM"].codes
-    assert options is not None
-    chapter_r.labels["SYMPTOM"].codes = options.model_copy(update={"prefixes": {"icd-10-cm": ["R"]}})
-    (symptom,) = code_mentions(["tumoración lengua"], "SYMPTOM", "es", 5, chapter_r, service)
+    (symptom,) = code_mentions(["tumoración lengua"], "SYMPTOM", "es", 5, chapter_r_profile, service)
     assert symptom.ranked_codes() and all(code.startswith("R") for code in symptom.ranked_codes())
