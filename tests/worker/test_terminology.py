@@ -274,3 +274,29 @@ def test_the_top_positions_of_a_wide_row_are_its_top_values(count: int) -> None:
             np.sort(np.take_along_axis(scores, plain, axis=1), axis=1),
         )
         assert count - 1 in found[0]  # the row's best value, in its partial last block
+
+
+def test_each_term_is_normalised_once_for_the_exact_rows_and_the_reranker(
+    tiny_encoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exact-term rows, the re-ranker's n-grams and its features read one normalised list (ICD-10-CM: 86,000
+    terms, normalised three times apart before, most of a worker's first note)."""
+    from worker import terminology
+
+    data = parse_code_csv("code,display,synonyms\nA,Alpha,first|Primo\nB,beta,second\n", "tiny", "http://tiny")
+    store = EmbeddingStore(tmp_path, TextEncoder(str(tiny_encoder)))
+    index = TerminologyService.from_sources([data], "embedding", store).index("tiny")
+    calls: list[str] = []
+    normalise = terminology.normalise
+
+    def counted(text: str) -> str:
+        calls.append(text)
+        return normalise(text)
+
+    monkeypatch.setattr(terminology, "normalise", counted)
+    assert index.normal_terms() == [normalise(entry.term) for entry in index.entries]
+    assert len(calls) == len(index.entries)
+    calls.clear()
+    assert index.term_vector("ALPHA") is not None and index.term_vector("gamma") is None
+    index.ngram_idf()
+    assert calls == ["ALPHA", "gamma"]  # the mentions only, never the index's terms again
