@@ -66,6 +66,43 @@ def names_a_side(text: str) -> bool:
     return any(word in _SIDE_WORDS or word.startswith(_SIDE_PREFIXES) for word in normalise(text).split())
 
 
+# Where a pain's radiation starts, in the seven languages: "chest pain radiating to the left arm", "dolor torácico
+# irradiado al brazo izquierdo", "dolore toracico irradiato al braccio sinistro". Coders code the pain where it is
+# (CodiEsp: "dolor epigástrico irradiado a espalda" -> R10.13, "dolor torácico, irradiado a espalda" -> R07.9);
+# the whole mention's nearest name follows its tail ("Pain in left arm").
+_RADIATION = re.compile(
+    r"(?:,\s*|\s+)(?:"
+    # es
+    r"(?:que\s+se\s+(?:le\s+)?irradian?|irradiad[oa]s?|con\s+irradiaci[oó]n)\s+(?:a|al|hacia|por|en)"
+    # en
+    r"|(?:radiating|(?:which|that)\s+radiates?|radiates?|with\s+radiation)\s+(?:to|into|down|through|towards?)"
+    # it
+    r"|(?:che\s+si\s+irradia|irradiat[oaie]|con\s+irradiazione)\s+(?:a|al|allo|alla|ai|agli|alle|all['’]|verso|in)"
+    # nl
+    r"|(?:uitstralend[e]?|met\s+uitstraling|die\s+uitstraalt)\s+(?:naar|in)"
+    # ro
+    r"|(?:iradiat[ăa]?|iradiind|care\s+iradiaz[ăa]|cu\s+iradiere)\s+(?:în|in|spre|la|c[ăa]tre)"
+    # sv
+    r"|(?:(?:som\s+)?str[åa]lar\s+ut|med\s+utstr[åa]lning|utstr[åa]lande)\s+(?:i|mot|till|ner\s+i)"
+    # cs
+    r"|(?:vyst[řr]eluj[íi]c[íi]|vyza[řr]uj[íi]c[íi]|s\s+vyza[řr]ov[áa]n[íi]m|[šs][íi][řr][íi]c[íi]\s+se)"
+    r"\s+(?:do|na)"
+    r")(?:(?<=['’])|(?=\W|$))",
+    re.IGNORECASE,
+)
+
+
+def coded_text(text: str, label: str) -> str:
+    """The part of a mention that is coded: a pain without where it radiates to (:data:`_RADIATION`), in any of the
+    seven languages; the whole mention otherwise, and always for a PROCEDURE (there "irradiado a", "irradiation"
+    are a radiotherapy: "mediastino irradiado a 45 Gy"). The resource's ``code.text`` keeps the whole mention."""
+    found = None if label == "PROCEDURE" else _RADIATION.search(text)
+    if found is None:
+        return text
+    head = text[: found.start()].rstrip(" ,;:")
+    return head if len(head) >= 3 else text
+
+
 class TerminologyError(ValueError):
     """A code system file that cannot be used; the message names the source and the line or field."""
 
@@ -277,11 +314,14 @@ def min_scores(
 def code_request(
     text: str, label: str, options: Any, language: str | None, floors: Mapping[str, float] | None = None
 ) -> CodeRequest:
-    """The request a label's ``codes`` options (:class:`mappings.profile.CodeOptions`) make for a mention;
-    ``floors``: the minimum scores it will be written with (:func:`min_scores`), when only written codes matter."""
+    """The request a label's ``codes`` options (:class:`mappings.profile.CodeOptions`) make for a mention (its
+    :func:`coded_text`); ``floors``: the minimum scores it will be written with (:func:`min_scores`), when only
+    written codes matter."""
     prefixes = {name: tuple(values) for name, values in options.prefixes.items()}
     floor = tuple(sorted(floors.items())) if floors else ()
-    return CodeRequest(text, label, tuple(options.systems), language, prefixes, options.categories, floor)
+    return CodeRequest(
+        coded_text(text, label), label, tuple(options.systems), language, prefixes, options.categories, floor
+    )
 
 
 def written_codes(

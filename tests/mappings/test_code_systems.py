@@ -14,6 +14,8 @@ from mappings.terminology import (
     LexicalIndex,
     TermEntry,
     TerminologyError,
+    code_request,
+    coded_text,
     core_term,
     lexical_keys,
     names_a_side,
@@ -59,6 +61,41 @@ def test_normalise_ignores_case_accents_and_punctuation() -> None:
 )
 def test_a_mention_names_a_side_in_any_of_the_seven_languages(mention: str, side: bool) -> None:
     assert names_a_side(mention) is side
+
+
+@pytest.mark.parametrize(
+    ("mention", "coded"),
+    [
+        ("dolor torácico, irradiado a espalda", "dolor torácico"),
+        ("dolor lumbar que se le irradia a testículo", "dolor lumbar"),
+        ("dolor abdominal con irradiación hacia fosa ilíaca", "dolor abdominal"),
+        ("Chest pain radiating to the left arm", "Chest pain"),
+        ("low back pain that radiates down the leg", "low back pain"),
+        ("dolore toracico irradiato al braccio sinistro", "dolore toracico"),
+        ("dolore lombare irradiato all'arto inferiore", "dolore lombare"),  # an elided article
+        ("pijn op de borst uitstralend naar de linkerarm", "pijn op de borst"),
+        ("durere toracică iradiată în brațul stâng", "durere toracică"),
+        ("bröstsmärta som strålar ut i vänster arm", "bröstsmärta"),
+        ("bolest na hrudi vystřelující do levé paže", "bolest na hrudi"),
+        # No radiation, or nothing before it: the whole mention.
+        ("dolor irradiado", "dolor irradiado"),
+        ("irradiado a espalda", "irradiado a espalda"),
+        ("dolor a la palpación en hipogastrio", "dolor a la palpación en hipogastrio"),
+        ("radiation pneumonitis", "radiation pneumonitis"),
+        ("irradiation to the chest", "irradiation to the chest"),
+    ],
+)
+def test_a_pain_is_coded_without_where_it_radiates(mention: str, coded: str) -> None:
+    assert coded_text(mention, "SYMPTOM") == coded
+    assert coded_text(mention, "DISEASE") == coded
+
+
+def test_a_procedure_is_coded_whole_and_the_request_carries_the_coded_text() -> None:
+    # In a procedure "irradiado a" is a radiotherapy's dose, not a pain's radiation.
+    assert coded_text("mediastino irradiado a 45 Gy", "PROCEDURE") == "mediastino irradiado a 45 Gy"
+    options = load_profile().labels["SYMPTOM"].codes
+    request = code_request("dolor torácico irradiado al brazo izquierdo", "SYMPTOM", options, "es")
+    assert request.text == "dolor torácico"
 
 
 def test_lexical_keys_drop_fillers_and_bracketed_modifiers() -> None:

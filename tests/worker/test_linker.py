@@ -511,9 +511,8 @@ def test_findings_the_tagger_finds_get_no_wrong_code_written(service: Terminolog
         (result,) = code_mentions([mention], "SYMPTOM", language, 5, profile, service)
         assert result.candidates and result.written() != code, mention
         if mention.startswith("chest pain"):
-            # Since SYMPTOM searches all of ICD-10-CM (session 18) this one gets M79.602 "Pain in left arm" (0.83):
-            # half of what it says, where a coder gives R07.9. A cost the README names, not a wish.
-            assert result.written() == "M79.602"
+            # The pain is coded where it is, not where it radiates (since session 19; session 18 wrote M79.602).
+            assert result.written() == "R07.9"
         else:
             assert result.written() is None, (mention, result.written())
     for mention, language, code in (
@@ -523,6 +522,27 @@ def test_findings_the_tagger_finds_get_no_wrong_code_written(service: Terminolog
     ):
         (result,) = code_mentions([mention], "SYMPTOM", language, 5, profile, service)
         assert result.written() == code
+
+
+def test_a_pain_is_coded_where_it_is_not_where_it_radiates(service: TerminologyService) -> None:
+    """Coders code the pain's own site (CodiEsp: "dolor epigástrico irradiado a espalda" -> R10.13); the whole
+    mention's nearest name followed its tail ("chest pain radiating to the left arm" -> M79.602 "Pain in left arm")."""
+    profile = load_profile()
+    radiating = {
+        "es": "dolor torácico irradiado al brazo izquierdo",
+        "en": "chest pain radiating to the left arm",
+        "it": "dolore toracico irradiato al braccio sinistro",
+        "nl": "pijn op de borst uitstralend naar de linkerarm",
+        "ro": "durere toracică iradiată în brațul stâng",
+        "sv": "bröstsmärta som strålar ut i vänster arm",
+        "cs": "bolest na hrudi vystřelující do levé paže",
+    }
+    for language, mention in radiating.items():
+        (result,) = code_mentions([mention], "SYMPTOM", language, 5, profile, service)
+        assert result.ranked_codes()[0] == "R07.9", (language, result.candidates[:2])
+        assert result.written() == "R07.9", (language, result.written())  # each translation names R07.9
+    (spanish,) = code_mentions(["dolor epigástrico irradiado a espalda"], "SYMPTOM", "es", 5, profile, service)
+    assert spanish.written() == "R10.13"
 
 
 def test_symptoms_that_icd_10_cm_classifies_outside_chapter_r_get_their_code(
