@@ -572,19 +572,6 @@ def int8_rows(matrix: np.ndarray, chunk: int = 1024, levels: int = 127) -> tuple
     return rows, scale
 
 
-def uint8_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`int8_rows` stored as uint8 (each int8 + 128, in place: XOR 0x80), the left side of ONNX Runtime's
-    u8 x s8 product (:func:`worker.token_int8.onnx_u8s8`)."""
-    rows, scale = int8_rows(matrix)
-    return _plus_128(rows, rows.view(np.uint8)), scale
-
-
-def _plus_128(rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """int8 ``rows`` + 128 as uint8 into ``out`` (XOR 0x80; ``out`` may be ``rows.view(np.uint8)``)."""
-    np.bitwise_xor(rows.view(np.uint8), np.uint8(0x80), out=out)
-    return out
-
-
 def _top_positions(scores: np.ndarray, take: int) -> np.ndarray:
     """Per row of ``scores``, the positions of its ``take`` highest values (in no particular order).
 
@@ -620,22 +607,24 @@ def _top_unordered(scores: np.ndarray, take: int) -> np.ndarray:
 
 
 def _coarse_scores(
-    vectors: np.ndarray, blocks: tuple[np.ndarray, ...], scales: tuple[np.ndarray, ...], product: str = "int_mm"
+    vectors: np.ndarray,
+    blocks: tuple[np.ndarray, ...],
+    scales: tuple[np.ndarray, ...],
+    product: str = "int_mm",
+    onnx: Any = None,
 ) -> np.ndarray:
     """Per query vector, its approximate cosines with the int8 rows (:func:`int8_rows`) times a positive number of
     its own (the query's int8 scale is left out: it orders the query's rows alike, and only that order is used), one
     integer product per block on one thread, rescaled by the rows' scales in float32. ``product``: ``int_mm`` (int8
-    rows x int8 queries, ``torch._int_mm``) or ``onnxruntime`` (uint8 rows, :func:`uint8_rows`, x queries in 7 bits,
-    which AVX2's pair sums hold)."""
+    rows x int8 queries, ``torch._int_mm``) or ``onnxruntime``: queries in 7 bits (which AVX2's pair sums hold) x
+    the index's rows packed in ``onnx`` (:class:`_OnnxRowRuns`), ``blocks`` naming the subset's rows (slices, or an
+    array of positions)."""
     import torch
 
     if product == "onnxruntime":
-        from worker.token_int8 import onnx_u8s8
-
         queries, _ = int8_rows(np.asarray(vectors, dtype=np.float32), levels=63)
-        right = np.ascontiguousarray(queries.T)
-        parts = [onnx_u8s8(block, right) for block in blocks]
-        found = (parts[0] if len(parts) == 1 else np.concatenate(parts)).T.astype(np.float32)
+        parts = onnx(queries, blocks)
+        found = (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)).astype(np.float32)
         found *= scales[0][None, :] if len(scales) == 1 else np.concatenate(scales)[None, :]
         return found
     queries, _ = int8_rows(np.asarray(vectors, dtype=np.float32))
@@ -647,6 +636,48 @@ def _coarse_scores(
             for block, scale in zip(blocks, scales, strict=True)
         ]
         return (products[0] if len(products) == 1 else torch.cat(products, dim=1)).numpy()
+
+
+class _OnnxRowRuns:
+    """The index's int8 rows for ONNX Runtime's first pass (:class:`worker.token_int8.OnnxRowProducts`), packed in
+    one session per run of rows that searches read together: the untranslated names, then each language's
+    translated names (a fifth of ICD-10-CM's rows). A Spanish note's search multiplies its queries with its own
+    rows only, not with the other languages' too."""
+
+    def __init__(self, rows: np.ndarray, translated: np.ndarray | None) -> None:
+        from worker.token_int8 import OnnxRowProducts
+
+        count = len(rows)
+        changes = [] if translated is None else (np.flatnonzero(translated[1:] != translated[:-1]) + 1).tolist()
+        cuts = [0, *changes, count]
+        self.runs = [
+            (start, end, OnnxRowProducts(rows[start:end])) for start, end in zip(cuts[:-1], cuts[1:], strict=True)
+        ]
+        self.count = count
+
+    def __call__(self, queries: np.ndarray, blocks: Sequence[Any]) -> list[np.ndarray]:
+        """``queries`` (int8, -63..63) x the rows each block names (a slice, or an array of positions): int32."""
+        products: dict[int, np.ndarray] = {}
+
+        def run(number: int) -> np.ndarray:
+            if number not in products:
+                products[number] = self.runs[number][2](queries)
+            return products[number]
+
+        found = []
+        for block in blocks:
+            if isinstance(block, slice):
+                first, stop, _ = block.indices(self.count)
+                pieces = [
+                    run(number)[:, max(start, first) - start : min(end, stop) - start]
+                    for number, (start, end, _) in enumerate(self.runs)
+                    if max(start, first) < min(end, stop)
+                ]
+                found.append(pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1))
+            else:
+                every = np.concatenate([run(number) for number in range(len(self.runs))], axis=1)
+                found.append(every[:, block])
+        return found
 
 
 class Int8Rows:
@@ -710,18 +741,20 @@ class SourceIndex:
         self.groups = group_texts(self.entries)
         # The rows: float32, or the shipped index's int8 rows read as float32 (:class:`Int8Rows`).
         self.matrix: np.ndarray | Int8Rows | None = None
-        # The matrix's rows in int8 (a scale per row) for the first pass of large searches: int8 for
-        # ``torch._int_mm``, uint8 for ONNX Runtime (:attr:`first_pass`); None below COARSE_MIN_ROWS rows, or where
-        # float32 alone is faster.
+        # The matrix's rows in int8 (a scale per row) for the first pass of large searches (:attr:`first_pass`);
+        # None below COARSE_MIN_ROWS rows, or where float32 alone is faster. With ONNX Runtime's product the rows
+        # are also packed in its sessions (``_onnx_rows``), and a subset's first pass names its rows.
         self.coarse: tuple[np.ndarray, np.ndarray] | None = None
+        self._onnx_rows: Any = None
         self._codes = [entry.code for entry in self.entries]
         self._display = {entry.code: entry.display for entry in data.entries}
         self.preferred = {entry.code for entry in data.entries if entry.preferred}
         self._masks: dict[tuple[str, ...], np.ndarray] = {}
         # Per kind of request: its rows (None: all) and the matrix blocks that hold them, in row order.
         self._subsets: dict[tuple[str, ...], tuple[np.ndarray | None, tuple[np.ndarray | Int8Rows, ...]]] = {}
-        # The same blocks of the int8 rows and of their scales.
-        self._coarse_subsets: dict[tuple[str, ...], tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]] = {}
+        # The same blocks of the int8 rows (with ONNX Runtime: of their columns, as slices or positions) and of their
+        # scales.
+        self._coarse_subsets: dict[tuple[str, ...], tuple[tuple[Any, ...], tuple[np.ndarray, ...]]] = {}
         # Per row, the language of a translated name ("" for every other kind); None when there are none.
         translated = [entry.language or "" if entry.kind == "translation" else "" for entry in self.entries]
         self._translated: np.ndarray | None = np.array(translated) if any(translated) else None
@@ -773,27 +806,27 @@ class SourceIndex:
 
     @property
     def first_pass(self) -> str | None:
-        """The integer product of the first pass, read off its rows: "onnxruntime" (uint8), "int_mm" (int8), None."""
+        """The integer product of the first pass: "onnxruntime" (its rows packed in a session), "int_mm", None."""
         if self.coarse is None:
             return None
-        return "onnxruntime" if self.coarse[0].dtype == np.uint8 else "int_mm"
+        return "onnxruntime" if self._onnx_rows is not None else "int_mm"
 
     def set_first_pass(self, product: str | None) -> None:
         """Search large subsets in two passes, int8 rows first (:meth:`_best`) multiplied by ``product`` (see
         :func:`_coarse_scores`), or in float32 alone (None). Two passes pay where the CPU multiplies int8 faster
         than float32 (:func:`worker.token_int8.first_pass_product`); ``torch._int_mm`` without VNNI took most of a
         note's coding (session 12, AVX2 only: coding +275% of tagging), ONNX Runtime's u8 x s8 there runs the
-        product over ICD-10-CM 2.5x faster than float32."""
+        product over ICD-10-CM 2.5x faster than float32 (:class:`worker.token_int8.OnnxRowProducts`)."""
         assert self.matrix is not None
+        self._onnx_rows = None
         if product is None or len(self.matrix) < COARSE_MIN_ROWS:
             self.coarse = None
-        elif isinstance(self.matrix, Int8Rows):  # the rows are int8 already: no second copy for int_mm
-            q, scale = self.matrix.q, self.matrix.scale
-            if product == "onnxruntime":
-                q = _plus_128(q, _anonymous(q.shape, np.uint8))
-            self.coarse = (q, scale)
+        elif isinstance(self.matrix, Int8Rows):  # the rows are int8 already: no second copy of them
+            self.coarse = (self.matrix.q, self.matrix.scale)
         else:
-            self.coarse = uint8_rows(self.matrix) if product == "onnxruntime" else int8_rows(self.matrix)
+            self.coarse = int8_rows(self.matrix)
+        if self.coarse is not None and product == "onnxruntime":
+            self._onnx_rows = _OnnxRowRuns(self.coarse[0], self._translated)
         self._subsets.clear()
         self._coarse_subsets.clear()
 
@@ -846,10 +879,11 @@ class SourceIndex:
             if scope is not None and self._translated is not None:
                 keep = (self._translated == "") | (self._translated == scope)
                 mask = keep if mask is None else mask & keep
+            columns = self._onnx_rows is not None  # the first pass's blocks name rows (ONNX Runtime holds them)
             if mask is None or mask.all():
                 self._subsets[key] = (None, (self.matrix,))
                 if self.coarse is not None:
-                    self._coarse_subsets[key] = ((self.coarse[0],), (self.coarse[1],))
+                    self._coarse_subsets[key] = ((slice(None) if columns else self.coarse[0],), (self.coarse[1],))
             else:
                 rows = np.flatnonzero(mask)
                 breaks = np.flatnonzero(np.diff(rows) != 1) + 1
@@ -857,6 +891,8 @@ class SourceIndex:
 
                 def cut(matrix: Any) -> tuple[Any, ...]:
                     def piece(index: Any) -> Any:
+                        if matrix is None:  # the index itself: columns of the first pass's product
+                            return index
                         return matrix.part(index) if isinstance(matrix, Int8Rows) else matrix[index]
 
                     if 0 < len(runs) <= 2:
@@ -865,7 +901,7 @@ class SourceIndex:
 
                 self._subsets[key] = (rows, cut(self.matrix))
                 if self.coarse is not None and rows.size >= COARSE_MIN_ROWS:
-                    self._coarse_subsets[key] = (cut(self.coarse[0]), cut(self.coarse[1]))
+                    self._coarse_subsets[key] = (cut(None if columns else self.coarse[0]), cut(self.coarse[1]))
         return self._subsets[key]
 
     def _best(
@@ -887,11 +923,12 @@ class SourceIndex:
         approximate = None
         if coarse is not None and wide < total:
             try:
-                approximate = _coarse_scores(vectors, *coarse, self.first_pass or "int_mm")
+                approximate = _coarse_scores(vectors, *coarse, self.first_pass or "int_mm", self._onnx_rows)
             except (AttributeError, RuntimeError) as error:  # no int8 product on this CPU after all
                 logger.warning("nearest neighbour: no int8 first pass (%s); searching in float32", error)
                 self._coarse_subsets.clear()
                 self.coarse = None
+                self._onnx_rows = None
         if approximate is None:
             scores = self._scores(vectors, blocks)
             picked = _top_positions(scores, take)
@@ -1033,12 +1070,17 @@ class SourceIndex:
             for candidate in rank_candidates(candidates, self.preferred)[:top]:
                 start, count = strings[number[candidate.code]]
                 mine = order_list[start : start + count]
-                scores = [row_list[k] for k in mine]
                 where = [found_list[k] if rows is None else int(rows[found_list[k]]) for k in mine[:3]]
                 terms = tuple(normal[i] for i in where)
-                close = sum(1 for score in scores if score >= close_to)
-                kept = tuple(scores[: max(3, close)])
-                answer.append((candidate, Detail(kept, terms, self.entries[where[0]].kind)))
+                # Its first three scores and the rest within 0.05 of the best: a code's scores come best first, so
+                # those are its first ones, and the scan stops at the first one below (not counted over them all).
+                kept: list[float] = []
+                for k in mine:
+                    score = row_list[k]
+                    if len(kept) >= 3 and score < close_to:
+                        break
+                    kept.append(score)
+                answer.append((candidate, Detail(tuple(kept), terms, self.entries[where[0]].kind)))
             results.append(answer)
         return results
 

@@ -285,17 +285,25 @@ def test_a_translated_name_is_matched_as_text_only_in_its_language(
     rows, blocks = index._rows((), False, "es")
     assert rows is not None and not (index._translated[rows] != "").any()
     assert len(blocks) == 1 and _shares_rows(blocks[0], index.matrix)
-    # The int8 rows of the two-pass search (where the CPU multiplies int8 fast) are views too, with either product.
+    # The int8 rows of the two-pass search (where the CPU multiplies int8 fast) are views too (int_mm), or the
+    # language's columns of one product with every row (ONNX Runtime, whose session holds the rows packed once).
     from worker.token_int8 import first_pass_product
 
     try:
         for product in ("int_mm", "onnxruntime"):
             index.set_first_pass(product)
-            assert index.coarse is not None
+            assert index.coarse is not None and index.first_pass == product
             for language in ("es", *TRANSLATION_LANGUAGES):
                 key = ("categories=False", f"scope={language}")
-                index._rows((), False, language)
-                assert all(np.shares_memory(block, index.coarse[0]) for block in index._coarse_subsets[key][0])
+                rows, _ = index._rows((), False, language)
+                blocks = index._coarse_subsets[key][0]
+                if product == "int_mm":
+                    assert all(np.shares_memory(block, index.coarse[0]) for block in blocks)
+                else:
+                    assert all(isinstance(block, slice) for block in blocks)
+                    assert rows is not None
+                    every = np.arange(len(index.matrix))
+                    assert np.array_equal(np.concatenate([every[block] for block in blocks]), rows)
     finally:
         index.set_first_pass(first_pass_product())
 
@@ -337,8 +345,8 @@ def test_the_shipped_index_is_held_as_its_int8_rows_and_read_as_the_float32_rows
     service: TerminologyService,
 ) -> None:
     """The rows stay int8 with a scale each, as index.npz ships them (a quarter of float32's memory), and every
-    row read is bit for bit what the float32 matrix built from the same file held; the int_mm first pass reads the
-    same int8 rows instead of a second copy."""
+    row read is bit for bit what the float32 matrix built from the same file held; the first pass reads the same
+    int8 rows instead of a second copy, with either product."""
     from worker.linker import shipped_index
 
     index = service.index("icd-10-cm")
@@ -358,8 +366,9 @@ def test_the_shipped_index_is_held_as_its_int8_rows_and_read_as_the_float32_rows
     first = int(rows[0])
     assert np.array_equal(index.matrix[first : first + 5], np.asarray(index.matrix)[first : first + 5])
     try:
-        index.set_first_pass("int_mm")
-        assert index.coarse is not None and index.coarse[0] is index.matrix.q
+        for product in ("int_mm", "onnxruntime"):
+            index.set_first_pass(product)
+            assert index.coarse is not None and index.coarse[0] is index.matrix.q
     finally:
         from worker.token_int8 import first_pass_product
 
@@ -449,14 +458,39 @@ def test_the_two_pass_search_finds_the_float32_searchs_rows(
         # Positions agree except where two rows tie to float32 rounding.
         differ = two_pass[1] != one_pass[1]
         assert differ.sum() <= 4 and np.allclose(two_pass[2][differ], one_pass[2][differ], atol=1e-5), text
-    # The int8 rows are the matrix's within half a step of their scale (stored + 128 as uint8 for ONNX Runtime).
+    # The int8 rows are the matrix's within half a step of their scale.
     q, scale = index.coarse
-    assert index.first_pass == int8_first_pass and scale.dtype == np.float32
-    if int8_first_pass == "onnxruntime":
-        assert q.dtype == np.uint8
-        q = (q.astype(np.int16) - 128).astype(np.int8)
-    assert q.dtype == np.int8
+    assert index.first_pass == int8_first_pass and scale.dtype == np.float32 and q.dtype == np.int8
     assert np.abs(q[:500] * scale[:500, None] - index.matrix[:500]).max() <= scale[:500].max() / 2 + 1e-6
+
+
+def test_onnx_runtimes_row_products_are_exact_at_the_largest_integers() -> None:
+    """The first pass's ONNX Runtime product (queries in 7 bits + 64, as uint8, x the int8 rows packed in its
+    session): AVX2's 16-bit pair sums hold its largest pairs (127 x 127 x 2), and it equals the integer product
+    for any number of queries, so the two-pass search finds the same rows as with ``torch._int_mm``."""
+    from worker.terminology import _OnnxRowRuns
+    from worker.token_int8 import OnnxRowProducts
+
+    generator = np.random.default_rng(3)
+    rows = generator.integers(-127, 128, size=(20_000, 384), dtype=np.int8)
+    rows[0], rows[1] = 127, -127
+    products = OnnxRowProducts(rows)
+    assert products.shape == rows.shape
+    for count in (1, 2, 17):
+        queries = generator.integers(-63, 64, size=(count, 384), dtype=np.int8)
+        queries[0] = 63  # uint8 127 against rows of 127 and -127: pairs of +-32,258
+        expected = queries.astype(np.int32) @ rows.astype(np.int32).T
+        assert np.array_equal(products(queries), expected)
+    # The index packs its rows in one session per run of a language's translated names, and a search multiplies
+    # only the runs its rows are in: any slice across runs, or any positions, give the same integers.
+    translated = np.array([""] * 12_000 + ["it"] * 5_000 + ["sv"] * 3_000)
+    runs = _OnnxRowRuns(rows, translated)
+    assert [(start, end) for start, end, _ in runs.runs] == [(0, 12_000), (12_000, 17_000), (17_000, 20_000)]
+    positions = generator.choice(20_000, size=3_000, replace=False)
+    blocks = (slice(0, 12_000), slice(11_000, 18_500), slice(17_000, 20_000), positions)
+    found = runs(queries, blocks)
+    for block, product in zip(blocks, found, strict=True):
+        assert np.array_equal(product, expected[:, block])
 
 
 def test_where_int8_products_are_slow_the_index_keeps_no_int8_rows_and_searches_in_float32(
