@@ -52,7 +52,7 @@ dockerlint: install
 	$(BIN)/hadolint docker/Dockerfile.api docker/Dockerfile.worker
 
 unit: install node redis browser
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q --durations=15 $(PYTEST_ARGS)
 
 test: lint typecheck dockerlint unit
 
