@@ -19,7 +19,12 @@ PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 LOGGED = >>$(PIP_LOG) 2>&1 || { echo "pip failed; the end of $(PIP_LOG):" >&2; tail -n 40 $(PIP_LOG) >&2; exit 1; }
 
 $(BIN)/.installed: pyproject.toml
-	@test -x $(BIN)/python || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@# An install cut short while the venv was made leaves one without pip: it is made again, not used.
+	@if ! { test -x $(BIN)/python && $(BIN)/python -m pip --version >/dev/null 2>&1; }; then \
+		if test -f $(VENV)/pyvenv.cfg; then echo "recreating $(VENV) (it has no working pip: an install cut short?)"; \
+		elif test -e $(VENV); then echo "$(VENV) exists and is not a virtual environment: move it away" >&2; exit 1; \
+		else echo "creating $(VENV)"; fi; \
+		$(PYTHON) -m venv --clear $(VENV); fi
 	@echo "upgrading pip"; : > $(PIP_LOG); $(PIP) --upgrade pip $(LOGGED)
 	@echo "installing PyTorch ($(TORCH_SPEC))"; $(PIP) $(TORCH_PIP_ARGS) "$(TORCH_SPEC)" $(LOGGED)
 	@echo "installing the adapter and its development tools"; $(PIP) -e '.[dev]' $(LOGGED)
