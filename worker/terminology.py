@@ -607,21 +607,17 @@ def _top_unordered(scores: np.ndarray, take: int) -> np.ndarray:
 
 
 def _coarse_scores(
-    vectors: np.ndarray,
-    blocks: tuple[np.ndarray, ...],
-    scales: tuple[np.ndarray, ...],
-    product: str = "int_mm",
-    onnx: Any = None,
+    vectors: np.ndarray, blocks: tuple[Any, ...], scales: tuple[np.ndarray, ...], onnx: _OnnxRowRuns | None = None
 ) -> np.ndarray:
     """Per query vector, its approximate cosines with the int8 rows (:func:`int8_rows`) times a positive number of
     its own (the query's int8 scale is left out: it orders the query's rows alike, and only that order is used), one
-    integer product per block on one thread, rescaled by the rows' scales in float32. ``product``: ``int_mm`` (int8
-    rows x int8 queries, ``torch._int_mm``) or ``onnxruntime``: queries in 7 bits (which AVX2's pair sums hold) x
-    the index's rows packed in ``onnx`` (:class:`_OnnxRowRuns`), ``blocks`` naming the subset's rows (slices, or an
-    array of positions)."""
+    integer product per block on one thread, rescaled by the rows' scales in float32: int8 rows x int8 queries
+    (``torch._int_mm``), or with ``onnx``, ONNX Runtime's product of queries in 7 bits (which AVX2's pair sums hold)
+    x the index's rows packed in ``onnx`` (:class:`_OnnxRowRuns`), ``blocks`` naming the subset's rows (slices, or
+    an array of positions)."""
     import torch
 
-    if product == "onnxruntime":
+    if onnx is not None:
         queries, _ = int8_rows(np.asarray(vectors, dtype=np.float32), levels=63)
         parts = onnx(queries, blocks)
         found = (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)).astype(np.float32)
@@ -645,7 +641,7 @@ class _OnnxRowRuns:
     rows only, not with the other languages' too."""
 
     def __init__(self, rows: np.ndarray, translated: np.ndarray | None) -> None:
-        from worker.token_int8 import OnnxRowProducts
+        from worker.token_int8 import OnnxRowProducts, release_freed_heap
 
         count = len(rows)
         changes = [] if translated is None else (np.flatnonzero(translated[1:] != translated[:-1]) + 1).tolist()
@@ -654,6 +650,7 @@ class _OnnxRowRuns:
             (start, end, OnnxRowProducts(rows[start:end])) for start, end in zip(cuts[:-1], cuts[1:], strict=True)
         ]
         self.count = count
+        release_freed_heap()  # ONNX Runtime's own copies of the rows, freed once packed
 
     def __call__(self, queries: np.ndarray, blocks: Sequence[Any]) -> list[np.ndarray]:
         """``queries`` (int8, -63..63) x the rows each block names (a slice, or an array of positions): int32."""
@@ -745,7 +742,7 @@ class SourceIndex:
         # None below COARSE_MIN_ROWS rows, or where float32 alone is faster. With ONNX Runtime's product the rows
         # are also packed in its sessions (``_onnx_rows``), and a subset's first pass names its rows.
         self.coarse: tuple[np.ndarray, np.ndarray] | None = None
-        self._onnx_rows: Any = None
+        self._onnx_rows: _OnnxRowRuns | None = None
         self._codes = [entry.code for entry in self.entries]
         self._display = {entry.code: entry.display for entry in data.entries}
         self.preferred = {entry.code for entry in data.entries if entry.preferred}
@@ -923,7 +920,7 @@ class SourceIndex:
         approximate = None
         if coarse is not None and wide < total:
             try:
-                approximate = _coarse_scores(vectors, *coarse, self.first_pass or "int_mm", self._onnx_rows)
+                approximate = _coarse_scores(vectors, *coarse, self._onnx_rows)
             except (AttributeError, RuntimeError) as error:  # no int8 product on this CPU after all
                 logger.warning("nearest neighbour: no int8 first pass (%s); searching in float32", error)
                 self._coarse_subsets.clear()

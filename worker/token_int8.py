@@ -107,9 +107,14 @@ def onnx_product_exact(weight_levels: int, activation_levels: int) -> bool:
     return (2 * activation_levels + 1) * weight_levels * 2 <= 32767
 
 
-def _matmul_integer_session(zero_point: int, weight: np.ndarray | None = None) -> Any:
+def _matmul_integer_session(zero_point: int, weight: np.ndarray | None = None, in_memory: bool = False) -> Any:
     """An ONNX Runtime session on one thread of ``MatMulInteger(A uint8 [M, K] with zero point ``zero_point``, B int8
-    [K, N])``: B an initializer (``weight``: packed once) or, without it, an input."""
+    [K, N])``: B an initializer (``weight``: packed once) or, without it, an input.
+
+    ``in_memory`` (a large ``weight``: :class:`OnnxRowProducts`): B goes in as an in-memory external initializer,
+    so no copy of it is serialised into the graph and ONNX Runtime keeps only its packed copy, and the session has
+    no memory arena, whose largest output (queries x rows int32, 11 MB for 40 queries) would stay resident for the
+    process's life."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -118,14 +123,23 @@ def _matmul_integer_session(zero_point: int, weight: np.ndarray | None = None) -
     out = helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", outer])
     initializers = [numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), "A_zero")]
     inputs = [left]
+    options = ort.SessionOptions()
     if weight is None:
         inputs.append(helper.make_tensor_value_info("B", TensorProto.INT8, ["K", "N"]))
+    elif in_memory:
+        external = TensorProto(name="B", data_type=TensorProto.INT8, dims=list(weight.shape))
+        external.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "B.bin"), ("offset", "0"), ("length", str(weight.nbytes))):
+            entry = external.external_data.add()
+            entry.key, entry.value = key, value
+        initializers.append(external)
+        options.add_external_initializers_from_files_in_memory(["B.bin"], [weight], [weight.nbytes])
+        options.enable_cpu_mem_arena = False
     else:
         initializers.append(numpy_helper.from_array(weight, "B"))
     node = helper.make_node("MatMulInteger", ["A", "B", "A_zero"], ["Y"])
     graph = helper.make_graph([node], "int8_product", inputs, [out], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -294,7 +308,7 @@ def first_pass_product() -> str | None:
 def release_freed_heap() -> None:
     """Hand the heap's freed memory back to the system (glibc's ``malloc_trim``; elsewhere nothing): building a
     large ONNX Runtime session frees more than it keeps (measured: building ICD-10-CM's first-pass sessions left up
-    to 85 MB of freed heap resident, besides the 33 MB they hold)."""
+    to 85 MB of freed heap resident, besides the 33 MB they hold), and so does dropping a model's weights."""
     import contextlib
     import ctypes
 
@@ -308,16 +322,13 @@ class OnnxRowProducts:
     the left. The other way round (rows as the left, uint8, the queries as an input) ONNX Runtime re-packed the
     whole table on every call: 25 ms for 17 queries x 70,000 rows on an AVX2 EPYC, against 9 ms this way.
 
-    The rows go in as an in-memory external initializer, so no copy of them is serialised into the graph; ONNX
-    Runtime keeps its packed copy only, about the rows' bytes (measured: 33 MB for ICD-10-CM's 87,407 rows)."""
+    ONNX Runtime keeps only its packed copy of the rows, about their bytes (measured: 33 MB for ICD-10-CM's 87,407
+    rows); building it frees a copy on the heap, which its caller hands back (:func:`release_freed_heap`)."""
 
     ZERO_POINT = 64  # queries are within -63..63: + 64 is within 1..127, so no pair of products passes 16 bits
 
     def __init__(self, rows: np.ndarray) -> None:
         import mmap
-
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
 
         count, inner = rows.shape
         # The transposed copy in an anonymous mapping of its own, filled a block at a time: freed, it goes back to
@@ -326,29 +337,8 @@ class OnnxRowProducts:
         right = right.reshape(inner, count)
         for start in range(0, count, 8192):
             right[:, start : start + 8192] = rows[start : start + 8192].T
-        weights = TensorProto(name="B", data_type=TensorProto.INT8, dims=[inner, count])
-        weights.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", "rows.bin"), ("offset", "0"), ("length", str(right.nbytes))):
-            entry = weights.external_data.add()
-            entry.key, entry.value = key, value
-        left = helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", inner])
-        out = helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", count])
-        zero = numpy_helper.from_array(np.array(self.ZERO_POINT, dtype=np.uint8), "A_zero")
-        node = helper.make_node("MatMulInteger", ["A", "B", "A_zero"], ["Y"])
-        graph = helper.make_graph([node], "row_products", [left], [out], [zero, weights])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_external_initializers_from_files_in_memory(["rows.bin"], [right], [right.nbytes])
-        # No memory arena: its outputs (queries x rows int32, 11 MB for 40 queries) would keep the largest ever
-        # allocated resident for the process's life.
-        options.enable_cpu_mem_arena = False
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.session = _matmul_integer_session(self.ZERO_POINT, right, in_memory=True)
         self.shape = (int(count), int(inner))
-        del right
-        release_freed_heap()  # ONNX Runtime's own copy of the rows, freed once packed
 
     def __call__(self, queries: np.ndarray) -> np.ndarray:
         """``queries`` int8 [Q, K] within -63..63 -> their products with every row, int32 [Q, rows], exact."""

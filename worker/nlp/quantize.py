@@ -772,11 +772,10 @@ def release_weights(tagger: nn.Module) -> None:
     The freed memory is handed back to the system (glibc's ``malloc_trim``) before the session allocates its
     own, so the process's peak is not the torch weights and the session's weights together.
     """
-    import contextlib
-    import ctypes
     import gc
+
+    from worker.token_int8 import release_freed_heap
 
     tagger.to_empty(device="meta")
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_freed_heap()
