@@ -919,9 +919,11 @@ class SourceIndex:
         wide = min(total, take + COARSE_MARGIN)
         approximate = None
         if coarse is not None and wide < total:
+            from worker.token_int8 import integer_product_errors  # loaded already: it picked the first pass
+
             try:
                 approximate = _coarse_scores(vectors, *coarse, self._onnx_rows)
-            except (AttributeError, RuntimeError) as error:  # no int8 product on this CPU after all
+            except integer_product_errors() as error:  # no int8 product on this CPU after all
                 logger.warning("nearest neighbour: no int8 first pass (%s); searching in float32", error)
                 self._coarse_subsets.clear()
                 self.coarse = None

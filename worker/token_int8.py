@@ -162,13 +162,30 @@ class _OnnxIntegerProduct:
         return torch.from_numpy(products).float()
 
 
+@lru_cache(maxsize=1)
+def integer_product_errors() -> tuple[type[BaseException], ...]:
+    """What a failing integer product raises: PyTorch's ``RuntimeError`` (or a missing ``torch._int_mm``), and ONNX
+    Runtime's own errors (``Fail``, ``RuntimeException``, ...), which derive from ``Exception`` only, so catching
+    ``RuntimeError`` alone let an ONNX Runtime failure escape a fallback meant for it."""
+    errors: list[type[BaseException]] = [AttributeError, RuntimeError, NotImplementedError]
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        return tuple(errors)
+    for name in dir(ort_state):
+        error = getattr(ort_state, name)
+        if isinstance(error, type) and issubclass(error, Exception) and error.__module__ == ort_state.__name__:
+            errors.append(error)
+    return tuple(errors)
+
+
 def _int_mm_works() -> bool:
     """Whether this PyTorch multiplies int8 matrices on the CPU (``torch._int_mm``), checked on a small product."""
     try:
         a = torch.tensor([[1, -2, 3, 4] * 8] * 3, dtype=torch.int8)
         b = torch.tensor([[2, 1, -1, 5] * 2] * 32, dtype=torch.int8)
         return bool(torch.equal(torch._int_mm(a, b), a.int() @ b.int()))
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except integer_product_errors():
         return False
 
 

@@ -520,6 +520,49 @@ def test_where_int8_products_are_slow_the_index_keeps_no_int8_rows_and_searches_
     assert (two_pass[1] != one_pass[1]).sum() <= 4
 
 
+@pytest.mark.parametrize("failure", ["onnxruntime", "torch"])
+def test_a_first_pass_that_fails_falls_back_to_the_float32_search(
+    service: TerminologyService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    """A first pass that fails at run time (ONNX Runtime's ``Fail`` derives from ``Exception`` only, not from
+    ``RuntimeError``) leaves the index searching in float32, with a warning, instead of failing the note."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    import worker.terminology as terminology
+    from worker.token_int8 import first_pass_product
+
+    index = service.index("icd-10-cm")
+    assert service.store is not None
+    vectors = service.store.queries.encode(["insuficiencia renal crónica agudizada"])
+    product = first_pass_product()
+    index.set_first_pass("int_mm")
+    index.set_first_pass(None)
+    one_pass = index._best(vectors, (), False, "es", terminology.WIDE_NEIGHBOURS)
+    index.set_first_pass(product or "int_mm")
+    calls: list[int] = []
+
+    def failing(*args: object) -> np.ndarray:
+        calls.append(1)
+        if failure == "onnxruntime":
+            raise Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running MatMulInteger")
+        raise RuntimeError("_int_mm: no kernel")
+
+    monkeypatch.setattr(terminology, "_coarse_scores", failing)
+    try:
+        with caplog.at_level("WARNING", logger=terminology.logger.name):
+            fell_back = index._best(vectors, (), False, "es", terminology.WIDE_NEIGHBOURS)
+            again = index._best(vectors, (), False, "es", terminology.WIDE_NEIGHBOURS)
+        assert calls == [1]  # tried once; the float32 search from then on
+        assert index.coarse is None and index.first_pass is None and index._coarse_subsets == {}
+        assert "no int8 first pass" in caplog.text
+    finally:
+        monkeypatch.undo()
+        index.set_first_pass(product)
+    for found in (fell_back, again):
+        assert np.array_equal(found[1], one_pass[1])
+        np.testing.assert_array_equal(found[2], one_pass[2])
+
+
 def test_the_shipped_index_holds_the_translated_names(service: TerminologyService) -> None:
     assert service.store is not None
     for name in ("icd-10-cm", "icd-10-pcs"):
