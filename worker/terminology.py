@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gzip
 import hashlib
 import json
@@ -89,6 +90,10 @@ FINAL_ANSWERS = 5000
 # float32 cosines of the COARSE_MARGIN rows more than asked for that it found best, which rank them.
 COARSE_MIN_ROWS = 16_384
 COARSE_MARGIN = 64
+# The first pass's queries in 7 bits (-63..63), whichever product multiplies them: ONNX Runtime's u8 x s8 holds
+# their pairs on AVX2, and ``torch._int_mm`` gets the same integers, so the faster of the two can be chosen per CPU
+# (:meth:`SourceIndex._time_first_passes`) without changing a result.
+FIRST_PASS_QUERY_LEVELS = 63
 # The top rows of a wide search are looked for among the best blocks of this many rows (:func:`_top_positions`).
 TOP_BLOCK = 8
 # Term kinds embedded only where the term names one code: a title cut before its qualifiers ("Migraine" for both
@@ -579,8 +584,10 @@ def _top_positions(scores: np.ndarray, take: int) -> np.ndarray:
     with the highest maximum, and the ``take`` highest values among theirs. At least ``take`` values reach the
     ``take``-th highest block maximum, so every value of the row's top ``take`` does, and its block is kept: the
     values found are the row's top ``take`` (which of several equal values at the last place is taken may differ, as
-    it may between two ``argpartition`` calls). A note's queries against ICD-10-CM's 86,000 rows: a third of a plain
-    ``argpartition``'s CPU."""
+    it may between two ``argpartition`` calls). The blocks' maxima are narrowed the same way, blocks of blocks, while
+    they are many. A note's queries against ICD-10-CM's 70,000 Spanish rows: 2.0 ms instead of 3.4 with one level
+    and ``amax`` (session 21, AVX-512; ``max_pool1d`` reads the rows in place, where ``amax`` of the whole blocks
+    copied them first), a fifth of a plain ``argpartition``'s."""
     count = scores.shape[1]
     if take >= count:
         return np.broadcast_to(np.arange(count), scores.shape).copy()
@@ -591,9 +598,9 @@ def _top_positions(scores: np.ndarray, take: int) -> np.ndarray:
 
     whole = blocks * TOP_BLOCK
     queries = scores.shape[0]
-    with one_torch_thread():
-        maxima = torch.from_numpy(scores)[:, :whole].reshape(queries, blocks, TOP_BLOCK).amax(dim=2).numpy()
-    chosen = _top_unordered(maxima, take)
+    with one_torch_thread():  # each whole block's maximum (the last, partial block is left out)
+        maxima = torch.nn.functional.max_pool1d(torch.from_numpy(scores).unsqueeze(1), TOP_BLOCK).squeeze(1).numpy()
+    chosen = _top_positions(maxima, take)
     rows = (chosen[:, :, None] * TOP_BLOCK + np.arange(TOP_BLOCK)).reshape(queries, take * TOP_BLOCK)
     if whole < count:  # the last, partial block is always looked at
         rows = np.concatenate([rows, np.broadcast_to(np.arange(whole, count), (queries, count - whole))], axis=1)
@@ -618,12 +625,12 @@ def _coarse_scores(
     import torch
 
     if onnx is not None:
-        queries, _ = int8_rows(np.asarray(vectors, dtype=np.float32), levels=63)
+        queries, _ = int8_rows(np.asarray(vectors, dtype=np.float32), levels=FIRST_PASS_QUERY_LEVELS)
         parts = onnx(queries, blocks)
         found = (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)).astype(np.float32)
         found *= scales[0][None, :] if len(scales) == 1 else np.concatenate(scales)[None, :]
         return found
-    queries, _ = int8_rows(np.asarray(vectors, dtype=np.float32))
+    queries, _ = int8_rows(np.asarray(vectors, dtype=np.float32), levels=FIRST_PASS_QUERY_LEVELS)
     with one_torch_thread():
         left = torch.from_numpy(queries)
         # Each block's integers to float32 and times its rows' scales in place: one pass, no int32 copy of the whole.
@@ -797,6 +804,7 @@ class SourceIndex:
         from worker.token_int8 import first_pass_product
 
         self.set_first_pass(first_pass_product())  # clears the subsets and their int8 blocks too
+        self._time_first_passes()
         self._codes_of_rows.clear()
         self._term_rows = None
         return True
@@ -808,7 +816,7 @@ class SourceIndex:
             return None
         return "onnxruntime" if self._onnx_rows is not None else "int_mm"
 
-    def set_first_pass(self, product: str | None) -> None:
+    def set_first_pass(self, product: str | None, packed: _OnnxRowRuns | None = None) -> None:
         """Search large subsets in two passes, int8 rows first (:meth:`_best`) multiplied by ``product`` (see
         :func:`_coarse_scores`), or in float32 alone (None). Two passes pay where the CPU multiplies int8 faster
         than float32 (:func:`worker.token_int8.first_pass_product`); ``torch._int_mm`` without VNNI took most of a
@@ -823,9 +831,39 @@ class SourceIndex:
         else:
             self.coarse = int8_rows(self.matrix)
         if self.coarse is not None and product == "onnxruntime":
-            self._onnx_rows = _OnnxRowRuns(self.coarse[0], self._translated)
+            self._onnx_rows = packed if packed is not None else _OnnxRowRuns(self.coarse[0], self._translated)
         self._subsets.clear()
         self._coarse_subsets.clear()
+
+    def _time_first_passes(self) -> None:
+        """Where ``torch._int_mm`` is the first pass's product, time it against ONNX Runtime's with the rows packed
+        once (:class:`_OnnxRowRuns`) on this index's own rows and keep the faster. On a 2-core AVX512-VNNI EPYC a
+        note's 16 queries against ICD-10-CM's 70,000 Spanish rows took 5.4 ms with ``_int_mm``, which packs the rows
+        again on every call, and 3.1 ms packed once (session 21). Both multiply the same 7-bit queries exactly, so the
+        choice changes the speed alone, never a result. ONNX Runtime's packed rows cost about 33 MB."""
+        from worker.token_int8 import best_in_turns, onnx_rows_work, release_freed_heap
+
+        if self.first_pass != "int_mm" or self.coarse is None or not onnx_rows_work():
+            return
+        generator = np.random.default_rng(0)
+        queries = generator.standard_normal((16, self.coarse[0].shape[1])).astype(np.float32)
+        everything = (slice(None),), (self.coarse[1],)
+        packed: _OnnxRowRuns | None = _OnnxRowRuns(self.coarse[0], self._translated)
+        runs = {
+            "onnxruntime": functools.partial(_coarse_scores, queries, *everything, packed),
+            "int_mm": functools.partial(_coarse_scores, queries, (self.coarse[0],), (self.coarse[1],)),
+        }
+        timings = best_in_turns(runs, 4)
+        logger.info(
+            "code system %s: first pass %s",
+            self.data.name,
+            ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in timings.items()),
+        )
+        if timings["onnxruntime"] < timings["int_mm"]:
+            self.set_first_pass("onnxruntime", packed)
+        runs.clear()
+        packed = None
+        release_freed_heap()  # the timed products' outputs, and the packed rows where they lost
 
     def unspecified_side(self, code: str) -> str | None:
         """The billable code whose title is ``code``'s with "right" or "left" made "unspecified" (S93.402A "Sprain

@@ -322,6 +322,12 @@ def first_pass_product() -> str | None:
     return "onnxruntime" if int8_product() == "onnxruntime" else None
 
 
+def onnx_rows_work() -> bool:
+    """Whether ONNX Runtime's u8 x s8 product of 7-bit queries and int8 rows (:class:`OnnxRowProducts`, the first
+    pass's) gives the exact integers here."""
+    return _product_works("onnxruntime", WEIGHT_LEVELS, ACTIVATION_LEVELS)
+
+
 def release_freed_heap() -> None:
     """Hand the heap's freed memory back to the system (glibc's ``malloc_trim``; elsewhere nothing): building a
     large ONNX Runtime session frees more than it keeps (measured: building ICD-10-CM's first-pass sessions left up

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -287,8 +287,7 @@ def test_a_translated_name_is_matched_as_text_only_in_its_language(
     assert len(blocks) == 1 and _shares_rows(blocks[0], index.matrix)
     # The int8 rows of the two-pass search (where the CPU multiplies int8 fast) are views too (int_mm), or the
     # language's columns of one product with every row (ONNX Runtime, whose session holds the rows packed once).
-    from worker.token_int8 import first_pass_product
-
+    loaded = index.first_pass
     try:
         for product in ("int_mm", "onnxruntime"):
             index.set_first_pass(product)
@@ -305,7 +304,7 @@ def test_a_translated_name_is_matched_as_text_only_in_its_language(
                     every = np.arange(len(index.matrix))
                     assert np.array_equal(np.concatenate([every[block] for block in blocks]), rows)
     finally:
-        index.set_first_pass(first_pass_product())
+        index.set_first_pass(loaded)
 
 
 def test_injuries_get_billable_7th_character_codes_and_no_side_the_mention_does_not_name(
@@ -365,27 +364,25 @@ def test_the_shipped_index_is_held_as_its_int8_rows_and_read_as_the_float32_rows
     assert np.array_equal(index.matrix[int(rows[7])], expected[7])  # one row
     first = int(rows[0])
     assert np.array_equal(index.matrix[first : first + 5], np.asarray(index.matrix)[first : first + 5])
+    loaded = index.first_pass
     try:
         for product in ("int_mm", "onnxruntime"):
             index.set_first_pass(product)
             assert index.coarse is not None and index.coarse[0] is index.matrix.q
     finally:
-        from worker.token_int8 import first_pass_product
-
-        index.set_first_pass(first_pass_product())
+        index.set_first_pass(loaded)
 
 
 @pytest.fixture(params=["int_mm", "onnxruntime"])
 def int8_first_pass(service: TerminologyService, request: pytest.FixtureRequest) -> Iterator[str]:
     """The two-pass search on, with each integer product, whatever this CPU's int8 speed
-    (:func:`worker.token_int8.first_pass_product`); as it was after the test."""
-    from worker.token_int8 import first_pass_product
-
+    (:meth:`worker.terminology.SourceIndex._time_first_passes`); as it was after the test."""
     index = service.index("icd-10-cm")
+    loaded = index.first_pass
     index.set_first_pass(request.param)
     service.clear_answers()  # so that this product's search answers, not a remembered one
     yield request.param
-    index.set_first_pass(first_pass_product())
+    index.set_first_pass(loaded)
     service.clear_answers()
 
 
@@ -464,6 +461,69 @@ def test_the_two_pass_search_finds_the_float32_searchs_rows(
     assert np.abs(q[:500] * scale[:500, None] - index.matrix[:500]).max() <= scale[:500].max() / 2 + 1e-6
 
 
+def test_both_first_pass_products_give_the_same_scores(service: TerminologyService) -> None:
+    """``torch._int_mm`` and ONNX Runtime's packed rows multiply the same 7-bit queries exactly, and the rows' scales
+    are applied alike: the first pass's scores are equal to the bit, so choosing the faster product per CPU never
+    changes a candidate."""
+    import worker.terminology as terminology
+    from worker.token_int8 import _int_mm_works, onnx_rows_work
+
+    if not (_int_mm_works() and onnx_rows_work()):
+        pytest.skip("both integer products are needed")
+    index = service.index("icd-10-cm")
+    assert service.store is not None
+    loaded = index.first_pass
+    vectors = service.store.queries.encode(["neumonía adquirida en la comunidad", "dolor torácico", "anemia"])
+    found = {}
+    try:
+        for product in ("int_mm", "onnxruntime"):
+            index.set_first_pass(product)
+            for language in ("es", "sv"):
+                index._rows((), False, language)
+                coarse = index._coarse_subsets[terminology._subset_key((), False, language)]
+                found[product, language] = terminology._coarse_scores(vectors, *coarse, index._onnx_rows)
+    finally:
+        index.set_first_pass(loaded)
+    for language in ("es", "sv"):
+        assert np.array_equal(found["int_mm", language], found["onnxruntime", language])
+
+
+@pytest.mark.parametrize("faster", ["int_mm", "onnxruntime"])
+def test_the_index_keeps_the_first_pass_product_timed_faster_on_its_rows(
+    service: TerminologyService, monkeypatch: pytest.MonkeyPatch, faster: str
+) -> None:
+    """Where ``torch._int_mm`` is fast enough to be the first pass's product, the index times it against ONNX
+    Runtime's packed rows on its own rows and keeps the faster (packed rows only when kept)."""
+    import worker.token_int8 as token_int8
+    from worker.token_int8 import _int_mm_works, onnx_rows_work
+
+    if not (_int_mm_works() and onnx_rows_work()):
+        pytest.skip("both integer products are needed")
+    index = service.index("icd-10-cm")
+    loaded = index.first_pass
+    timed: list[set[str]] = []
+
+    def timings(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+        timed.append(set(runs))
+        for run in runs.values():
+            run()  # each product runs on the index's rows
+        return {name: 1.0 if name == faster else 2.0 for name in runs}
+
+    monkeypatch.setattr(token_int8, "best_in_turns", timings)
+    try:
+        index.set_first_pass("int_mm")
+        index._time_first_passes()
+        assert timed == [{"int_mm", "onnxruntime"}]
+        assert index.first_pass == faster and (index._onnx_rows is not None) == (faster == "onnxruntime")
+        index._time_first_passes()  # ONNX Runtime's packed rows, or int_mm again: timed again only from int_mm
+        assert len(timed) == (1 if faster == "onnxruntime" else 2)
+        index.set_first_pass(None)
+        index._time_first_passes()  # no first pass (a small index, or no fast integer product): nothing to time
+        assert index.first_pass is None and len(timed) == (1 if faster == "onnxruntime" else 2)
+    finally:
+        index.set_first_pass(loaded)
+
+
 def test_onnx_runtimes_row_products_are_exact_at_the_largest_integers() -> None:
     """The first pass's ONNX Runtime product (queries in 7 bits + 64, as uint8, x the int8 rows packed in its
     session): AVX2's 16-bit pair sums hold its largest pairs (127 x 127 x 2), and it equals the integer product
@@ -497,11 +557,11 @@ def test_where_int8_products_are_slow_the_index_keeps_no_int8_rows_and_searches_
     service: TerminologyService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import worker.terminology as terminology
-    from worker.token_int8 import first_pass_product
 
     index = service.index("icd-10-cm")
     assert service.store is not None
     vectors = service.store.queries.encode(["insuficiencia renal crónica agudizada"])
+    loaded = index.first_pass
     index.set_first_pass("int_mm")
     try:
         two_pass = index._best(vectors, (), False, "es", terminology.WIDE_NEIGHBOURS)
@@ -515,7 +575,7 @@ def test_where_int8_products_are_slow_the_index_keeps_no_int8_rows_and_searches_
         one_pass = index._best(vectors, (), False, "es", terminology.WIDE_NEIGHBOURS)
         assert index._coarse_subsets == {}
     finally:
-        index.set_first_pass(first_pass_product())
+        index.set_first_pass(loaded)
     np.testing.assert_allclose(two_pass[2], one_pass[2], atol=1e-5)
     assert (two_pass[1] != one_pass[1]).sum() <= 4
 
@@ -529,12 +589,11 @@ def test_a_first_pass_that_fails_falls_back_to_the_float32_search(
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
     import worker.terminology as terminology
-    from worker.token_int8 import first_pass_product
 
     index = service.index("icd-10-cm")
     assert service.store is not None
     vectors = service.store.queries.encode(["insuficiencia renal crónica agudizada"])
-    product = first_pass_product()
+    product = index.first_pass
     index.set_first_pass("int_mm")
     index.set_first_pass(None)
     one_pass = index._best(vectors, (), False, "es", terminology.WIDE_NEIGHBOURS)
