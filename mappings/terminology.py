@@ -92,15 +92,46 @@ _RADIATION = re.compile(
 )
 
 
+# "Community-acquired" in the seven languages. ICD-10-CM codes where a condition was acquired only for hospital
+# and ventilator cases (J95.851, Y95), so a community-acquired pneumonia is J18.9 "Pneumonia, unspecified organism",
+# as a pneumonia is. No name in ICD-10-CM or CodiEsp says it, and the whole mention's nearest names followed the
+# qualifier: "neumonía adquirida en la comunidad" and "community-acquired pneumonia" ranked J84.89 "Other specified
+# interstitial pulmonary diseases" first (0.63-0.64, unwritten), "community acquired pneumonia" J95.851
+# "Ventilator associated pneumonia". Out-of-hospital ("extrahospitalaria") is the Spanish clinical synonym.
+_COMMUNITY_ACQUIRED = re.compile(
+    r"(?<!\w)(?:"
+    # es: "neumonía adquirida en la comunidad", "neumonía extrahospitalaria", "neumonía comunitaria"
+    r"(?:adquirid[oa]s?|contra[íi]d[oa]s?)\s+en\s+(?:la\s+)?comunidad|extrahospitalari[oa]s?|comunitari[oa]s?"
+    # en: "community-acquired pneumonia", "community acquired pneumonia", "community-onset pneumonia"
+    r"|community[\s-]+(?:acquired|onset)"
+    # it: "polmonite acquisita in comunità", "polmonite comunitaria" (covered above)
+    r"|acquisit[oaie]\s+in\s+comunit[àa]|contratt[oaie]\s+in\s+comunit[àa]"
+    # nl: "buiten het ziekenhuis opgelopen pneumonie", "thuis opgelopen pneumonie"
+    r"|(?:buiten\s+het\s+ziekenhuis|thuis|in\s+de\s+thuissituatie)\s+opgelopen"
+    # ro: "pneumonie dobândită în comunitate", "pneumonie comunitară"
+    r"|dob[âa]ndit[ăa]?\s+[îi]n\s+comunitate|comunitar[ăae]"
+    # sv: "samhällsförvärvad pneumoni"
+    r"|samh[äa]llsf[öo]rv[äa]rvade?"
+    # cs: "komunitní pneumonie", "pneumonie získaná v komunitě"
+    r"|komunitn[íi]|z[íi]skan[áa]\s+v\s+komunit[ěe]"
+    r")(?!\w)",
+    re.IGNORECASE,
+)
+
+
 def coded_text(text: str, label: str) -> str:
-    """The part of a mention that is coded: a pain without where it radiates to (:data:`_RADIATION`), in any of the
-    seven languages; the whole mention otherwise, and always for a PROCEDURE (there "irradiado a", "irradiation"
-    are a radiotherapy: "mediastino irradiado a 45 Gy"). The resource's ``code.text`` keeps the whole mention."""
-    found = None if label == "PROCEDURE" else _RADIATION.search(text)
-    if found is None:
+    """The part of a mention that is coded: a pain without where it radiates to (:data:`_RADIATION`), a condition
+    without "community-acquired" (:data:`_COMMUNITY_ACQUIRED`), in any of the seven languages; the whole mention
+    otherwise, and always for a PROCEDURE (there "irradiado a", "irradiation" are a radiotherapy: "mediastino
+    irradiado a 45 Gy"). The resource's ``code.text`` keeps the whole mention."""
+    if label == "PROCEDURE":
         return text
-    head = text[: found.start()].rstrip(" ,;:")
-    return head if len(head) >= 3 else text
+    found = _RADIATION.search(text)
+    if found is not None:
+        head = text[: found.start()].rstrip(" ,;:")
+        text = head if len(head) >= 3 else text
+    plain = " ".join(_COMMUNITY_ACQUIRED.sub(" ", text).split()).strip(" ,;:-")
+    return plain if len(plain) >= 3 else text
 
 
 class TerminologyError(ValueError):

@@ -90,6 +90,36 @@ def test_a_pain_is_coded_without_where_it_radiates(mention: str, coded: str) -> 
     assert coded_text(mention, "DISEASE") == coded
 
 
+@pytest.mark.parametrize(
+    ("mention", "coded"),
+    [
+        ("neumonía adquirida en la comunidad", "neumonía"),
+        ("Neumonía extrahospitalaria", "Neumonía"),
+        ("neumonía comunitaria bilateral", "neumonía bilateral"),
+        ("community-acquired pneumonia", "pneumonia"),
+        ("community acquired pneumonia", "pneumonia"),
+        ("polmonite acquisita in comunità", "polmonite"),
+        ("buiten het ziekenhuis opgelopen pneumonie", "pneumonie"),
+        ("pneumonie dobândită în comunitate", "pneumonie"),
+        ("samhällsförvärvad pneumoni", "pneumoni"),
+        ("komunitní pneumonie", "pneumonie"),
+        ("pneumonie získaná v komunitě", "pneumonie"),
+        # Both rules: the pain's site, without its radiation or the qualifier.
+        ("dolor torácico extrahospitalario irradiado a espalda", "dolor torácico"),
+        # Nothing but the qualifier, or a word that merely starts like it: the whole mention.
+        ("community-acquired", "community-acquired"),
+        ("comunicación interauricular", "comunicación interauricular"),
+        ("communityacquired pneumonia", "communityacquired pneumonia"),
+    ],
+)
+def test_a_condition_is_coded_without_community_acquired(mention: str, coded: str) -> None:
+    """ICD-10-CM codes a community-acquired pneumonia as a pneumonia (J18.9): the qualifier is left out of what is
+    coded, in the seven languages, and the request still carries the whole mention's label."""
+    assert coded_text(mention, "DISEASE") == coded
+    assert coded_text(mention, "SYMPTOM") == coded
+    assert coded_text(mention, "PROCEDURE") == mention
+
+
 def test_a_procedure_is_coded_whole_and_the_request_carries_the_coded_text() -> None:
     # In a procedure "irradiado a" is a radiotherapy's dose, not a pain's radiation.
     assert coded_text("mediastino irradiado a 45 Gy", "PROCEDURE") == "mediastino irradiado a 45 Gy"

@@ -681,6 +681,28 @@ def test_a_pain_is_coded_where_it_is_not_where_it_radiates(service: TerminologyS
     assert spanish.written() == "R10.13"
 
 
+def test_a_community_acquired_pneumonia_is_coded_as_a_pneumonia(service: TerminologyService) -> None:
+    """ICD-10-CM has no community-acquired pneumonia: it is J18.9 "Pneumonia, unspecified organism". Coded whole,
+    the mention's nearest names followed the qualifier (J84.89 "Other specified interstitial pulmonary diseases",
+    J95.851 "Ventilator associated pneumonia"), and no code was written in any language (session 21)."""
+    profile = load_profile()
+    mentions = {
+        "es": "neumonía adquirida en la comunidad",
+        "en": "community-acquired pneumonia",
+        "it": "polmonite acquisita in comunità",
+        "nl": "buiten het ziekenhuis opgelopen pneumonie",
+        "ro": "pneumonie comunitară",
+        "sv": "samhällsförvärvad pneumoni",
+        "cs": "komunitní pneumonie",
+    }
+    for language, mention in mentions.items():
+        (result,) = code_mentions([mention], "DISEASE", language, 5, profile, service)
+        assert result.written() == "J18.9", (language, result.candidates[:2])
+    # A hospital-acquired one is not stripped: its own code stays reachable (J95.851 is ventilator-associated).
+    (ventilator,) = code_mentions(["ventilator-associated pneumonia"], "DISEASE", "en", 5, profile, service)
+    assert ventilator.ranked_codes()[0] == "J95.851"
+
+
 def test_symptoms_that_icd_10_cm_classifies_outside_chapter_r_get_their_code(
     service: TerminologyService, chapter_r_profile: MappingProfile
 ) -> None:
