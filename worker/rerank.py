@@ -16,6 +16,7 @@ code's threshold is compared with, so the thresholds mean the same in every lang
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -83,35 +84,40 @@ class NgramIdf:
 
     def __init__(self, terms: Iterable[str], cache: int = 4096) -> None:
         distinct = sorted(set(terms))
-        frequency: dict[str, int] = {}
-        total = 0
-        for term in distinct:
-            grams = ngrams(term)
-            total += len(grams)
-            for gram in grams:
-                frequency[gram] = frequency.get(gram, 0) + 1
         count = len(distinct)
+        # One pass over the terms' n-grams (each term's were counted twice until session 21: half of a worker's
+        # ICD-10-CM load, 5 of 11 s). A column per n-gram in the order first seen; per term, its n-grams' columns
+        # and counts in ``ngrams`` order, kept in compact arrays (a list of every n-gram of every term would stay
+        # in the process's memory after it is freed): 3 bytes an n-gram, ~11 MB for ICD-10-CM's 46,000 names.
+        self._column: dict[str, int] = {}
+        frequency: list[int] = []
+        columns = array("I")
+        counts = array("I")  # as counted: the norms use them whole, the compact rows at most 255
+        starts = [0]
+        for term in distinct:
+            for gram, times in ngrams(term).items():
+                column = self._column.get(gram)
+                if column is None:
+                    column = self._column[gram] = len(frequency)
+                    frequency.append(0)
+                frequency[column] += 1
+                columns.append(column)
+                counts.append(times)
+            starts.append(len(columns))
         self.unseen = math.log(max(count, 1) + 1)
-        self.idf = {gram: math.log((count + 1) / n) for gram, n in frequency.items()}
-        self._column = {gram: column for column, gram in enumerate(self.idf)}
-        self._idf = np.fromiter(self.idf.values(), dtype=np.float64, count=len(self.idf))
-        # Per term, its n-grams' columns and counts (weights are count x idf, computed when read): 3 bytes an
-        # n-gram, ~11 MB for ICD-10-CM's 46,000 names. Filled in place, term by term, without a list of every
-        # n-gram of every term (it would stay in the process's memory after it is freed).
+        weights = [math.log((count + 1) / n) for n in frequency]
+        self.idf = dict(zip(self._column, weights, strict=True))
+        self._idf = np.asarray(weights, dtype=np.float64)
         self._row = {term: row for row, term in enumerate(distinct)}
-        self._starts = np.zeros(count + 1, dtype=np.int64)
-        self._columns = np.zeros(total, dtype=np.uint16 if len(self.idf) < 2**16 else np.int32)
-        self._counts = np.zeros(total, dtype=np.uint8)
+        self._starts = np.asarray(starts, dtype=np.int64)
+        self._columns = np.asarray(columns, dtype=np.uint16 if len(weights) < 2**16 else np.int32)
+        self._counts = np.minimum(np.asarray(counts), 255).astype(np.uint8)
+        # Each term's norm summed in its n-grams' order, in Python floats, as a term's vector() sums it.
         self._norms = np.ones(count, dtype=np.float64)
-        at = 0
-        for row, term in enumerate(distinct):
-            grams = ngrams(term)
-            end = at + len(grams)
-            self._columns[at:end] = [self._column[g] for g in grams]
-            self._counts[at:end] = [min(c, 255) for c in grams.values()]
-            self._norms[row] = math.sqrt(sum((c * self.idf[g]) ** 2 for g, c in grams.items())) or 1.0
-            self._starts[row + 1] = end
-            at = end
+        for row in range(count):
+            first, last = starts[row], starts[row + 1]
+            total = sum((counts[at] * weights[columns[at]]) ** 2 for at in range(first, last))
+            self._norms[row] = math.sqrt(total) or 1.0
         self._vectors: dict[str, tuple[dict[str, float], float]] = {}
         self._cache = cache
 

@@ -50,6 +50,38 @@ def test_the_features_are_pure_and_deterministic() -> None:
     assert column["cat_mass"][0] == column["cat_mass"][1] > column["cat_mass"][2]  # K85 holds most of the mass
 
 
+def test_the_ngram_table_holds_each_terms_weights_as_defined() -> None:
+    """The table built in one pass (session 21) holds what its definition says, to the bit: an n-gram's idf is
+    log((terms + 1) / terms holding it), each term's row its n-grams' columns (first seen first) and counts (at most
+    255 in the compact row), and its norm the square root of its weights' squares summed in its n-grams' order; a
+    term with an n-gram 600 times and the empty term included."""
+    import math
+
+    import numpy as np
+
+    from worker.rerank import ngrams
+
+    terms = [*TERMS, "a" * 600, "", TERMS[0]]
+    idf = NgramIdf(terms)
+    distinct = sorted(set(terms))
+    grams = [ngrams(term) for term in distinct]
+    frequency: dict[str, int] = {}
+    for found in grams:
+        for gram in found:
+            frequency[gram] = frequency.get(gram, 0) + 1
+    assert list(idf.idf) == list(frequency)  # columns in the order first seen
+    assert idf.idf == {gram: math.log((len(distinct) + 1) / n) for gram, n in frequency.items()}
+    columns = {gram: column for column, gram in enumerate(frequency)}
+    for row, (term, found) in enumerate(zip(distinct, grams, strict=True)):
+        span = slice(int(idf._starts[row]), int(idf._starts[row + 1]))
+        assert idf._row[term] == row
+        assert idf._columns[span].tolist() == [columns[gram] for gram in found]
+        assert idf._counts[span].tolist() == [min(times, 255) for times in found.values()]
+        norm = math.sqrt(sum((times * idf.idf[gram]) ** 2 for gram, times in found.items())) or 1.0
+        assert idf._norms[row] == norm
+    assert max(ngrams("a" * 600).values()) > 255 and idf._counts.dtype == np.uint8
+
+
 def test_the_compact_cosines_equal_the_dictionary_ones() -> None:
     """``cosines`` reads the strings it was built from as compact rows and builds others' vectors on demand: the
     same values as ``cosine``, for built strings, other strings, repeats and a string without n-grams."""
