@@ -91,18 +91,28 @@ class NgramIdf:
         # in the process's memory after it is freed): 3 bytes an n-gram, ~11 MB for ICD-10-CM's 46,000 names.
         self._column: dict[str, int] = {}
         frequency: list[int] = []
-        columns = array("I")
-        counts = array("I")  # as counted: the norms use them whole, the compact rows at most 255
+        columns = array("H")  # 2 bytes a column while there are fewer than 65,536 n-grams (ICD-10-CM: 36,708)
+        counts = array("B")  # at most 255; a term's counts as counted, for its norm, where one was more
+        whole: dict[int, list[int]] = {}
         starts = [0]
-        for term in distinct:
-            for gram, times in ngrams(term).items():
+        for row, term in enumerate(distinct):
+            found = ngrams(term)
+            for gram in found:
                 column = self._column.get(gram)
                 if column is None:
                     column = self._column[gram] = len(frequency)
                     frequency.append(0)
+                    if column == 2**16 and columns.typecode == "H":
+                        columns = array("I", columns)
                 frequency[column] += 1
                 columns.append(column)
-                counts.append(times)
+            before = len(counts)
+            try:
+                counts.extend(found.values())
+            except OverflowError:  # an n-gram more than 255 times (none in ICD-10-CM)
+                del counts[before:]
+                counts.extend(min(times, 255) for times in found.values())
+                whole[row] = list(found.values())
             starts.append(len(columns))
         self.unseen = math.log(max(count, 1) + 1)
         weights = [math.log((count + 1) / n) for n in frequency]
@@ -110,13 +120,18 @@ class NgramIdf:
         self._idf = np.asarray(weights, dtype=np.float64)
         self._row = {term: row for row, term in enumerate(distinct)}
         self._starts = np.asarray(starts, dtype=np.int64)
-        self._columns = np.asarray(columns, dtype=np.uint16 if len(weights) < 2**16 else np.int32)
-        self._counts = np.minimum(np.asarray(counts), 255).astype(np.uint8)
+        self._columns = np.frombuffer(columns, dtype=np.uint16 if columns.typecode == "H" else np.uint32).copy()
+        if len(weights) >= 2**16:
+            self._columns = self._columns.astype(np.int32)
+        self._counts = np.frombuffer(counts, dtype=np.uint8).copy()
         # Each term's norm summed in its n-grams' order, in Python floats, as a term's vector() sums it.
         self._norms = np.ones(count, dtype=np.float64)
         for row in range(count):
             first, last = starts[row], starts[row + 1]
-            total = sum((counts[at] * weights[columns[at]]) ** 2 for at in range(first, last))
+            if row in whole:
+                total = sum((times * weights[columns[first + i]]) ** 2 for i, times in enumerate(whole[row]))
+            else:
+                total = sum((counts[at] * weights[columns[at]]) ** 2 for at in range(first, last))
             self._norms[row] = math.sqrt(total) or 1.0
         self._vectors: dict[str, tuple[dict[str, float], float]] = {}
         self._cache = cache

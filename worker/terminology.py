@@ -1250,6 +1250,9 @@ class TerminologyService:
                         int(self.rerank.get("top", 30)),
                         frozenset(languages) if languages is not None else None,
                     )
+                    from worker.token_int8 import release_freed_heap
+
+                    release_freed_heap()  # the n-gram table's build arrays, freed on the heap
                 self._indexes[name] = index
                 logger.info(
                     "code system %s ready in %.1f s (%s)",
