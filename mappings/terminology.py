@@ -130,6 +130,8 @@ def coded_text(text: str, label: str) -> str:
     if found is not None:
         head = text[: found.start()].rstrip(" ,;:")
         text = head if len(head) >= 3 else text
+    if _COMMUNITY_ACQUIRED.search(text) is None:
+        return text  # as it is, spaces and line breaks included
     plain = " ".join(_COMMUNITY_ACQUIRED.sub(" ", text).split()).strip(" ,;:-")
     return plain if len(plain) >= 3 else text
 

@@ -110,6 +110,7 @@ def test_a_pain_is_coded_without_where_it_radiates(mention: str, coded: str) -> 
         ("community-acquired", "community-acquired"),
         ("comunicación interauricular", "comunicación interauricular"),
         ("communityacquired pneumonia", "communityacquired pneumonia"),
+        ("Múltiplex A:\nZFY,  SRY", "Múltiplex A:\nZFY,  SRY"),  # no qualifier: as it is, spaces and all
     ],
 )
 def test_a_condition_is_coded_without_community_acquired(mention: str, coded: str) -> None:
