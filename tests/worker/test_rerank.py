@@ -50,7 +50,16 @@ def test_the_features_are_pure_and_deterministic() -> None:
     assert column["cat_mass"][0] == column["cat_mass"][1] > column["cat_mass"][2]  # K85 holds most of the mass
 
 
-def test_the_ngram_table_holds_each_terms_weights_as_defined() -> None:
+def random_terms() -> list[str]:
+    """60 strings of 1,000 random letters: more than 65,536 distinct n-grams, past 2-byte columns."""
+    import random
+
+    generator = random.Random(7)
+    return ["".join(generator.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(1000)) for _ in range(60)]
+
+
+@pytest.mark.parametrize("kind", ["names", "many n-grams"])
+def test_the_ngram_table_holds_each_terms_weights_as_defined(kind: str) -> None:
     """The table built in one pass (session 21) holds what its definition says, to the bit: an n-gram's idf is
     log((terms + 1) / terms holding it), each term's row its n-grams' columns (first seen first) and counts (at most
     255 in the compact row), and its norm the square root of its weights' squares summed in its n-grams' order; a
@@ -61,7 +70,7 @@ def test_the_ngram_table_holds_each_terms_weights_as_defined() -> None:
 
     from worker.rerank import ngrams
 
-    terms = [*TERMS, "a" * 600, "", TERMS[0]]
+    terms = [*TERMS, "a" * 600, "", TERMS[0]] if kind == "names" else random_terms()
     idf = NgramIdf(terms)
     distinct = sorted(set(terms))
     grams = [ngrams(term) for term in distinct]
@@ -79,7 +88,11 @@ def test_the_ngram_table_holds_each_terms_weights_as_defined() -> None:
         assert idf._counts[span].tolist() == [min(times, 255) for times in found.values()]
         norm = math.sqrt(sum((times * idf.idf[gram]) ** 2 for gram, times in found.items())) or 1.0
         assert idf._norms[row] == norm
-    assert max(ngrams("a" * 600).values()) > 255 and idf._counts.dtype == np.uint8
+    assert idf._counts.dtype == np.uint8
+    if kind == "names":
+        assert max(ngrams("a" * 600).values()) > 255 and idf._columns.dtype == np.uint16
+    else:
+        assert len(idf.idf) > 2**16 and idf._columns.dtype == np.int32
 
 
 def test_the_compact_cosines_equal_the_dictionary_ones() -> None:
