@@ -119,6 +119,44 @@ _COMMUNITY_ACQUIRED = re.compile(
 )
 
 
+# Words that say how well known or controlled a condition is, or since when it is known, and change no ICD-10-CM
+# code: "known COPD", "well-controlled hypertension", "HTA conocida", "diabete ben controllato". Where the tagger
+# kept them in a mention (English adjectives: "well-controlled hypertension" was tagged whole), the mention's
+# nearest names scored under the threshold and the right top-1 went unwritten (I10 at 0.77). Anchored where each
+# language puts them: before the noun (en, nl, sv, cs), after it (es, it, ro), so that "fiebre de causa no
+# conocida" (unknown: R50.9) or "due to known physiological condition" (F06) keep their words. Not here, as not
+# code-neutral: "long-standing" (I48.11), "poorly controlled" (E11.65), "chronic", "acute".
+_NEUTRAL_BEFORE = re.compile(
+    r"^(?:known|well[\s-]+controlled|(?:newly|recently)[\s-]+diagnosed"  # en
+    r"|bekende|goed\s+(?:gereguleerde|ingestelde)|(?:nieuw|recent)\s+gediagnosticeerde"  # nl
+    r"|k[äa]nd[a]?|v[äa]l(?:kontrollerad|reglerad|inst[äa]lld)[ea]?|nydiagnostiserad[e]?"  # sv
+    r"|zn[áa]m[áaýyée]|dob[řr]e\s+(?:kontrolovan|kompenzovan)[áaýyée]|nov[ěe]\s+diagnostikovan[áaýyée]"  # cs
+    r")(?:\s*,\s*|\s+)",
+    re.IGNORECASE,
+)
+_NEUTRAL_AFTER = re.compile(
+    r"(?:\s*,\s*|\s+)(?:"
+    # es
+    r"(?<!\bno\s)conocid[oa]s?|bien\s+controlad[oa]s?|de\s+reciente\s+diagn[oó]stico|reci[eé]n\s+diagnosticad[oa]s?"
+    r"|ben\s+controllat[oaie]|di\s+(?:nuova|recente)\s+diagnosi"  # it
+    r"|(?<!\beste\s)cunoscut[ăa]?|bine\s+controlat[ăa]?|(?:nou|recent)\s+diagnosticat[ăa]?"  # ro
+    r")$",
+    re.IGNORECASE,
+)
+
+
+def _without_neutral_words(text: str) -> str:
+    """``text`` less the code-neutral words at its start or end (:data:`_NEUTRAL_BEFORE`, :data:`_NEUTRAL_AFTER`),
+    while any is found ("known, well-controlled hypertension"); ``text`` itself where nothing is left."""
+    plain = text
+    while True:
+        shorter = _NEUTRAL_AFTER.sub("", _NEUTRAL_BEFORE.sub("", plain, count=1), count=1)
+        if shorter == plain:
+            break
+        plain = shorter
+    return plain if len(plain.strip()) >= 3 else text
+
+
 def coded_text(text: str, label: str) -> str:
     """The part of a mention that is coded: a pain without where it radiates to (:data:`_RADIATION`), a condition
     without "community-acquired" (:data:`_COMMUNITY_ACQUIRED`), in any of the seven languages; the whole mention
@@ -130,6 +168,7 @@ def coded_text(text: str, label: str) -> str:
     if found is not None:
         head = text[: found.start()].rstrip(" ,;:")
         text = head if len(head) >= 3 else text
+    text = _without_neutral_words(text)
     if _COMMUNITY_ACQUIRED.search(text) is None:
         return text  # as it is, spaces and line breaks included
     plain = " ".join(_COMMUNITY_ACQUIRED.sub(" ", text).split()).strip(" ,;:-")

@@ -121,6 +121,40 @@ def test_a_condition_is_coded_without_community_acquired(mention: str, coded: st
     assert coded_text(mention, "PROCEDURE") == mention
 
 
+@pytest.mark.parametrize(
+    ("mention", "coded"),
+    [
+        ("known COPD", "COPD"),
+        ("well-controlled hypertension", "hypertension"),
+        ("Known, well-controlled hypertension", "hypertension"),
+        ("newly diagnosed heart failure", "heart failure"),
+        ("HTA conocida", "HTA"),
+        ("hipertensión arterial bien controlada", "hipertensión arterial"),
+        ("cardiopatía isquémica de reciente diagnóstico", "cardiopatía isquémica"),
+        ("diabete ben controllato", "diabete"),
+        ("ipertensione di nuova diagnosi", "ipertensione"),
+        ("bekende COPD", "COPD"),
+        ("goed ingestelde diabetes", "diabetes"),
+        ("HTA cunoscută", "HTA"),
+        ("känd hypertoni", "hypertoni"),
+        ("välkontrollerad diabetes", "diabetes"),
+        ("známá hypertenze", "hypertenze"),
+        # Where the words are not in their place, or say the opposite, or are all there is: the whole mention.
+        ("fiebre de causa no conocida", "fiebre de causa no conocida"),
+        ("delirium due to known physiological condition", "delirium due to known physiological condition"),
+        ("long-standing persistent atrial fibrillation", "long-standing persistent atrial fibrillation"),
+        ("poorly controlled diabetes", "poorly controlled diabetes"),
+        ("known", "known"),
+        ("conocida", "conocida"),
+    ],
+)
+def test_a_condition_is_coded_without_words_that_change_no_code(mention: str, coded: str) -> None:
+    """How well known or controlled a condition is, and since when, change no ICD-10-CM code: left out of what is
+    coded, where each language puts them (before the noun in en, nl, sv, cs; after it in es, it, ro)."""
+    assert coded_text(mention, "DISEASE") == coded
+    assert coded_text(mention, "PROCEDURE") == mention
+
+
 def test_a_procedure_is_coded_whole_and_the_request_carries_the_coded_text() -> None:
     # In a procedure "irradiado a" is a radiotherapy's dose, not a pain's radiation.
     assert coded_text("mediastino irradiado a 45 Gy", "PROCEDURE") == "mediastino irradiado a 45 Gy"

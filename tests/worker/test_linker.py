@@ -703,6 +703,21 @@ def test_a_community_acquired_pneumonia_is_coded_as_a_pneumonia(service: Termino
     assert ventilator.ranked_codes()[0] == "J95.851"
 
 
+def test_a_known_or_well_controlled_condition_gets_its_code_written(service: TerminologyService) -> None:
+    """The tagger keeps English adjectives in a mention ("well-controlled hypertension"); coded whole, its right top-1
+    (I10) scored under the threshold and was not written (session 21)."""
+    profile = load_profile()
+    for mention, language, code in (
+        ("well-controlled hypertension", "en", "I10"),
+        ("known COPD", "en", "J44.9"),
+        ("HTA conocida", "es", "I10"),
+        ("hipertensión arterial bien controlada", "es", "I10"),
+        ("känd hypertoni", "sv", "I10"),
+    ):
+        (result,) = code_mentions([mention], "DISEASE", language, 5, profile, service)
+        assert result.written() == code, (mention, result.candidates[:2])
+
+
 def test_symptoms_that_icd_10_cm_classifies_outside_chapter_r_get_their_code(
     service: TerminologyService, chapter_r_profile: MappingProfile
 ) -> None:
