@@ -120,9 +120,10 @@ class NgramIdf:
         self._idf = np.asarray(weights, dtype=np.float64)
         self._row = {term: row for row, term in enumerate(distinct)}
         self._starts = np.asarray(starts, dtype=np.int64)
-        self._columns = np.frombuffer(columns, dtype=np.uint16 if columns.typecode == "H" else np.uint32).copy()
-        if len(weights) >= 2**16:
-            self._columns = self._columns.astype(np.int32)
+        if columns.typecode == "H":
+            self._columns = np.frombuffer(columns, dtype=np.uint16).copy()
+        else:
+            self._columns = np.frombuffer(columns, dtype=np.uint32).astype(np.int32)
         self._counts = np.frombuffer(counts, dtype=np.uint8).copy()
         # Each term's norm summed in its n-grams' order, in Python floats, as a term's vector() sums it.
         self._norms = np.ones(count, dtype=np.float64)

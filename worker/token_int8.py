@@ -325,7 +325,7 @@ def first_pass_product() -> str | None:
 def onnx_rows_work() -> bool:
     """Whether ONNX Runtime's u8 x s8 product of 7-bit queries and int8 rows (:class:`OnnxRowProducts`, the first
     pass's) gives the exact integers here."""
-    return _product_works("onnxruntime", WEIGHT_LEVELS, ACTIVATION_LEVELS)
+    return _product_works("onnxruntime", WEIGHT_LEVELS, OnnxRowProducts.ZERO_POINT - 1)
 
 
 def release_freed_heap() -> None:
