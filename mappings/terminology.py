@@ -32,38 +32,81 @@ _BRACKETED = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")
 _NON_WORD = re.compile(r"[^\w]+")
 
 
-# Words that say which side, in the seven languages, normalised (lower case, no accents): a mention without one
-# names no side, and its code should not either (:func:`names_a_side`).
-_SIDE_WORDS_BY_LANGUAGE: dict[str, tuple[str, ...]] = {
-    "es": (
-        "derecho", "derecha", "derechos", "derechas", "izquierdo", "izquierda", "izquierdos", "izquierdas",
-        "dcho", "dcha", "dch", "drcho", "drcha", "izdo", "izda", "izq", "bilateral", "bilaterales", "ambos",
-        "ambas", "od", "oi", "ao", "contralateral", "ipsilateral", "homolateral",
-    ),
-    "en": ("right", "left", "both", "rt", "lt", "bilateral"),
-    "it": (
-        "destro", "destra", "destri", "destre", "sinistro", "sinistra", "sinistri", "sinistre", "bilaterale",
-        "bilaterali", "entrambi", "entrambe", "dx", "sx",
-    ),
-    "nl": ("rechter", "rechts", "linker", "links", "bilateraal", "beiderzijds", "beide"),
-    "ro": (
-        "drept", "dreapta", "drepte", "drepti", "stang", "stanga", "stangi", "stange", "bilateral", "bilaterala",
-        "ambele", "ambii",
-    ),
-    "sv": ("hoger", "hogra", "vanster", "vanstra", "bilateral", "bilaterala", "bada", "dubbelsidig"),
-    "cs": (
-        "pravy", "prava", "prave", "levy", "leva", "leve", "oboustranny", "oboustranna", "oboustranne",
-        "bilateralni",
-    ),
+# Words that say which side, in the seven languages, normalised (lower case, no accents), by the side they name:
+# a mention without one names no side, and its code should not either (:func:`names_a_side`); a mention that names
+# one side gets no code of the other (:func:`named_side`). "relative" words name a side without saying which.
+_SIDES_BY_LANGUAGE: dict[str, dict[str, tuple[str, ...]]] = {
+    "es": {
+        "right": ("derecho", "derecha", "derechos", "derechas", "dcho", "dcha", "dch", "drcho", "drcha", "od"),
+        "left": ("izquierdo", "izquierda", "izquierdos", "izquierdas", "izdo", "izda", "izq", "oi"),
+        "both": ("bilateral", "bilaterales", "ambos", "ambas", "ao"),
+        "relative": ("contralateral", "ipsilateral", "homolateral"),
+    },
+    "en": {"right": ("right", "rt"), "left": ("left", "lt"), "both": ("both", "bilateral")},
+    "it": {
+        "right": ("destro", "destra", "destri", "destre", "dx"),
+        "left": ("sinistro", "sinistra", "sinistri", "sinistre", "sx"),
+        "both": ("bilaterale", "bilaterali", "entrambi", "entrambe"),
+    },
+    "nl": {"right": ("rechter", "rechts"), "left": ("linker", "links"), "both": ("bilateraal", "beiderzijds", "beide")},
+    "ro": {
+        "right": ("drept", "dreapta", "drepte", "drepti"),
+        "left": ("stang", "stanga", "stangi", "stange"),
+        "both": ("bilateral", "bilaterala", "ambele", "ambii"),
+    },
+    "sv": {
+        "right": ("hoger", "hogra"),
+        "left": ("vanster", "vanstra"),
+        "both": ("bilateral", "bilaterala", "bada", "dubbelsidig"),
+    },
+    "cs": {
+        "right": ("pravy", "prava", "prave", "praveho", "pravem", "pravou", "pravych"),
+        "left": ("levy", "leva", "leve", "leveho", "levem", "levou", "levych"),
+        "both": ("oboustranny", "oboustranna", "oboustranne", "bilateralni"),
+    },
 }  # fmt: skip
-_SIDE_WORDS = frozenset(word for words in _SIDE_WORDS_BY_LANGUAGE.values() for word in words)
 # Compounds that start with a side ("linkerknie", "pravostranná", "vänstersidig").
-_SIDE_PREFIXES = ("rechter", "linker", "pravostrann", "levostrann", "hogersid", "vanstersid")
+_SIDE_PREFIXES_BY_LANGUAGE: dict[str, dict[str, tuple[str, ...]]] = {
+    "nl": {"right": ("rechter",), "left": ("linker",)},
+    "sv": {"right": ("hogersid",), "left": ("vanstersid",)},
+    "cs": {"right": ("pravostrann",), "left": ("levostrann",)},
+}
 
 
-def names_a_side(text: str) -> bool:
-    """Whether a mention says which side (right, left, both) in any of the seven languages."""
-    return any(word in _SIDE_WORDS or word.startswith(_SIDE_PREFIXES) for word in normalise(text).split())
+@lru_cache(maxsize=16)
+def _side_words(language: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """Side words and side prefixes (each -> the side it names) of ``language``, or of all seven where it is not one
+    of them. One language's list alone where it is known: Czech "leve" (left) is Spanish and Italian "mild"."""
+    code = (language or "").split("-")[0].lower()
+    languages = [code] if code in _SIDES_BY_LANGUAGE else list(_SIDES_BY_LANGUAGE)
+    words = {w: side for lang in languages for side, ws in _SIDES_BY_LANGUAGE[lang].items() for w in ws}
+    prefixes = {
+        p: side for lang in languages for side, ps in _SIDE_PREFIXES_BY_LANGUAGE.get(lang, {}).items() for p in ps
+    }
+    return words, prefixes
+
+
+def mention_sides(text: str, language: str | None = None) -> set[str]:
+    """The sides a mention names: "right", "left", "both", "relative" (contralateral, ipsilateral)."""
+    words, prefixes = _side_words(language)
+    found: set[str] = set()
+    for word in normalise(text).split():
+        side = words.get(word) or next((s for p, s in prefixes.items() if word.startswith(p)), None)
+        if side is not None:
+            found.add(side)
+    return found
+
+
+def names_a_side(text: str, language: str | None = None) -> bool:
+    """Whether a mention says which side (right, left, both) in ``language`` (any of the seven where None)."""
+    return bool(mention_sides(text, language))
+
+
+def named_side(text: str, language: str | None = None) -> str | None:
+    """The one side a mention names, "right" or "left" ("OI hemorragias subretinianas": left), else None (no side,
+    both sides, or a side relative to another: "contralateral")."""
+    sides = mention_sides(text, language)
+    return next(iter(sides)) if len(sides) == 1 and sides <= {"right", "left"} else None
 
 
 # Where a pain's radiation starts, in the seven languages: "chest pain radiating to the left arm", "dolor torácico

@@ -55,6 +55,7 @@ from mappings.terminology import (
     code_allowed,
     code_request,
     core_term,
+    named_side,
     names_a_side,
     normalise,
     parse_code_csv,
@@ -101,6 +102,9 @@ TOP_BLOCK = 8
 SHARED_TEXT_ONLY = frozenset({"core"})
 # "right" or "left" in an ICD-10-CM title (:meth:`SourceIndex.unspecified_side`).
 _SIDE_IN_TITLE = re.compile(r"\b(right|left)\b")
+# The same in any case: ICD-10-PCS titles capitalise it ("Excision of Right Thyroid Gland Lobe";
+# :meth:`SourceIndex.side_twin`).
+_SIDE_IN_ANY_TITLE = re.compile(r"\b(right|left)\b", re.IGNORECASE)
 # The kind of an ICD-10-CM 7th-character extension's entry: the billable code a mention of the code it extends
 # gets ("S72.001" -> "S72.001A"); matched by its full title, never a row of the nearest-neighbour index.
 EXTENSION_KIND = "extension"
@@ -764,6 +768,9 @@ class SourceIndex:
         self._translated: np.ndarray | None = np.array(translated) if any(translated) else None
         self._term_rows: dict[str, int] | None = None
         self._sides: dict[str, str] | None = None  # code for one side -> its "unspecified side" twin
+        self._sided: dict[tuple[str, str], str] = {}  # ("unspecified side" code, side) -> the code for that side
+        # Title -> code, for billable codes and for the others (categories, partial codes) (:meth:`side_twin`).
+        self._codes_by_title: tuple[dict[str, str], dict[str, str]] | None = None
         self._normal: list[str] | None = None  # normalised text of each row (:meth:`normal_terms`)
         self._codes_of_rows: dict[tuple[str, ...], tuple[np.ndarray, list[str], dict[str, int]]] = {}
         self.reranker: Reranker | None = None
@@ -876,13 +883,46 @@ class SourceIndex:
             for known, title in billable.items():
                 by_title.setdefault(title, known)
             sides: dict[str, str] = {}
+            sided: dict[tuple[str, str], str] = {}
             for known, title in billable.items():
                 if _SIDE_IN_TITLE.search(title):
                     twin = by_title.get(_SIDE_IN_TITLE.sub("unspecified", title))
                     if twin is not None and twin != known:
                         sides[known] = twin
-            self._sides = sides
+                        named = set(_SIDE_IN_TITLE.findall(title))
+                        if len(named) == 1:
+                            sided.setdefault((twin, named.pop()), known)
+            self._sides, self._sided = sides, sided
         return self._sides.get(code)
+
+    def side_twin(self, code: str, side: str) -> str | None:
+        """The code whose title is ``code``'s with its one side made ``side`` ("right" or "left"): H35.61 "Retinal
+        hemorrhage, right eye" -> H35.62 "..., left eye"; ICD-10-PCS 0GBH "Excision of Right Thyroid Gland Lobe" ->
+        0GBG "... Left ..."; an "unspecified side" code, the code for ``side`` whose :meth:`unspecified_side` twin
+        it is (M25.569 "Pain in unspecified knee" -> M25.561 "Pain in right knee"). ``code`` itself where its title
+        already names ``side``; None where the title names both sides, or no code has the twin title (word for
+        word). A billable code's twin is billable, a category's or a partial code's is one too."""
+        title = self._display.get(code)
+        if title is None:
+            return None
+        sides = {found.lower() for found in _SIDE_IN_ANY_TITLE.findall(title)}
+        if not sides:
+            self.unspecified_side(code)  # builds the "unspecified side" twins both ways
+            return self._sided.get((code, side))
+        if len(sides) != 1:
+            return None
+        if sides == {side}:
+            return code
+        if self._codes_by_title is None:
+            billable: dict[str, str] = {}
+            other: dict[str, str] = {}
+            for known, known_title in self._display.items():
+                if _SIDE_IN_ANY_TITLE.search(known_title):
+                    (other if known in self.data.unbillable else billable).setdefault(known_title, known)
+            self._codes_by_title = (billable, other)
+        twin_title = _SIDE_IN_ANY_TITLE.sub(lambda m: side.capitalize() if m.group(0)[0].isupper() else side, title)
+        billable, other = self._codes_by_title
+        return (other if code in self.data.unbillable else billable).get(twin_title)
 
     def term_vector(self, text: str) -> np.ndarray | None:
         """The embedding of an indexed term whose normalised form is ``text``'s (None: no such term).
@@ -1307,7 +1347,7 @@ class TerminologyService:
         if (pending or known) and self.store is not None:
             self._search(requests, found, pending, known, encode, details)
         return [
-            self._no_side_guessed(
+            self._sides_as_named(
                 request,
                 self._unspecified_behaviour_first(
                     request,
@@ -1323,22 +1363,37 @@ class TerminologyService:
             for position, request in enumerate(requests)
         ]
 
-    def _no_side_guessed(self, request: CodeRequest, ranked: list[CandidateCode]) -> list[CandidateCode]:
-        """A mention that names no side gets no side: each ICD-10-CM candidate for the right or the left side is
-        answered with its "unspecified side" twin, with the same score (``esguince de tobillo``: S93.402A "..., left
-        ankle" -> S93.409A "..., unspecified ankle"; the issue's "prefer the unspecified leaf when the mention has no
-        specifics"). Codes without such a twin stay (I45.10 "right bundle-branch block" names no side of a body)."""
-        if names_a_side(request.text):
+    def _sides_as_named(self, request: CodeRequest, ranked: list[CandidateCode]) -> list[CandidateCode]:
+        """A mention's codes name the side it names, and only that one.
+
+        - **No side named:** each ICD-10-CM candidate for the right or the left side is answered with its
+          "unspecified side" twin, with the same score (``esguince de tobillo``: S93.402A "..., left ankle" ->
+          S93.409A "..., unspecified ankle"; the issue's "prefer the unspecified leaf when the mention has no
+          specifics"). Codes without such a twin stay (I45.10 "right bundle-branch block" names no side of a body).
+        - **One side named** (right or left, in the note's language): each candidate for the other side, ICD-10-CM
+          or ICD-10-PCS, is answered with its twin for the named side, with the same score (``OI hemorragias
+          subretinianas``, left eye: H35.61 "..., right eye" -> H35.62 "..., left eye"; ``tiroidea biopsia
+          izquierda``: 0GBH "... Right Thyroid Gland Lobe" -> 0GBG "... Left ..."): a code for the wrong side
+          is a wrong-site entry in the record. Codes without such a twin stay.
+        - Both sides or a relative side ("bilateral", "contralateral"): the candidates stay as ranked.
+        """
+        side = named_side(request.text, request.language)
+        unnamed = side is None and not names_a_side(request.text, request.language)
+        if side is None and not unnamed:
             return ranked
         answer: list[CandidateCode] = []
         seen: set[tuple[str, str]] = set()
         for candidate in ranked:
             index = self._indexes.get(candidate.source or "")
-            if index is not None and index.data.url == ICD10CM_URL:
+            twin: str | None = None
+            if index is not None and unnamed and index.data.url == ICD10CM_URL:
                 twin = index.unspecified_side(candidate.code)
-                if twin is not None and code_allowed(twin, request.prefixes.get(candidate.source or "", ())):
-                    display = index.lexical.display(twin)
-                    candidate = CandidateCode(candidate.system, twin, display, candidate.score, candidate.source)
+            elif index is not None and side is not None:
+                twin = index.side_twin(candidate.code, side)
+            allowed = twin is not None and code_allowed(twin, request.prefixes.get(candidate.source or "", ()))
+            if index is not None and twin is not None and twin != candidate.code and allowed:
+                display = index.lexical.display(twin)
+                candidate = CandidateCode(candidate.system, twin, display, candidate.score, candidate.source)
             if (candidate.source or "", candidate.code) not in seen:
                 seen.add((candidate.source or "", candidate.code))
                 answer.append(candidate)

@@ -18,6 +18,7 @@ from mappings.terminology import (
     coded_text,
     core_term,
     lexical_keys,
+    named_side,
     names_a_side,
     normalise,
     parse_code_csv,
@@ -61,6 +62,36 @@ def test_normalise_ignores_case_accents_and_punctuation() -> None:
 )
 def test_a_mention_names_a_side_in_any_of_the_seven_languages(mention: str, side: bool) -> None:
     assert names_a_side(mention) is side
+
+
+@pytest.mark.parametrize(
+    ("mention", "language", "side"),
+    [
+        ("OI hemorragias subretinianas", "es", "left"),  # ojo izquierdo
+        ("catarata OD", "es", "right"),
+        ("trombosis venosa profunda en la pierna derecha", "es", "right"),
+        ("fractura de cadera dcha.", "es", "right"),
+        ("artrosis de ambas rodillas", "es", None),
+        ("derrame pleural bilateral", "es", None),
+        ("hemiparesia contralateral izquierda", "es", None),  # relative to another side: not a plain one
+        ("dolor en fosa iliaca derecha e izquierda", "es", None),
+        ("esguince leve de tobillo", "es", None),  # Czech "levé" is left; Spanish "leve" is mild
+        ("hipertensión leve", None, "left"),  # no language: any of the seven's words
+        ("fracture of the left hip", "en", "left"),
+        ("frattura del femore dx", "it", "right"),
+        ("verstuiking van de linkerenkel", "nl", "left"),
+        ("heupfractuur rechts", "nl-BE", "right"),  # a regional tag counts as its language
+        ("fractură de șold stângă", "ro", "left"),
+        ("vänstersidig pneumoni", "sv", "left"),
+        ("höger höftfraktur", "sv", "right"),
+        ("zlomenina levého kotníku", "cs", "left"),  # an inflected form
+        ("pravostranná pneumonie", "cs", "right"),
+        ("pneumonie", "cs", None),
+    ],
+)
+def test_the_side_a_mention_names_in_its_language(mention: str, language: str | None, side: str | None) -> None:
+    assert named_side(mention, language) == side
+    assert names_a_side("dolor leve", "es") is False and names_a_side("dolor leve", "cs") is True
 
 
 @pytest.mark.parametrize(

@@ -333,6 +333,39 @@ def test_injuries_get_billable_7th_character_codes_and_no_side_the_mention_does_
     assert index.unspecified_side("S93.409A") is None
 
 
+def test_a_mention_that_names_one_side_gets_no_code_of_the_other(service: TerminologyService) -> None:
+    """A code for the side the note does not name is a wrong-site entry in the record. The search ranked them first
+    for these CodiEsp dev mentions (before: H35.61 "right eye" for the left eye, written; I82.402 "left lower
+    extremity"; ICD-10-PCS 07T1 "Right Neck Lymphatic"); each is now its twin for the named side, same score."""
+    profile = load_profile()
+    eye, leg = code_mentions(
+        ["OI hemorragias subretinianas", "trombosis venosa profunda en la pierna derecha"],
+        "DISEASE",
+        "es",
+        5,
+        profile,
+        service,
+    )
+    assert eye.written() == "H35.62"  # "Retinal hemorrhage, left eye"
+    assert "H35.61" not in eye.ranked_codes()
+    assert leg.ranked_codes()[0] == "I82.401"
+    assert not {"I82.402", "I82.403"} & set(leg.ranked_codes())
+    (neck,) = code_mentions(["vaciamiento cervical radical clásico izquierdo"], "PROCEDURE", "es", 5, profile, service)
+    assert neck.ranked_codes()[0] == "07T2"  # "Resection of Left Neck Lymphatic"
+    assert "07T1" not in neck.ranked_codes()
+    # A side in another language, and both sides: as ranked (coders code each side).
+    (english,) = code_mentions(["retinal hemorrhage of the left eye"], "DISEASE", "en", 5, profile, service)
+    assert "H35.61" not in english.ranked_codes()
+    index = service.index("icd-10-cm")
+    assert index.side_twin("H35.61", "left") == "H35.62" and index.side_twin("H35.62", "left") == "H35.62"
+    assert index.side_twin("S93.402A", "right") == "S93.401A"
+    assert index.side_twin("H35.60", "left") == "H35.62"  # "unspecified eye" -> "left eye"
+    assert index.side_twin("I10", "left") is None  # no side, and no sided twin
+    assert index.side_twin("I45.10", "left") is None  # "right bundle-branch block": no "left" twin word for word
+    pcs = service.index("icd-10-pcs")
+    assert pcs.side_twin("07T1", "left") == "07T2"  # capitalised "Right" -> "Left"; a partial code's twin is one
+
+
 def _shares_rows(block: object, matrix: object) -> bool:
     """Whether ``block`` is a view of ``matrix``'s rows (float32 arrays, or the shipped index's int8 rows)."""
     if isinstance(matrix, Int8Rows):
