@@ -353,9 +353,12 @@ def test_a_mention_that_names_one_side_gets_no_code_of_the_other(service: Termin
     (neck,) = code_mentions(["vaciamiento cervical radical clásico izquierdo"], "PROCEDURE", "es", 5, profile, service)
     assert neck.ranked_codes()[0] == "07T2"  # "Resection of Left Neck Lymphatic"
     assert "07T1" not in neck.ranked_codes()
-    # A side in another language, and both sides: as ranked (coders code each side).
-    (english,) = code_mentions(["retinal hemorrhage of the left eye"], "DISEASE", "en", 5, profile, service)
-    assert "H35.61" not in english.ranked_codes()
+    # In Swedish, I82.402 "... left lower extremity" was written for the right leg.
+    (swedish,) = code_mentions(["djup ventrombos i höger ben"], "DISEASE", "sv", 5, profile, service)
+    assert swedish.written() == "I82.401" and "I82.402" not in swedish.ranked_codes()
+    # Both sides: as ranked (where ICD-10-CM has no bilateral code, coders code each side).
+    (both,) = code_mentions(["cataratas nucleares ambos ojos"], "DISEASE", "es", 5, profile, service)
+    assert both.ranked_codes()[0] == "H25.13"  # "Age-related nuclear cataract, bilateral"
     index = service.index("icd-10-cm")
     assert index.side_twin("H35.61", "left") == "H35.62" and index.side_twin("H35.62", "left") == "H35.62"
     assert index.side_twin("S93.402A", "right") == "S93.401A"
