@@ -897,8 +897,8 @@ class SourceIndex:
 
     def side_twin(self, code: str, side: str) -> str | None:
         """The code whose title is ``code``'s with its one side made ``side`` ("right" or "left"): H35.61 "Retinal
-        hemorrhage, right eye" -> H35.62 "..., left eye"; ICD-10-PCS 0GBH "Excision of Right Thyroid Gland Lobe" ->
-        0GBG "... Left ..."; an "unspecified side" code, the code for ``side`` whose :meth:`unspecified_side` twin
+        hemorrhage, right eye" -> H35.62 "..., left eye"; ICD-10-PCS 07T1 "Resection of Right Neck Lymphatic" ->
+        07T2 "... Left ..."; an "unspecified side" code, the code for ``side`` whose :meth:`unspecified_side` twin
         it is (M25.569 "Pain in unspecified knee" -> M25.561 "Pain in right knee"). ``code`` itself where its title
         already names ``side``; None where the title names both sides, or no code has the twin title (word for
         word). A billable code's twin is billable, a category's or a partial code's is one too."""
@@ -1372,9 +1372,10 @@ class TerminologyService:
           specifics"). Codes without such a twin stay (I45.10 "right bundle-branch block" names no side of a body).
         - **One side named** (right or left, in the note's language): each candidate for the other side, ICD-10-CM
           or ICD-10-PCS, is answered with its twin for the named side, with the same score (``OI hemorragias
-          subretinianas``, left eye: H35.61 "..., right eye" -> H35.62 "..., left eye"; ``tiroidea biopsia
-          izquierda``: 0GBH "... Right Thyroid Gland Lobe" -> 0GBG "... Left ..."): a code for the wrong side
-          is a wrong-site entry in the record. Codes without such a twin stay.
+          subretinianas``, left eye: H35.61 "..., right eye" -> H35.62 "..., left eye"; ``vaciamiento cervical
+          izquierdo``: 07T1 "Resection of Right Neck Lymphatic" -> 07T2 "... Left ..."), and each "unspecified
+          side" candidate with the code for the named side (``OD ptosis``: H02.409 -> H02.401 "... right eyelid"):
+          a code for the wrong side is a wrong-site entry in the record. Codes without such a twin stay.
         - Both sides or a relative side ("bilateral", "contralateral"): the candidates stay as ranked.
         """
         side = named_side(request.text, request.language)
