@@ -102,10 +102,9 @@ def names_a_side(text: str, language: str | None = None) -> bool:
     return bool(mention_sides(text, language))
 
 
-def named_side(text: str, language: str | None = None) -> str | None:
-    """The one side a mention names, "right" or "left" ("OI hemorragias subretinianas": left), else None (no side,
-    both sides, or a side relative to another: "contralateral")."""
-    sides = mention_sides(text, language)
+def named_side(sides: set[str]) -> str | None:
+    """The one side of a mention's :func:`mention_sides`, "right" or "left" ("OI hemorragias subretinianas": left),
+    else None (no side, both sides, or a side relative to another: "contralateral")."""
     return next(iter(sides)) if len(sides) == 1 and sides <= {"right", "left"} else None
 
 

@@ -55,8 +55,8 @@ from mappings.terminology import (
     code_allowed,
     code_request,
     core_term,
+    mention_sides,
     named_side,
-    names_a_side,
     normalise,
     parse_code_csv,
     parse_code_system,
@@ -1378,8 +1378,9 @@ class TerminologyService:
           a code for the wrong side is a wrong-site entry in the record. Codes without such a twin stay.
         - Both sides or a relative side ("bilateral", "contralateral"): the candidates stay as ranked.
         """
-        side = named_side(request.text, request.language)
-        unnamed = side is None and not names_a_side(request.text, request.language)
+        sides = mention_sides(request.text, request.language)
+        side = named_side(sides)
+        unnamed = not sides
         if side is None and not unnamed:
             return ranked
         answer: list[CandidateCode] = []

@@ -18,6 +18,7 @@ from mappings.terminology import (
     coded_text,
     core_term,
     lexical_keys,
+    mention_sides,
     named_side,
     names_a_side,
     normalise,
@@ -90,7 +91,7 @@ def test_a_mention_names_a_side_in_any_of_the_seven_languages(mention: str, side
     ],
 )
 def test_the_side_a_mention_names_in_its_language(mention: str, language: str | None, side: str | None) -> None:
-    assert named_side(mention, language) == side
+    assert named_side(mention_sides(mention, language)) == side
     assert names_a_side("dolor leve", "es") is False and names_a_side("dolor leve", "cs") is True
 
 
