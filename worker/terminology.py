@@ -878,22 +878,38 @@ class SourceIndex:
         None. The titles must match word for word, so a title where "right" names no side ("right bundle-branch
         block", "right heart failure") has no twin."""
         if self._sides is None:
-            billable = {code: title for code, title in self._display.items() if code not in self.data.unbillable}
-            by_title: dict[str, str] = {}
-            for known, title in billable.items():
-                by_title.setdefault(title, known)
-            sides: dict[str, str] = {}
-            sided: dict[tuple[str, str], str] = {}
-            for known, title in billable.items():
-                if _SIDE_IN_TITLE.search(title):
-                    twin = by_title.get(_SIDE_IN_TITLE.sub("unspecified", title))
-                    if twin is not None and twin != known:
-                        sides[known] = twin
-                        named = set(_SIDE_IN_TITLE.findall(title))
-                        if len(named) == 1:
-                            sided.setdefault((twin, named.pop()), known)
-            self._sides, self._sided = sides, sided
+            self._build_side_tables()
+        assert self._sides is not None
         return self._sides.get(code)
+
+    def _build_side_tables(self) -> None:
+        """The tables of :meth:`unspecified_side` and :meth:`side_twin`, in one pass over the titles on first use
+        (0.10 s of CPU for ICD-10-CM's; built apart, with a regular expression on every title, 0.27 s)."""
+        by_title: dict[str, str] = {}  # every billable title -> its code
+        sided: tuple[dict[str, str], dict[str, str]] = ({}, {})  # titles naming a side -> code: billable, others
+        billable_sided: list[tuple[str, str]] = []
+        for known, title in self._display.items():
+            billable = known not in self.data.unbillable
+            if billable:
+                by_title.setdefault(title, known)
+            lower = title.lower()  # a substring test first: the regular expression on every title took most of it
+            if ("right" in lower or "left" in lower) and _SIDE_IN_ANY_TITLE.search(title):
+                sided[0 if billable else 1].setdefault(title, known)
+                if billable:
+                    billable_sided.append((known, title))
+        unspecified: dict[str, str] = {}
+        for_side: dict[tuple[str, str], str] = {}
+        for known, title in billable_sided:
+            if _SIDE_IN_TITLE.search(title):
+                twin = by_title.get(_SIDE_IN_TITLE.sub("unspecified", title))
+                if twin is not None and twin != known:
+                    unspecified[known] = twin
+                    named = set(_SIDE_IN_TITLE.findall(title))
+                    if len(named) == 1:
+                        for_side.setdefault((twin, named.pop()), known)
+        # ``_sides`` last: it says the tables are built (threads of one worker code notes at once).
+        self._sided, self._codes_by_title = for_side, sided
+        self._sides = unspecified
 
     def side_twin(self, code: str, side: str) -> str | None:
         """The code whose title is ``code``'s with its one side made ``side`` ("right" or "left"): H35.61 "Retinal
@@ -907,19 +923,16 @@ class SourceIndex:
             return None
         sides = {found.lower() for found in _SIDE_IN_ANY_TITLE.findall(title)}
         if not sides:
-            self.unspecified_side(code)  # builds the "unspecified side" twins both ways
+            if self._sides is None:
+                self._build_side_tables()
             return self._sided.get((code, side))
         if len(sides) != 1:
             return None
         if sides == {side}:
             return code
-        if self._codes_by_title is None:
-            billable: dict[str, str] = {}
-            other: dict[str, str] = {}
-            for known, known_title in self._display.items():
-                if _SIDE_IN_ANY_TITLE.search(known_title):
-                    (other if known in self.data.unbillable else billable).setdefault(known_title, known)
-            self._codes_by_title = (billable, other)
+        if self._sides is None:
+            self._build_side_tables()
+        assert self._codes_by_title is not None
         twin_title = _SIDE_IN_ANY_TITLE.sub(lambda m: side.capitalize() if m.group(0)[0].isupper() else side, title)
         billable, other = self._codes_by_title
         return (other if code in self.data.unbillable else billable).get(twin_title)
