@@ -33,7 +33,7 @@ _NON_WORD = re.compile(r"[^\w]+")
 
 
 # Words that say which side, in the seven languages, normalised (lower case, no accents), by the side they name:
-# a mention without one names no side, and its code should not either (:func:`names_a_side`); a mention that names
+# a mention without one names no side, and its code should not either (:func:`mention_sides`); a mention that names
 # one side gets no code of the other (:func:`named_side`). "relative" words name a side without saying which.
 _SIDES_BY_LANGUAGE: dict[str, dict[str, tuple[str, ...]]] = {
     "es": {
@@ -87,7 +87,8 @@ def _side_words(language: str | None) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def mention_sides(text: str, language: str | None = None) -> set[str]:
-    """The sides a mention names: "right", "left", "both", "relative" (contralateral, ipsilateral)."""
+    """The sides a mention names in ``language`` (any of the seven where None): "right", "left", "both", "relative"
+    (contralateral, ipsilateral); none where it says no side."""
     words, prefixes = _side_words(language)
     found: set[str] = set()
     for word in normalise(text).split():
@@ -95,11 +96,6 @@ def mention_sides(text: str, language: str | None = None) -> set[str]:
         if side is not None:
             found.add(side)
     return found
-
-
-def names_a_side(text: str, language: str | None = None) -> bool:
-    """Whether a mention says which side (right, left, both) in ``language`` (any of the seven where None)."""
-    return bool(mention_sides(text, language))
 
 
 def named_side(sides: set[str]) -> str | None:

@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -105,6 +105,17 @@ _SIDE_IN_TITLE = re.compile(r"\b(right|left)\b")
 # The same in any case: ICD-10-PCS titles capitalise it ("Excision of Right Thyroid Gland Lobe";
 # :meth:`SourceIndex.side_twin`).
 _SIDE_IN_ANY_TITLE = re.compile(r"\b(right|left)\b", re.IGNORECASE)
+
+
+class _SideTables(NamedTuple):
+    """A code system's codes by side (:meth:`SourceIndex.unspecified_side`, :meth:`SourceIndex.side_twin`)."""
+
+    unspecified: dict[str, str]  # billable code for one side -> its "unspecified side" twin
+    for_side: dict[tuple[str, str], str]  # ("unspecified side" code, "right" or "left") -> the code for that side
+    billable_by_title: dict[str, str]  # billable titles that name a side -> their code
+    other_by_title: dict[str, str]  # the same for categories and partial codes
+
+
 # The kind of an ICD-10-CM 7th-character extension's entry: the billable code a mention of the code it extends
 # gets ("S72.001" -> "S72.001A"); matched by its full title, never a row of the nearest-neighbour index.
 EXTENSION_KIND = "extension"
@@ -767,10 +778,7 @@ class SourceIndex:
         translated = [entry.language or "" if entry.kind == "translation" else "" for entry in self.entries]
         self._translated: np.ndarray | None = np.array(translated) if any(translated) else None
         self._term_rows: dict[str, int] | None = None
-        self._sides: dict[str, str] | None = None  # code for one side -> its "unspecified side" twin
-        self._sided: dict[tuple[str, str], str] = {}  # ("unspecified side" code, side) -> the code for that side
-        # Title -> code, for billable codes and for the others (categories, partial codes) (:meth:`side_twin`).
-        self._codes_by_title: tuple[dict[str, str], dict[str, str]] | None = None
+        self._side_tables: _SideTables | None = None  # built on first use (:meth:`_sides`)
         self._normal: list[str] | None = None  # normalised text of each row (:meth:`normal_terms`)
         self._codes_of_rows: dict[tuple[str, ...], tuple[np.ndarray, list[str], dict[str, int]]] = {}
         self.reranker: Reranker | None = None
@@ -877,16 +885,16 @@ class SourceIndex:
         of unspecified ligament of left ankle, initial encounter" -> S93.409A "... of unspecified ankle, ..."), or
         None. The titles must match word for word, so a title where "right" names no side ("right bundle-branch
         block", "right heart failure") has no twin."""
-        if self._sides is None:
-            self._build_side_tables()
-        assert self._sides is not None
-        return self._sides.get(code)
+        return self._sides().unspecified.get(code)
 
-    def _build_side_tables(self) -> None:
-        """The tables of :meth:`unspecified_side` and :meth:`side_twin`, in one pass over the titles on first use
-        (0.10 s of CPU for ICD-10-CM's; built apart, with a regular expression on every title, 0.27 s)."""
+    def _sides(self) -> _SideTables:
+        """The tables of :meth:`unspecified_side` and :meth:`side_twin`, built in one pass over the titles on first
+        use (0.10 s of CPU for ICD-10-CM's; built apart, with a regular expression on every title, 0.27 s) and
+        published in one assignment, so a worker's other threads never read half-built tables."""
+        if self._side_tables is not None:
+            return self._side_tables
         by_title: dict[str, str] = {}  # every billable title -> its code
-        sided: tuple[dict[str, str], dict[str, str]] = ({}, {})  # titles naming a side -> code: billable, others
+        titled: tuple[dict[str, str], dict[str, str]] = ({}, {})  # titles naming a side -> code: billable, others
         billable_sided: list[tuple[str, str]] = []
         for known, title in self._display.items():
             billable = known not in self.data.unbillable
@@ -894,7 +902,7 @@ class SourceIndex:
                 by_title.setdefault(title, known)
             lower = title.lower()  # a substring test first: the regular expression on every title took most of it
             if ("right" in lower or "left" in lower) and _SIDE_IN_ANY_TITLE.search(title):
-                sided[0 if billable else 1].setdefault(title, known)
+                titled[0 if billable else 1].setdefault(title, known)
                 if billable:
                     billable_sided.append((known, title))
         unspecified: dict[str, str] = {}
@@ -907,9 +915,8 @@ class SourceIndex:
                     named = set(_SIDE_IN_TITLE.findall(title))
                     if len(named) == 1:
                         for_side.setdefault((twin, named.pop()), known)
-        # ``_sides`` last: it says the tables are built (threads of one worker code notes at once).
-        self._sided, self._codes_by_title = for_side, sided
-        self._sides = unspecified
+        self._side_tables = _SideTables(unspecified, for_side, *titled)
+        return self._side_tables
 
     def side_twin(self, code: str, side: str) -> str | None:
         """The code whose title is ``code``'s with its one side made ``side`` ("right" or "left"): H35.61 "Retinal
@@ -921,21 +928,17 @@ class SourceIndex:
         title = self._display.get(code)
         if title is None:
             return None
+        tables = self._sides()
         sides = {found.lower() for found in _SIDE_IN_ANY_TITLE.findall(title)}
         if not sides:
-            if self._sides is None:
-                self._build_side_tables()
-            return self._sided.get((code, side))
+            return tables.for_side.get((code, side))
         if len(sides) != 1:
             return None
         if sides == {side}:
             return code
-        if self._sides is None:
-            self._build_side_tables()
-        assert self._codes_by_title is not None
         twin_title = _SIDE_IN_ANY_TITLE.sub(lambda m: side.capitalize() if m.group(0)[0].isupper() else side, title)
-        billable, other = self._codes_by_title
-        return (other if code in self.data.unbillable else billable).get(twin_title)
+        by_title = tables.other_by_title if code in self.data.unbillable else tables.billable_by_title
+        return by_title.get(twin_title)
 
     def term_vector(self, text: str) -> np.ndarray | None:
         """The embedding of an indexed term whose normalised form is ``text``'s (None: no such term).
@@ -1393,22 +1396,21 @@ class TerminologyService:
         """
         sides = mention_sides(request.text, request.language)
         side = named_side(sides)
-        unnamed = not sides
-        if side is None and not unnamed:
-            return ranked
+        if side is None and sides:
+            return ranked  # both sides, or a relative one
         answer: list[CandidateCode] = []
         seen: set[tuple[str, str]] = set()
         for candidate in ranked:
             index = self._indexes.get(candidate.source or "")
-            twin: str | None = None
-            if index is not None and unnamed and index.data.url == ICD10CM_URL:
-                twin = index.unspecified_side(candidate.code)
-            elif index is not None and side is not None:
-                twin = index.side_twin(candidate.code, side)
-            allowed = twin is not None and code_allowed(twin, request.prefixes.get(candidate.source or "", ()))
-            if index is not None and twin is not None and twin != candidate.code and allowed:
-                display = index.lexical.display(twin)
-                candidate = CandidateCode(candidate.system, twin, display, candidate.score, candidate.source)
+            if index is not None:
+                if side is not None:
+                    twin = index.side_twin(candidate.code, side)
+                else:
+                    twin = index.unspecified_side(candidate.code) if index.data.url == ICD10CM_URL else None
+                allowed = twin is not None and code_allowed(twin, request.prefixes.get(candidate.source or "", ()))
+                if twin is not None and twin != candidate.code and allowed:
+                    display = index.lexical.display(twin)
+                    candidate = CandidateCode(candidate.system, twin, display, candidate.score, candidate.source)
             if (candidate.source or "", candidate.code) not in seen:
                 seen.add((candidate.source or "", candidate.code))
                 answer.append(candidate)
