@@ -49,6 +49,21 @@ def _mix(text: str) -> dict[str, float]:
     return {name.strip(): float(value) for name, value in pairs}
 
 
+def genre_subset(folder: Path, kinds: list[str], root: Path) -> Path:
+    """``genres/<lang>/<split>`` holding only the passages of ``kinds`` (a passage's file name starts with its genre,
+    ``brief__copd_1.txt``): links to them in ``root/genres/<lang>/<split>``, a folder of the same last three names,
+    so its documents keep their ids and mix group (``<lang>-genres-<split>``)."""
+    subset = root / "genres" / folder.parent.name / folder.name
+    if subset.is_dir():
+        for old in subset.iterdir():
+            old.unlink()
+    subset.mkdir(parents=True, exist_ok=True)
+    for file in sorted(folder.glob("*")):
+        if file.name.split("__", 1)[0] in kinds:
+            (subset / file.name).symlink_to(file.resolve())
+    return subset
+
+
 def _revision(config: TrainConfig, prefix: str = "es") -> str:
     """<es|mul>-e5small-<date>-<hash of the recipe and the code revision>."""
     try:
@@ -96,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also train on worker/nlp/data/genres/<lang>/train (leaflets, labels, textbooks, health pages, abstracts, "
         "clinical notes; mix group <lang>-genres-train) and validate on <lang>/val as well",
     )
+    parser.add_argument(
+        "--genre-kinds",
+        default="",
+        help="with --genres: only these genres (comma-separated: leaflet,label,textbook,health,abstract,case,brief; "
+        "default all). The `genres` stage of the shipped recipe predates the one-line `brief` notes (session 23)",
+    )
     parser.add_argument("--crops", type=int, default=0, help="sentence-start crops per training note")
     parser.add_argument(
         "--mix", default="", help="per-epoch share of each group's windows, e.g. spaccc-train=0.15,crops=0.5"
@@ -130,7 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--frozen-embeddings is for full fine-tuning (--frozen-layers 0)")
     chosen = [lang for lang in args.languages.split(",") if lang]
     languages = chosen if args.translated else []
-    genre_languages = chosen if args.genres else []
+    # Spanish genre passages (the one-line `brief` notes, session 23) where they have been built.
+    genre_languages = [*chosen, *(["es"] if (GENRES / "es" / "train").is_dir() else [])] if args.genres else []
+    kinds = [kind for kind in args.genre_kinds.split(",") if kind]
+
+    def genre_folder(lang: str, split: str) -> Path:
+        return genre_subset(GENRES / lang / split, kinds, args.work / "genre-kinds") if kinds else GENRES / lang / split
+
+    genre_train = [f for f in (genre_folder(lang, "train") for lang in genre_languages) if any(f.glob("*.txt"))]
+    genre_val = [f for f in (genre_folder(lang, "val") for lang in genre_languages) if any(f.glob("*.txt"))]
     config.model_revision = _revision(config, "mul" if languages or genre_languages else "es")
     work = args.work / ("smoke" if args.smoke else args.stage)
     result = train(
@@ -141,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         curve=args.curve,
         max_train_windows=40 if args.smoke else None,
         train_dirs=[TRANSLATED / lang / split for lang in languages for split in args.translated_splits.split(",")]
-        + [GENRES / lang / "train" for lang in genre_languages],
-        val_dirs=[TRANSLATED / lang / "val" for lang in languages]
-        + [GENRES / lang / "val" for lang in genre_languages],
+        + genre_train,
+        val_dirs=[TRANSLATED / lang / "val" for lang in languages] + genre_val,
         cache_dir=args.cache,
         calibrate=not args.no_calibrate,
     )
