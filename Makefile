@@ -67,13 +67,17 @@ test: lint typecheck dockerlint unit
 # before and train one epoch each on the translated data (worker/nlp/data/translated), sentence-start crops and
 # a share of the Spanish windows (~15-20 minutes each on 2 busy CPU cores, after ~30 minutes of layer cache that
 # they share); stage 4 (multi3) trains all twelve layers three epochs, stage 5 (genres) one more epoch with the
-# genre passages (~14 minutes on a 2-core AVX2 CPU); the span thresholds are then calibrated (Spanish's own, one
-# for the other languages). Reruns resume from $(TRAIN_WORK).
+# genre passages (~14 minutes on a 2-core AVX2 CPU), stage 6 (brief, session 23) two more epochs at half the learning
+# rate with the one-line `brief` notes in seven languages added and every genre passage twice an epoch (~2 x 6
+# minutes on a 2-core AMX CPU); the span thresholds are then calibrated (Spanish's own, one for the other
+# languages). Reruns resume from $(TRAIN_WORK).
 TRAIN_WORK ?= /tmp/fhir-ner-train-default
 MULTI_MIX = spaccc-train=0.08,cardioccc-train=0.08,crops=0.6,en-train=0.4,it-train=0.4,nl-train=0.4,ro-train=0.4,sv-train=0.4,cs-train=0.4
 # The last stage (sessions 15-16): two epochs more on the same mix with the translated excerpts of train2 and the genre
 # passages (worker/nlp/data/genres: leaflets, drug labels, textbooks, health pages, abstracts, clinical notes; each whole).
 GENRES_MIX = $(MULTI_MIX),en-train2=0.4,it-train2=0.4,nl-train2=0.4,ro-train2=0.4,sv-train2=0.4,cs-train2=0.4
+# The brief stage (session 23): every genre passage, the one-line `brief` notes included, twice an epoch.
+BRIEF_MIX = $(GENRES_MIX),es-genres-train=2,en-genres-train=2,it-genres-train=2,nl-genres-train=2,ro-genres-train=2,sv-genres-train=2,cs-genres-train=2
 TRANSLATED_ARGS = --frozen-layers 6 --batch-tokens 4096 --epochs 1 --translated --crops 1 --cache $(TRAIN_WORK)/cache --no-calibrate
 # Last, the linker's thresholds: chosen on the shipped tagger's own mentions too (session 17), they follow the new tagger.
 train-default: install
@@ -90,7 +94,11 @@ train-default: install
 		--init-from $(TRAIN_WORK)/multi2/best --encoder-lr 5e-5 --head-lr 5e-4 --mix $(MULTI_MIX) --no-export
 	$(BIN)/python benchmarks/train_default.py --work $(TRAIN_WORK) --stage genres --frozen-layers 0 --frozen-embeddings \
 		--batch-tokens 4096 --epochs 2 --patience 3 --translated --translated-splits train,train2 --genres --crops 1 \
+		--genre-kinds leaflet,label,textbook,health,abstract,case --no-export \
 		--no-calibrate --init-from $(TRAIN_WORK)/multi3/best --encoder-lr 2e-5 --head-lr 2e-4 --mix $(GENRES_MIX)
+	$(BIN)/python benchmarks/train_default.py --work $(TRAIN_WORK) --stage brief --frozen-layers 0 --frozen-embeddings \
+		--batch-tokens 4096 --epochs 2 --patience 3 --translated --translated-splits train,train2 --genres --crops 1 \
+		--no-calibrate --init-from $(TRAIN_WORK)/genres/best --encoder-lr 1e-5 --head-lr 1e-4 --mix $(BRIEF_MIX)
 	$(BIN)/python benchmarks/eval_languages.py --checkpoint worker/models/default --calibrate
 	$(BIN)/python benchmarks/calibrate_linker.py --write
 	$(BIN)/python benchmarks/calibrate_linker.py --queries full --write
