@@ -346,7 +346,9 @@ def test_a_mention_that_names_one_side_gets_no_code_of_the_other(service: Termin
         profile,
         service,
     )
-    assert eye.written() == "H35.62"  # "Retinal hemorrhage, left eye"
+    # "Retinal hemorrhage, left eye" (0.85: written under session 16's tagger's DISEASE threshold, 0.851, not under
+    # session 23's, 0.865; the wrong side is in neither case)
+    assert eye.ranked_codes()[0] == "H35.62"
     assert "H35.61" not in eye.ranked_codes()
     assert leg.ranked_codes()[0] == "I82.401"
     assert not {"I82.402", "I82.403"} & set(leg.ranked_codes())
