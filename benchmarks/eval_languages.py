@@ -71,13 +71,12 @@ def short_notes(pipeline: Any, sentences: Path = SHORT) -> dict[str, Any]:
             found = bool(touching)
             counts[row["lang"]][setting] += found
             if setting == "alone":
+                exact = any((s.label, s.start, s.end) == (row["label"], start, end) for s in touching)
                 counts[row["lang"]]["label"] += any(s.label == row["label"] for s in touching)
-                counts[row["lang"]]["exact"] += any(
-                    (s.label, s.start, s.end) == (row["label"], start, end) for s in touching
-                )
+                counts[row["lang"]]["exact"] += exact
                 if not found:
                     out["missed_alone"].append(row["sentence"])
-                elif not any((s.label, s.start, s.end) == (row["label"], start, end) for s in touching):
+                elif not exact:
                     out["inexact_alone"].append(
                         [row["sentence"], [[s.label, row["sentence"][s.start : s.end]] for s in touching]]
                     )

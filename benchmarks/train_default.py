@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [lang for lang in args.languages.split(",") if lang]
     languages = chosen if args.translated else []
     # Spanish genre passages (the one-line `brief` notes, session 23) where they have been built.
-    genre_languages = [*chosen, *(["es"] if (GENRES / "es" / "train").is_dir() else [])] if args.genres else []
+    spanish = ["es"] if "es" not in chosen and (GENRES / "es" / "train").is_dir() else []
+    genre_languages = [*chosen, *spanish] if args.genres else []
     kinds = [kind for kind in args.genre_kinds.split(",") if kind]
 
     def genre_folder(lang: str, split: str) -> Path:
