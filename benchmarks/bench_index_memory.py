@@ -10,6 +10,8 @@ SYMPTOM mentions against ICD-10-CM, PROCEDURE against ICD-10-PCS), and reports t
 file-backed resident memory (``/proc/self/status``) at each step, and once more after ``malloc_trim(0)`` (the
 part of the growth that is freed heap glibc had kept). File-backed growth is the query encoder's memory-mapped
 word embeddings, paged in as new tokens are read: shared and reclaimable, not the index's.
+``coding_cpu_s_per_note`` is the process's CPU time of the coding loop over the notes: an allocator setting that
+keeps less memory can cost CPU (README, "Coding's CPU and memory on an AVX2-only CPU, again").
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ctypes
 import gc
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -65,6 +68,7 @@ def main() -> int:
     for name in SYSTEMS:
         service.index(name)
     loaded = resident_mb()
+    started = time.process_time()
     for document in chosen:
         requests = []
         for label, mention in documents[document]:
@@ -74,6 +78,7 @@ def main() -> int:
                 if options is not None:
                     requests.append(code_request(mention, each, options, "es"))
         service.lookup(requests)
+    coding_cpu_s = time.process_time() - started
     coded = resident_mb()
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -86,6 +91,7 @@ def main() -> int:
         json.dumps(
             {
                 "notes": len(chosen),
+                "coding_cpu_s_per_note": round(coding_cpu_s / max(1, len(chosen)), 4),
                 "index_loaded_mb": over(loaded),
                 "after_coding_mb": over(coded),
                 "after_malloc_trim_mb": over(trimmed),
