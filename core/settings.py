@@ -91,7 +91,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, description="CPU threads for PyTorch (default: all cores).")
     thread_wait: Literal["passive", "active"] = Field(
         default="passive",
-        description="How a worker process's OpenMP threads (PyTorch's) wait between operations (OMP_WAIT_POLICY, set "
+        description="How a worker process's OpenMP threads (PyTorch's) and the int8 tagger's ONNX Runtime threads "
+        "wait between operations (OMP_WAIT_POLICY, set "
         "when the worker starts unless the environment sets it): passive sleeps, active spins. Where the API and "
         "the workers share a machine's cores, spinning threads take CPU from each other (passive: +15-30% notes a "
         "minute end to end on 2 cores); active tags ~5% faster when the inference worker has its cores alone.",

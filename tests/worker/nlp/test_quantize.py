@@ -105,6 +105,32 @@ def test_word_embeddings_are_read_outside_the_session(tiny_tagger_path: Path, in
     assert np.array_equal(logits.numpy(), whole)
 
 
+@pytest.mark.parametrize(("policy", "spins"), [("PASSIVE", "0"), ("passive", "0"), ("ACTIVE", "1"), (None, "1")])
+def test_the_int8_sessions_threads_wait_as_pytorchs_do(
+    tiny_tagger_path: Path, int8_cache: Path, monkeypatch: pytest.MonkeyPatch, policy: str | None, spins: str
+) -> None:
+    """ONNX Runtime's threads spin between operations by default. Where the worker made OpenMP's threads sleep
+    (``OMP_WAIT_POLICY=PASSIVE``, from ``FHIR_NER_THREAD_WAIT``), the int8 tagger's session sleeps too, so it does
+    not take CPU from an I/O worker on the same cores; elsewhere it keeps ONNX Runtime's default."""
+    path = quantize.int8_model_path(ClinicalTagger.from_pretrained(tiny_tagger_path), int8_cache)
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    pipeline = TaggerPipeline(ClinicalTagger.from_pretrained(tiny_tagger_path), precision="int8", cache_dir=int8_cache)
+    assert isinstance(pipeline.runner, quantize.OnnxRunner)
+    for runner in (pipeline.runner, quantize.OnnxRunner(path, threads=2)):
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == spins
+    forced = quantize.OnnxRunner(path, threads=2, spin=spins == "0")  # an explicit choice wins
+    flipped = "1" if spins == "0" else "0"
+    assert forced.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == flipped
+    # Waiting differently changes when threads run, never what they compute.
+    other = TaggerPipeline(ClinicalTagger.from_pretrained(tiny_tagger_path), precision="int8", cache_dir=int8_cache)
+    other.runner = quantize.OnnxRunner(path, threads=2, rowwise=True, spin=spins == "0")
+    assert spans_of(other, SAMPLE_NOTES) == spans_of(pipeline, SAMPLE_NOTES)
+
+
 def test_int8_tags_a_window_the_same_whatever_it_is_batched_with(tiny_tagger_path: Path, int8_cache: Path) -> None:
     """Dynamic int8 quantises a call's activations with one scale, so in a batch a window's logits depend on the
     other windows (and on its padding); the pipeline runs the int8 graph row by row, so they do not."""
